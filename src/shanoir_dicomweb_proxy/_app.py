@@ -1,0 +1,137 @@
+"""The whole stack: :func:`create_app` and the app it returns."""
+
+from __future__ import annotations
+
+import logging
+from types import TracebackType
+
+import orjson
+from starlette.middleware.cors import CORSMiddleware
+
+from ._config import Settings
+from ._edge import ErrorMiddleware
+from ._errors import ConfigError
+from ._rewrite import RewriteMiddleware
+from ._routing import RoutingMiddleware
+from ._types import ASGIApp, Receive, Scope, Send
+from ._upstream import Upstream, UpstreamProxy
+
+__all__ = ["DicomWebProxy", "create_app"]
+
+logger = logging.getLogger("shanoir_dicomweb_proxy")
+
+
+class DicomWebProxy:
+    """The ASGI app returned by :func:`create_app`.
+
+    Serves the DICOMweb service under ``[server] base_path`` and ``/healthz`` at its root. The
+    upstream client is opened by the ASGI lifespan; a host app that mounts this one (Starlette
+    runs no lifespan for mounted apps) enters it in its own lifespan with ``async with proxy:``.
+    """
+
+    def __init__(self, settings: Settings, *, upstream: Upstream | None = None) -> None:
+        _check_available(settings)
+        self.settings = settings
+        self.upstream = upstream or Upstream(settings.upstream)
+        server = settings.server
+        app: ASGIApp = UpstreamProxy(self.upstream, max_upload_bytes=server.max_upload_bytes)
+        app = RewriteMiddleware(
+            app,
+            upstream_url=settings.upstream.url,
+            public_url=server.public_url,
+            base_path=server.base_path,
+        )
+        app = RoutingMiddleware(app, base_path=server.base_path)
+        app = ErrorMiddleware(app)
+        cors = settings.cors
+        if cors.allow_origins:
+            app = CORSMiddleware(
+                app,
+                allow_origins=list(cors.allow_origins),
+                allow_methods=list(cors.allow_methods),
+                allow_headers=list(cors.allow_headers),
+                expose_headers=list(cors.expose_headers),
+                allow_credentials=cors.allow_credentials,
+                max_age=cors.max_age,
+            )
+        self.app = app
+
+    async def __aenter__(self) -> DicomWebProxy:
+        _ = self.upstream.client
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.upstream.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] == "http" and _route_path(scope) == "/healthz":
+            body = orjson.dumps({"status": "ok"})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.__aenter__()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.__aexit__(None, None, None)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    return path[len(root_path) :] if root_path and path.startswith(root_path) else path
+
+
+def _check_available(settings: Settings) -> None:
+    """Refuse settings this version cannot honour, rather than serving with less protection."""
+    source = settings.source
+    if settings.auth.enabled:
+        raise ConfigError(
+            f"{source}: [auth] enabled: token validation is not available in this version; "
+            "write `enabled = false` to serve without authentication (trusted networks only)"
+        )
+    if settings.mapping.backend != "identity":
+        raise ConfigError(
+            f"{source}: [mapping] backend: {settings.mapping.backend!r} is not available in "
+            'this version; use "identity"'
+        )
+    if settings.access.backend != "allow_all":
+        raise ConfigError(
+            f"{source}: [access] backend: {settings.access.backend!r} is not available in "
+            'this version; use "allow_all"'
+        )
+    if settings.upstream.auth.type == "client_credentials":
+        raise ConfigError(
+            f"{source}: [upstream.auth] type: client_credentials is not available in this "
+            "version; use basic or bearer"
+        )
+    logger.warning(
+        "AUTHENTICATION IS DISABLED ([auth] enabled = false): every client that can reach "
+        "this proxy can read everything the upstream holds"
+    )
+
+
+def create_app(settings: Settings) -> DicomWebProxy:
+    """Build the whole stack from settings: CORS, errors, routing, rewriting, upstream."""
+    return DicomWebProxy(settings)

@@ -1,0 +1,781 @@
+"""Configuration: one TOML file into frozen, keyword-only settings classes.
+
+Every settings class coerces and validates its own fields in ``__post_init__``, so a file, a
+dict and direct keyword construction are all checked the same way. The loader adds what only a
+file knows: unknown keys, missing required keys, and paths relative to the file's directory.
+Every problem is a one-line :class:`ConfigError` naming the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import functools
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from ._errors import ConfigError
+
+__all__ = [
+    "AccessSettings",
+    "AuthSettings",
+    "CorsSettings",
+    "IntrospectionSettings",
+    "LoggingSettings",
+    "MappingSettings",
+    "ServerSettings",
+    "Settings",
+    "StoreSettings",
+    "UpstreamAuthSettings",
+    "UpstreamSettings",
+]
+
+_SECRET: Mapping[str, Any] = {"secret": True}
+_PATH: Mapping[str, Any] = {"path": True}
+
+_ASYMMETRIC_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+# root + "." + a 20-digit ID (the largest unsigned 64-bit integer) must fit in a 64-char UID.
+_MAX_ROOT_LENGTH = 64 - 1 - 20
+
+_UID_ROOT = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_HOSTNAME = re.compile(
+    r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+_PORT = re.compile(r"[0-9]{1,5}")
+_PATH_SEGMENT = re.compile(r"[A-Za-z0-9._~-]+")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: header and method names
+
+
+class _Mismatch(Exception):
+    def __init__(self, expected: str) -> None:
+        super().__init__(expected)
+        self.expected = expected
+
+
+class _Section:
+    """Shared behaviour of the settings classes: coercion, validation, repr, to_dict."""
+
+    __slots__ = ()
+    _section: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for f, hint in _fields(type(self)):
+            value = getattr(self, f.name)
+            try:
+                coerced = _coerce(hint, value)
+            except _Mismatch as exc:
+                got = _describe(value, secret=bool(f.metadata.get("secret")))
+                raise self._error(f.name, f"expected {exc.expected}, got {got}") from None
+            if coerced is not value:
+                object.__setattr__(self, f.name, coerced)
+        self._validate()
+
+    def _validate(self) -> None:
+        pass
+
+    def _error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{_where(self._section, key)}: {message}")
+
+    def _check(self, name: str, check: Callable[[Any], object]) -> None:
+        """Run ``check`` on a field; it returns the normalised value or raises ValueError."""
+        try:
+            value = check(getattr(self, name))
+        except ValueError as exc:
+            raise self._error(name, str(exc)) from None
+        object.__setattr__(self, name, value)
+
+    def _require(self, condition: bool, name: str, message: str) -> None:
+        if not condition:
+            raise self._error(name, message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (tables, lists, scalars) as a file would hold it; secrets are "***"."""
+        data: dict[str, Any] = {}
+        for f, _ in _fields(type(self)):
+            if not f.metadata.get("file", True):
+                continue
+            value = getattr(self, f.name)
+            if value is None:
+                continue  # TOML has no null: an absent optional table
+            if isinstance(value, _Section):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif f.metadata.get("secret") and value:
+                value = "***"
+            data[f.name] = value
+        return data
+
+    def __repr__(self) -> str:
+        # Only what differs from the defaults, so the repr reads like the file that made it.
+        parts = []
+        for f, _ in _fields(type(self)):
+            if not f.metadata.get("file", True):
+                continue
+            value = getattr(self, f.name)
+            if f.default is not dataclasses.MISSING and value == f.default:
+                continue
+            shown = "'***'" if f.metadata.get("secret") and value else repr(value)
+            parts.append(f"{f.name}={shown}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+_S = TypeVar("_S", bound=_Section)
+
+Transport = Literal["httpx", "aiohttp"]
+UpstreamAuthType = Literal["none", "basic", "bearer", "client_credentials"]
+MappingBackend = Literal["sqlite", "static", "http", "identity"]
+AccessBackend = Literal["sqlite", "static", "http", "allow_all"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, repr=False)
+class ServerSettings(_Section):
+    """``[server]``: where the proxy listens and how it names itself."""
+
+    _section = "server"
+
+    bind: str = "127.0.0.1:8080"
+    base_path: str = "/dicomweb"
+    public_url: str = ""
+    max_upload_bytes: int = 4294967296
+
+    @property
+    def host(self) -> str:
+        """The host part of ``bind``, without IPv6 brackets."""
+        return _split_bind(self.bind)[0]
+
+    @property
+    def port(self) -> int:
+        """The port part of ``bind``."""
+        return _split_bind(self.bind)[1]
+
+    def _validate(self) -> None:
+        self._check("bind", _bind)
+        self._check("base_path", _base_path)
+        self._check("public_url", lambda v: v and _http_url(v))
+        self._require(self.max_upload_bytes > 0, "max_upload_bytes", "must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, repr=False)
+class UpstreamAuthSettings(_Section):
+    """``[upstream.auth]``: how the proxy authenticates to the PACS."""
+
+    _section = "upstream.auth"
+    _USED_BY: ClassVar[Mapping[str, str]] = {
+        "username": "basic",
+        "password": "basic",
+        "token": "bearer",
+        "token_url": "client_credentials",
+        "client_id": "client_credentials",
+        "client_secret": "client_credentials",
+        "scope": "client_credentials",
+    }
+
+    type: UpstreamAuthType = "none"
+    username: str = ""
+    password: str = field(default="", repr=False, metadata=_SECRET)
+    token: str = field(default="", repr=False, metadata=_SECRET)
+    token_url: str = ""
+    client_id: str = ""
+    client_secret: str = field(default="", repr=False, metadata=_SECRET)
+    scope: str = ""
+
+    def _validate(self) -> None:
+        missing = [
+            name
+            for name, owner in self._USED_BY.items()
+            if owner == self.type and name != "scope" and not getattr(self, name)
+        ]
+        if missing:
+            raise self._error(", ".join(missing), f'required when type = "{self.type}"')
+        # A credential the chosen type ignores is most likely a forgotten or mistyped type.
+        for name, owner in self._USED_BY.items():
+            if owner != self.type and getattr(self, name):
+                raise self._error(name, f'only used with type = "{owner}" (type is "{self.type}")')
+        if self.token_url:
+            self._check("token_url", lambda v: _http_url(v, keep_slash=True, query=True))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, repr=False)
+class UpstreamSettings(_Section):
+    """``[upstream]``: the DICOMweb PACS behind the proxy and the client that reaches it."""
+
+    _section = "upstream"
+
+    url: str
+    connect_timeout: float = 5.0
+    read_timeout: float = 300.0
+    write_timeout: float = 300.0
+    pool_timeout: float = 10.0
+    max_connections: int = 64
+    max_keepalive_connections: int = 16
+    # Orthanc closes idle connections after 1 s: reusing one just as it closes fails the request.
+    keepalive_expiry: float = 0.5
+    transport: Transport = "httpx"
+    auth: UpstreamAuthSettings = field(default_factory=UpstreamAuthSettings)
+
+    def _validate(self) -> None:
+        self._check("url", lambda v: _http_url(v, hint="; put them in [upstream.auth]"))
+        for name in ("connect_timeout", "read_timeout", "write_timeout", "pool_timeout"):
+            self._require(getattr(self, name) > 0, name, "must be > 0")
+        self._require(self.max_connections > 0, "max_connections", "must be > 0")
+        self._require(
+            0 <= self.max_keepalive_connections <= self.max_connections,
+            "max_keepalive_connections",
+            f"must be between 0 and max_connections ({self.max_connections})",
+        )
+        self._require(self.keepalive_expiry >= 0, "keepalive_expiry", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, repr=False)
+class IntrospectionSettings(_Section):
+    """``[auth.introspection]``: an RFC 7662 endpoint for opaque tokens."""
+
+    _section = "auth.introspection"
+
+    url: str
+    client_id: str
+    client_secret: str = field(repr=False, metadata=_SECRET)
+    cache_ttl: int = 60
+
+    def _validate(self) -> None:
+        self._check("url", lambda v: _http_url(v, keep_slash=True, query=True))
+        self._require(bool(self.client_id), "client_id", "must not be empty")
+        self._require(bool(self.client_secret), "client_secret", "must not be empty")
+        self._require(self.cache_ttl >= 0, "cache_ttl", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, repr=False)
+class AuthSettings(_Section):
+    """``[auth]``: how client bearer tokens are checked."""
+
+    _section = "auth"
+
+    enabled: bool = True
+    issuer: str = ""
+    audience: tuple[str, ...] = ()
+    audience_matches_azp: bool = False
+    algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256")
+    leeway: int = 30
+    user_claim: str = "userId"
+    roles_claim: str = "realm_access.roles"
+    client_roles: bool = False
+    admin_roles: tuple[str, ...] = ("ROLE_ADMIN",)
+    jwks_url: str = ""
+    jwks_file: str = field(default="", metadata=_PATH)
+    allow_query_token: bool = False
+    allow_cookie_token: bool = False
+    cookie_name: str = "access_token"
+    introspection: IntrospectionSettings | None = None
+
+    def _validate(self) -> None:
+        # The issuer must equal the token's "iss" claim byte for byte: never normalise it.
+        self._check("issuer", lambda v: v and _http_url(v, keep_slash=True))
+        self._check("jwks_url", lambda v: v and _http_url(v, keep_slash=True, query=True))
+        self._check("audience", functools.partial(_non_empty_items, what="audience"))
+        self._check("admin_roles", functools.partial(_non_empty_items, what="role"))
+        self._check("algorithms", _algorithms)
+        self._require(self.leeway >= 0, "leeway", "must be >= 0")
+        self._require(bool(self.user_claim), "user_claim", "must not be empty")
+        self._require(
+            bool(self.roles_claim) and "" not in self.roles_claim.split("."),
+            "roles_claim",
+            f'expected a claim name or dotted path such as "realm_access.roles", '
+            f"got {_describe(self.roles_claim)}",
+        )
+        self._require(
+            bool(_TOKEN.fullmatch(self.cookie_name)),
+            "cookie_name",
+            f"expected a cookie name, got {_describe(self.cookie_name)}",
+        )
+        if self.enabled and not (
+            self.issuer or self.jwks_url or self.jwks_file or self.introspection
+        ):
+            raise self._error(
+                "issuer",
+                "required: set issuer, jwks_url, jwks_file or [auth.introspection] "
+                "(or write enabled = false to accept requests without a token)",
+            )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, repr=False)
+class CorsSettings(_Section):
+    """``[cors]``: which browser origins may call the proxy."""
+
+    _section = "cors"
+
+    allow_origins: tuple[str, ...] = ()
+    allow_methods: tuple[str, ...] = ("GET", "HEAD", "POST", "OPTIONS")
+    allow_headers: tuple[str, ...] = ("Accept", "Authorization", "Content-Type")
+    expose_headers: tuple[str, ...] = ("Content-Location", "Content-Type", "Warning", "ETag")
+    allow_credentials: bool = False
+    max_age: int = 600
+
+    def _validate(self) -> None:
+        self._check("allow_origins", lambda v: tuple(_origin(o) for o in v))
+        if "*" in self.allow_origins:
+            self._require(
+                len(self.allow_origins) == 1, "allow_origins", '"*" must be the only origin'
+            )
+            # With credentials, Starlette answers "*" by echoing any Origin: every site could
+            # then make credentialed calls.
+            self._require(
+                not self.allow_credentials,
+                "allow_origins",
+                '"*" cannot be combined with allow_credentials = true; list the origins',
+            )
+        for name in ("allow_methods", "allow_headers", "expose_headers"):
+            self._check(name, _tokens)
+        self._require(self.max_age >= 0, "max_age", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, repr=False)
+class MappingSettings(_Section):
+    """``[mapping]``: how examination and acquisition IDs map to study and series UIDs."""
+
+    _section = "mapping"
+
+    backend: MappingBackend = "sqlite"
+    study_root: str = ""
+    series_root: str = ""
+    unmapped_series: Literal["expose", "hide"] = "expose"
+    file: str = field(default="", metadata=_PATH)
+    url: str = ""
+
+    def _validate(self) -> None:
+        self._check("study_root", _uid_root)
+        self._check("series_root", _uid_root)
+        if self.backend != "identity" and self.study_root == self.series_root:
+            raise self._error(
+                "series_root",
+                f"must differ from study_root (both are {_describe(self.study_root)}): equal "
+                'roots make examination and acquisition IDs collide (unless backend = "identity")',
+            )
+        _check_backend_source(self)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, repr=False)
+class AccessSettings(_Section):
+    """``[access]``: who may do what on which examination."""
+
+    _section = "access"
+
+    backend: AccessBackend = "sqlite"
+    cache_ttl: float = 30
+    deny_status: Literal[403, 404] = 404
+    retrieve_action: Literal["read", "download"] = "read"
+    file: str = field(default="", metadata=_PATH)
+    url: str = ""
+
+    def _validate(self) -> None:
+        self._require(self.cache_ttl >= 0, "cache_ttl", "must be >= 0")
+        _check_backend_source(self)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, repr=False)
+class StoreSettings(_Section):
+    """``[store]``: the embedded SQLite store."""
+
+    _section = "store"
+
+    path: str = field(default="dicomweb-proxy.sqlite3", metadata=_PATH)
+
+    def _validate(self) -> None:
+        self._require(bool(self.path), "path", "must not be empty")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, repr=False)
+class LoggingSettings(_Section):
+    """``[logging]``: log level and format, and the audit log ("" turns it off)."""
+
+    _section = "logging"
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+    audit_log: str = field(default="audit.jsonl", metadata=_PATH)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, repr=False)
+class Settings(_Section):
+    """The whole configuration. Load it with :meth:`from_toml` or :meth:`from_dict`."""
+
+    _section = ""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstream: UpstreamSettings
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    cors: CorsSettings = field(default_factory=CorsSettings)
+    mapping: MappingSettings = field(default_factory=MappingSettings)
+    access: AccessSettings = field(default_factory=AccessSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    source: str = field(default="<dict>", compare=False, repr=False, metadata={"file": False})
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> Settings:
+        """Read, coerce and validate one TOML file; relative paths are taken from its folder."""
+        source = os.fspath(path)
+        try:
+            with open(source, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{source}: not UTF-8 text: {exc.reason}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: invalid TOML: {exc}") from exc
+        return cls.from_dict(data, source=source, base_dir=Path(source).absolute().parent)
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], *, source: str = "<dict>", base_dir: Path | None = None
+    ) -> Settings:
+        """Coerce and validate parsed TOML; relative paths are taken from ``base_dir``."""
+        try:
+            return _build(cls, data, "", base_dir, source=source)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _build(
+    cls: type[_S], data: Mapping[str, Any], section: str, base_dir: Path | None, **extra: Any
+) -> _S:
+    spec = _fields(cls)
+    names = [f.name for f, _ in spec if f.metadata.get("file", True)]
+    for key in data:
+        if key not in names:
+            raise _unknown(cls, section, str(key), data[key], names)
+    kwargs: dict[str, Any] = dict(extra)
+    for f, hint in spec:
+        if not f.metadata.get("file", True):
+            continue
+        sub = _section_class(hint)
+        if f.name in data:
+            value = data[f.name]
+            if sub is not None:
+                if not isinstance(value, Mapping):
+                    got = _describe(value)
+                    raise ConfigError(f"[{_join(section, f.name)}]: expected a table, got {got}")
+                value = _build(sub, value, _join(section, f.name), base_dir)
+        elif sub is not None and f.default is dataclasses.MISSING:
+            # Build absent sections from nothing, so their relative path defaults get resolved
+            # and a missing required section reports its first missing key.
+            value = _build(sub, {}, _join(section, f.name), base_dir)
+        elif f.metadata.get("path"):
+            value = f.default
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{_where(section, f.name)}: required")
+        else:
+            continue
+        if f.metadata.get("path") and isinstance(value, str):
+            value = _resolve(value, base_dir)
+        kwargs[f.name] = value
+    return typing.cast(_S, typing.cast(Any, cls)(**kwargs))
+
+
+def _unknown(
+    cls: type[_Section], section: str, key: str, value: object, names: list[str]
+) -> ConfigError:
+    sections = {f.name for f, hint in _fields(cls) if _section_class(hint) is not None}
+    is_table = isinstance(value, Mapping) or (not section and key not in _all_keys())
+    candidates = [n for n in names if (n in sections) == is_table] or names
+    close = difflib.get_close_matches(key, candidates, n=1)
+    if close:
+        match = close[0]
+        hint = f"[{_join(section, match)}]" if match in sections else match
+        suggestion = f" (did you mean '{hint}'?)"
+    else:
+        owners = _all_keys().get(key, [])
+        suggestion = f" (it belongs in [{owners[0]}])" if len(owners) == 1 else ""
+    if is_table:
+        return ConfigError(f"[{_join(section, key)}]: unknown section{suggestion}")
+    return ConfigError(f"{_where(section, key)}: unknown key{suggestion}")
+
+
+@functools.cache
+def _all_keys() -> dict[str, list[str]]:
+    """Every scalar key name, with the sections that hold it."""
+    owners: dict[str, list[str]] = {}
+
+    def walk(cls: type[_Section], section: str) -> None:
+        for f, hint in _fields(cls):
+            sub = _section_class(hint)
+            if sub is not None:
+                walk(sub, _join(section, f.name))
+            elif section:
+                owners.setdefault(f.name, []).append(section)
+
+    walk(Settings, "")
+    return owners
+
+
+def _resolve(value: str, base_dir: Path | None) -> str:
+    if not value or base_dir is None or Path(value).is_absolute():
+        return value
+    return str(base_dir / value)
+
+
+def _join(section: str, key: str) -> str:
+    return f"{section}.{key}" if section else key
+
+
+def _where(section: str, key: str) -> str:
+    return f"[{section}] {key}" if section else key
+
+
+# --- coercion --------------------------------------------------------------------------------
+
+
+_FieldSpec = tuple[tuple[dataclasses.Field[Any], Any], ...]
+_SPECS: dict[type[Any], _FieldSpec] = {}
+
+
+def _fields(cls: type[Any]) -> _FieldSpec:
+    """The dataclass fields of ``cls`` with their resolved type hints (memoised)."""
+    spec = _SPECS.get(cls)
+    if spec is None:
+        hints = typing.get_type_hints(cls)
+        spec = _SPECS[cls] = tuple((f, hints[f.name]) for f in dataclasses.fields(cls))
+    return spec
+
+
+def _section_class(hint: Any) -> type[_Section] | None:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if isinstance(hint, type) and issubclass(hint, _Section):
+        return hint
+    return None
+
+
+def _coerce(hint: Any, value: object) -> object:
+    """Return ``value`` as the type ``hint`` names, or raise _Mismatch."""
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch("a string")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch("true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch("an integer")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise _Mismatch("a finite number")
+            return float(value)
+        raise _Mismatch("a number")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        for allowed in args:
+            if type(value) is type(allowed) and value == allowed:
+                return allowed
+        raise _Mismatch("one of " + ", ".join(_describe(a) for a in args))
+    if origin is tuple and args == (str, Ellipsis):
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise _Mismatch("a string or an array of strings")
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        (inner,) = (a for a in args if a is not type(None))
+        return _coerce(inner, value)
+    if isinstance(hint, type) and issubclass(hint, _Section):
+        if isinstance(value, hint):
+            return value
+        raise _Mismatch(hint.__name__)
+    raise TypeError(f"unsupported settings field type: {hint!r}")
+
+
+def _describe(value: object, *, secret: bool = False) -> str:
+    """Show a value as TOML would write it, on one short line; a secret only by its kind."""
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, datetime.date | datetime.time):
+        return "a date/time"
+    if secret:
+        kinds = [(bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string")]
+        kind = next((k for t, k in kinds if isinstance(value, t)), None)
+        return kind or ("an array" if isinstance(value, list | tuple) else "a value")
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, list | tuple):
+        text = "[" + ", ".join(_describe(v) for v in value) + "]"
+    else:
+        text = repr(value)
+    return text if len(text) <= 80 else text[:79] + "…"
+
+
+# --- value checks: return the normalised value or raise ValueError ---------------------------
+
+
+def _split_bind(bind: str) -> tuple[str, int]:
+    expected = f"expected HOST:PORT (IPv6 as [::1]:8080), got {_describe(bind)}"
+    host, sep, port = bind.rpartition(":")
+    if not sep or not _PORT.fullmatch(port) or int(port) > 65535:
+        raise ValueError(expected)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(expected) from None
+    elif not _HOSTNAME.fullmatch(host):
+        raise ValueError(expected)
+    return host, int(port)
+
+
+def _bind(value: str) -> str:
+    _split_bind(value)
+    return value
+
+
+def _base_path(value: str) -> str:
+    path = value.rstrip("/")
+    segments = path.split("/")
+    if (value and not value.startswith("/")) or any(
+        not _PATH_SEGMENT.fullmatch(s) or s in (".", "..") for s in segments[1:]
+    ):
+        raise ValueError(
+            'expected a path such as "/dicomweb" (segments of letters, digits and "-._~", '
+            f'no "." or ".."), got {_describe(value)}'
+        )
+    return path
+
+
+def _http_url(value: str, *, keep_slash: bool = False, query: bool = False, hint: str = "") -> str:
+    expected = f"expected an absolute http or https URL, got {_describe(value)}"
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(expected)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(expected) from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(expected)
+    if "@" in parts.netloc:
+        raise ValueError(f"must not hold credentials (user:password@){hint}")
+    if "#" in value:
+        raise ValueError(f"must not have a fragment, got {_describe(value)}")
+    if not query and "?" in value:
+        raise ValueError(f"must not have a query, got {_describe(value)}")
+    return value if keep_slash else value.rstrip("/")
+
+
+def _uid_root(value: str) -> str:
+    if value and not _UID_ROOT.fullmatch(value):
+        raise ValueError(
+            "expected a UID root: digits and dots, no empty components, no leading zeros, "
+            f"got {_describe(value)}"
+        )
+    if len(value) > _MAX_ROOT_LENGTH:
+        raise ValueError(
+            f"too long ({len(value)} characters): at most {_MAX_ROOT_LENGTH}, so that "
+            'root + "." + a 20-digit ID stays within the 64 characters of a UID'
+        )
+    return value
+
+
+def _algorithms(value: tuple[str, ...]) -> tuple[str, ...]:
+    allowed = ", ".join(_ASYMMETRIC_ALGORITHMS)
+    if not value:
+        raise ValueError(f"expected at least one of {allowed}")
+    for name in value:
+        if name not in _ASYMMETRIC_ALGORITHMS:
+            why = (
+                ": shared-secret and unsigned tokens are refused"
+                if name.lower() == "none" or name.upper().startswith("HS")
+                else ""
+            )
+            raise ValueError(f"{_describe(name)} is not allowed{why}; use {allowed}")
+    return value
+
+
+def _non_empty_items(value: tuple[str, ...], *, what: str) -> tuple[str, ...]:
+    if "" in value:
+        raise ValueError(f"expected non-empty {what} names, got {_describe(value)}")
+    return value
+
+
+def _tokens(value: tuple[str, ...]) -> tuple[str, ...]:
+    for item in value:
+        if not _TOKEN.fullmatch(item):
+            raise ValueError(f"expected header or method names, got {_describe(item)}")
+    return value
+
+
+def _origin(value: str) -> str:
+    """A browser origin, normalised as browsers send it: lower case, no default port."""
+    if value == "*":
+        return value
+    expected = (
+        'expected "*" or an origin such as "https://viewer.example.org" '
+        f"(scheme://host[:port], no path), got {_describe(value)}"
+    )
+    text = value.removesuffix("/")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ValueError(expected) from None
+    scheme = parts.scheme.lower()
+    if (
+        scheme not in ("http", "https")
+        or not parts.hostname
+        or "@" in parts.netloc
+        or any(c in text for c in "?# ")
+        or parts.path
+    ):
+        raise ValueError(expected)
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if port is None or port == {"http": 80, "https": 443}[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
+def _check_backend_source(settings: MappingSettings | AccessSettings) -> None:
+    """``file`` is for (and required by) the static backend, ``url`` for the http one."""
+    for name, backend in (("file", "static"), ("url", "http")):
+        value = getattr(settings, name)
+        if settings.backend == backend and not value:
+            raise settings._error(name, f'required when backend = "{backend}"')
+        if settings.backend != backend and value:
+            raise settings._error(
+                name, f'only used with backend = "{backend}" (backend is "{settings.backend}")'
+            )
+    if settings.url:
+        settings._check("url", _http_url)

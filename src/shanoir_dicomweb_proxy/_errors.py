@@ -1,0 +1,108 @@
+"""The proxy's one error hierarchy.
+
+Every error a request can meet is a :class:`ProxyError` carrying an HTTP ``status``, a short
+machine ``code`` and a human ``detail``. Lower layers (httpx, the config loader, backends)
+raise their own exceptions; they are translated into this hierarchy at one boundary each
+(``raise ... from exc``), and turned into a JSON problem response only at the outer edge
+(:class:`shanoir_dicomweb_proxy.ErrorMiddleware`).
+
+``detail`` is shown to the client: it must never carry anything the client did not send
+(no upstream UID, no token, no stack trace).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadRequest",
+    "ConfigError",
+    "MethodNotAllowed",
+    "NotAcceptable",
+    "NotFound",
+    "PayloadTooLarge",
+    "ProxyError",
+    "UnsupportedMediaType",
+    "UpstreamError",
+    "UpstreamRejected",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+]
+
+
+class ProxyError(Exception):
+    """Base of every error answered to a client."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class BadRequest(ProxyError):
+    status = 400
+    code = "bad_request"
+
+
+class NotFound(ProxyError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, detail: str, *, allow: tuple[str, ...]) -> None:
+        super().__init__(detail, headers={"allow": ", ".join(allow)})
+        self.allow = allow
+
+
+class NotAcceptable(ProxyError):
+    status = 406
+    code = "not_acceptable"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class UpstreamRejected(ProxyError):
+    """The upstream refused the request (4xx): its status is passed on."""
+
+    code = "upstream_rejected"
+
+    def __init__(self, detail: str, *, status: int) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+class UpstreamError(ProxyError):
+    """The upstream failed (5xx, broken framing): 502."""
+
+    status = 502
+    code = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The upstream could not be reached: 502."""
+
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer in time: 504."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class ConfigError(Exception):
+    """A configuration file or value is invalid; the message names file, key and expectation."""

@@ -1,0 +1,215 @@
+"""HTTP headers: what crosses the proxy in each direction, content types, the public base URL.
+
+This module is the only place that decides which header goes where.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+from ._types import Headers, Scope
+
+__all__ = [
+    "MediaType",
+    "parse_media_type",
+    "public_base_url",
+    "request_headers_for_upstream",
+    "response_headers_for_client",
+]
+
+# Forwarded upstream: content negotiation, conditional requests and tracing. Everything else
+# (Authorization, Cookie, Host, Forwarded, X-Forwarded-*, hop-by-hop headers) stays here: the
+# PACS sees the proxy as its only client.
+_TO_UPSTREAM = frozenset(
+    {
+        b"accept",
+        b"accept-charset",
+        b"accept-language",
+        b"cache-control",
+        b"content-type",
+        b"if-match",
+        b"if-modified-since",
+        b"if-none-match",
+        b"if-unmodified-since",
+        b"range",
+        b"user-agent",
+        b"x-request-id",
+    }
+)
+
+# Passed back to the client. Set-Cookie, WWW-Authenticate (the PACS's own challenge), Server and
+# hop-by-hop headers are dropped.
+_TO_CLIENT = frozenset(
+    {
+        b"accept-ranges",
+        b"cache-control",
+        b"content-disposition",
+        b"content-encoding",
+        b"content-language",
+        b"content-length",
+        b"content-location",
+        b"content-range",
+        b"content-type",
+        b"etag",
+        b"expires",
+        b"last-modified",
+        b"location",
+        b"retry-after",
+        b"vary",
+        b"warning",
+    }
+)
+
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names listed in ``Connection`` are hop-by-hop too (RFC 9110 §7.6.1)."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens)
+
+
+def request_headers_for_upstream(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
+    """The client's headers that may go upstream, names lower-cased."""
+    dropped = _HOP_BY_HOP | _connection_tokens(headers)
+    return [
+        (name.lower(), value)
+        for name, value in headers
+        if name.lower() in _TO_UPSTREAM and name.lower() not in dropped
+    ]
+
+
+def response_headers_for_client(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
+    """The upstream's headers that may go back to the client, names lower-cased."""
+    dropped = _HOP_BY_HOP | _connection_tokens(headers)
+    return [
+        (name.lower(), value)
+        for name, value in headers
+        if name.lower() in _TO_CLIENT and name.lower() not in dropped
+    ]
+
+
+class MediaType:
+    """A parsed ``Content-Type`` or ``Accept`` element: ``type/subtype`` plus parameters."""
+
+    __slots__ = ("type", "params")
+
+    def __init__(self, type: str, params: dict[str, str]) -> None:
+        self.type = type
+        self.params = params
+
+    def __repr__(self) -> str:
+        return f"MediaType({self.type!r}, {self.params!r})"
+
+    @property
+    def related_type(self) -> str:
+        """The ``type=`` of a ``multipart/related`` value, lower-cased ("" if absent)."""
+        return self.params.get("type", "").lower()
+
+
+_PARAM = re.compile(r'\s*;\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;,]*)')
+
+
+def parse_media_type(value: str) -> MediaType:
+    """Parse one media type with its parameters.
+
+    Quoted and unquoted parameter values are both accepted: PS3.18 §8.7.3.5 quotes
+    ``type="application/dicom"``, yet many clients send it unquoted (``type=application/dicom``),
+    which is not even valid RFC 9110 syntax because of the ``/``.
+    """
+    head, _, rest = value.partition(";")
+    params: dict[str, str] = {}
+    for match in _PARAM.finditer(";" + rest if rest else ""):
+        raw = match.group(2).strip()
+        if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+        params[match.group(1).lower()] = raw
+    return MediaType(head.strip().lower(), params)
+
+
+def split_accept(value: str) -> list[MediaType]:
+    """Split an ``Accept`` header into media ranges, honouring quoted commas."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for char in value:
+        if char == '"':
+            quoted = not quoted
+        if char == "," and not quoted:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return [parse_media_type(part) for part in parts if part.strip()]
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of a request header, or None."""
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return bytes(value)
+    return None
+
+
+_HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+_FORWARDED_PAIR = re.compile(r'(?i)\b(host|proto)\s*=\s*("[^"]*"|[^;,\s]*)')
+
+
+def _forwarded(scope: Scope) -> tuple[str | None, str | None]:
+    """Host and proto from the first element of RFC 7239 ``Forwarded``, else X-Forwarded-*."""
+    host = proto = None
+    value = header(scope, b"forwarded")
+    if value is not None:
+        first = value.decode("latin-1").split(",")[0]
+        for key, raw in _FORWARDED_PAIR.findall(first):
+            if key.lower() == "host":
+                host = raw.strip('"')
+            else:
+                proto = raw.strip('"').lower()
+    else:
+        xf_host = header(scope, b"x-forwarded-host")
+        xf_proto = header(scope, b"x-forwarded-proto")
+        if xf_host is not None:
+            host = xf_host.decode("latin-1").split(",")[0].strip()
+        if xf_proto is not None:
+            proto = xf_proto.decode("latin-1").split(",")[0].strip().lower()
+    return host, proto
+
+
+def public_base_url(scope: Scope, *, public_url: str, base_path: str) -> str:
+    """The absolute URL under which clients reach the DICOMweb service, without trailing slash.
+
+    ``[server] public_url`` wins. Otherwise the URL is built from ``Forwarded`` (or
+    ``X-Forwarded-Host``/``-Proto``), then ``Host``, then the socket the request came in on. A
+    host that is not a plain host name or address is ignored, so that nothing a client puts in
+    a header ends up verbatim inside a JSON or XML body.
+    """
+    if public_url:
+        return public_url
+    host, proto = _forwarded(scope)
+    if host is None or not _HOST.match(host):
+        raw = header(scope, b"host")
+        host = raw.decode("latin-1") if raw is not None else None
+    if host is None or not _HOST.match(host):
+        server = scope.get("server") or ("127.0.0.1", 80)
+        host = f"{server[0]}:{server[1]}" if server[1] is not None else str(server[0])
+    if proto not in ("http", "https"):
+        proto = scope.get("scheme", "http")
+    return f"{proto}://{host}{scope.get('root_path', '')}{base_path}"

@@ -1,0 +1,132 @@
+"""Rewriting of what the upstream says into what the client may see.
+
+Links first: RetrieveURL (0008,1190), BulkDataURI and Content-Location name the upstream's
+own base URL; they are rewritten to the proxy's public base, as a stream, chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ._headers import parse_media_type, public_base_url
+from ._multipart import MultipartTransformer
+from ._types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["LinkRewriter", "RewriteMiddleware"]
+
+# Bodies that carry links: DICOM JSON and XML, alone or as multipart/related parts.
+_LINK_TYPES = frozenset({"application/dicom+json", "application/json", "application/dicom+xml"})
+_LINK_HEADERS = frozenset({b"content-location", b"location"})
+
+
+class _BodyRewriter(Protocol):
+    def feed(self, chunk: bytes) -> bytes: ...
+    def close(self) -> bytes: ...
+
+
+def _link_rewriter(content_type: bytes | None, old: bytes, new: bytes) -> _BodyRewriter | None:
+    """The rewriter for a body of this type, or None when it carries no links."""
+    if content_type is None:
+        return None
+    media = parse_media_type(content_type.decode("latin-1"))
+    if media.type in _LINK_TYPES:
+        return LinkRewriter(old, new)
+    boundary = media.params.get("boundary")
+    if media.type == "multipart/related" and media.related_type in _LINK_TYPES and boundary:
+        # Parts carry their own Content-Length: rewrite part by part, not as a byte stream.
+        return MultipartTransformer(boundary.encode("latin-1"), lambda b: b.replace(old, new))
+    return None
+
+
+class LinkRewriter:
+    """Replace one byte string with another across a stream of chunks.
+
+    Bytes that might start a match are held back until the next chunk decides, so at most
+    ``len(old) - 1`` bytes are buffered.
+    """
+
+    __slots__ = ("old", "new", "_pending")
+
+    def __init__(self, old: bytes, new: bytes) -> None:
+        self.old = old
+        self.new = new
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk if self._pending else chunk
+        start = data.rfind(self.old)
+        tail_from = start + len(self.old) if start >= 0 else 0
+        keep = 0
+        for size in range(min(len(self.old) - 1, len(data) - tail_from), 0, -1):
+            if data.endswith(self.old[:size]):
+                keep = size
+                break
+        if keep:
+            self._pending = data[-keep:]
+            data = data[:-keep]
+        else:
+            self._pending = b""
+        return data.replace(self.old, self.new) if start >= 0 else data
+
+    def close(self) -> bytes:
+        data, self._pending = self._pending, b""
+        return data
+
+
+class RewriteMiddleware:
+    """Rewrite links from the upstream's base URL to the public one, in headers and bodies.
+
+    ``upstream_url`` is the base the upstream builds its links from (Orthanc builds them from
+    the ``Host`` header the proxy sends, so the configured upstream URL). The public base comes
+    from ``public_url`` or from the request (``Forwarded``, ``Host``), plus ``base_path``.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, upstream_url: str, public_url: str = "", base_path: str = ""
+    ) -> None:
+        self.app = app
+        self.upstream_url = upstream_url.rstrip("/").encode()
+        self.public_url = public_url
+        self.base_path = base_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        public = public_base_url(scope, public_url=self.public_url, base_path=self.base_path)
+        responder = _LinkResponder(send, self.upstream_url, public.encode(), scope["method"])
+        await self.app(scope, receive, responder.send)
+
+
+class _LinkResponder:
+    __slots__ = ("_send", "_old", "_new", "_has_body", "_rewriter")
+
+    def __init__(self, send: Send, old: bytes, new: bytes, method: str) -> None:
+        self._send = send
+        self._has_body = method != "HEAD"
+        self._old = old
+        self._new = new
+        self._rewriter: _BodyRewriter | None = None
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = []
+            content_type = None
+            for name, value in message.get("headers", []):
+                if name == b"content-type":
+                    content_type = value
+                elif name in _LINK_HEADERS and value.startswith(self._old):
+                    value = self._new + value[len(self._old) :]
+                headers.append((name, value))
+            rewriter = _link_rewriter(content_type, self._old + b"/", self._new + b"/")
+            if rewriter is not None and message["status"] not in (204, 304):
+                # Lengths change with the links: the body goes out chunked (HEAD says so too).
+                headers = [(n, v) for n, v in headers if n != b"content-length"]
+                self._rewriter = rewriter if self._has_body else None
+            message = {**message, "headers": headers}
+        elif message["type"] == "http.response.body" and self._rewriter is not None:
+            body = self._rewriter.feed(message.get("body", b""))
+            if not message.get("more_body", False):
+                body += self._rewriter.close()
+            message = {**message, "body": body}
+        await self._send(message)

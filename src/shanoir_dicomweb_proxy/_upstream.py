@@ -1,0 +1,352 @@
+"""The upstream PACS: one streaming HTTP client, and the ASGI app that forwards to it.
+
+Errors of the transport are translated into the proxy's hierarchy here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+
+import anyio
+import httpx
+import orjson
+
+from ._config import UpstreamSettings
+from ._errors import (
+    PayloadTooLarge,
+    ProxyError,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from ._headers import (
+    header,
+    parse_media_type,
+    request_headers_for_upstream,
+    response_headers_for_client,
+)
+from ._routing import DicomWebRequest, get_dicomweb_request
+from ._types import Receive, Scope, Send
+
+__all__ = ["Upstream", "UpstreamProxy"]
+
+logger = logging.getLogger("shanoir_dicomweb_proxy.upstream")
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+# Failures that mean "the pooled connection was already dead": Orthanc closes idle
+# connections after 1 s (Keep-Alive: timeout=1), so a request can race that close.
+_STALE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+class ClientDisconnected(Exception):
+    """The client went away while its request body was being read."""
+
+
+class Upstream:
+    """The proxy's one HTTP client to the PACS (``[upstream]``).
+
+    Opened in the app's lifespan (or on first use when a host app runs no lifespan for it),
+    closed in the lifespan. ``trust_env=False`` and no cookie jar: a ``Set-Cookie`` meant for
+    one request must never be replayed for another user.
+    """
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.url = settings.url
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+
+    def _build_client(self) -> httpx.AsyncClient:
+        s = self.settings
+        transport = self._transport
+        if transport is None and s.transport == "aiohttp":
+            from httpx_aiohttp import AiohttpTransport  # optional dependency
+
+            transport = AiohttpTransport()
+        auth: httpx.Auth | None = None
+        if s.auth.type == "basic":
+            auth = httpx.BasicAuth(s.auth.username, s.auth.password)
+        elif s.auth.type == "bearer":
+            auth = _Bearer(s.auth.token)
+        elif s.auth.type == "client_credentials":
+            raise ValueError("client_credentials is checked at start")
+        return httpx.AsyncClient(
+            transport=transport,
+            trust_env=False,
+            follow_redirects=False,
+            auth=auth,
+            cookies=_NoCookies(),
+            timeout=httpx.Timeout(
+                connect=s.connect_timeout,
+                read=s.read_timeout,
+                write=s.write_timeout,
+                pool=s.pool_timeout,
+            ),
+            limits=httpx.Limits(
+                max_connections=s.max_connections,
+                max_keepalive_connections=s.max_keepalive_connections,
+                keepalive_expiry=s.keepalive_expiry,
+            ),
+        )
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = self._build_client()
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    async def send(
+        self,
+        method: str,
+        target: str,
+        *,
+        headers: list[tuple[bytes, bytes]],
+        content: AsyncIterator[bytes] | None = None,
+    ) -> httpx.Response:
+        """Send a request and return the streamed response (the caller must ``aclose`` it).
+
+        ``target`` is the path and query below the upstream URL. A request that fails on a
+        stale pooled connection is retried once when it is idempotent.
+        """
+        request = self.client.build_request(
+            method, self.url + target, headers=headers, content=content
+        )
+        attempts = 2 if method in _IDEMPOTENT and content is None else 1
+        for attempt in range(attempts):
+            try:
+                return await self.client.send(request, stream=True)
+            except _STALE as exc:
+                if attempt + 1 < attempts:
+                    logger.debug("retrying %s after a stale connection: %s", method, exc)
+                    continue
+                raise _translate(exc) from exc
+            except httpx.HTTPError as exc:
+                raise _translate(exc) from exc
+        raise AssertionError("unreachable")
+
+
+def _translate(exc: httpx.HTTPError) -> ProxyError:
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout("the upstream did not answer in time")
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamUnavailable("the upstream could not be reached")
+    return UpstreamError("the upstream connection failed")
+
+
+class _Bearer(httpx.Auth):
+    def __init__(self, token: str) -> None:
+        self._value = f"Bearer {token}"
+
+    def auth_flow(self, request: httpx.Request):  # type: ignore[no-untyped-def]
+        request.headers["Authorization"] = self._value
+        yield request
+
+
+class _NoCookies(httpx.Cookies):
+    """A cookie jar that never stores anything."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
+_UID_LIKE = re.compile(r"\b[0-9]+(?:\.[0-9]+){2,}\b")
+
+
+def _upstream_message(body: bytes) -> str:
+    """Orthanc's short error ``Message`` (its errors are JSON without a Content-Type)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    message = data.get("Message") if isinstance(data, dict) else None
+    if not isinstance(message, str):
+        return ""
+    # Never echo identifiers the upstream put in its message.
+    return _UID_LIKE.sub("<uid>", message)[:200]
+
+
+class UpstreamProxy:
+    """The innermost ASGI app: forwards the parsed DICOMweb request to the PACS, streaming.
+
+    Request and response bodies flow through with backpressure: a chunk is read from one
+    side only when the other side took the previous one. A client that hangs up cancels the
+    upstream request; an upstream that fails mid-body aborts the client's response.
+    """
+
+    def __init__(self, upstream: Upstream, *, max_upload_bytes: int | None = None) -> None:
+        self.upstream = upstream
+        self.max_upload_bytes = max_upload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._handle(scope, receive, send)
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = get_dicomweb_request(scope)
+        async with anyio.create_task_group() as tg:
+            body: anyio.abc.ObjectReceiveStream[bytes] | None = None
+            if request.method == "POST":
+                limit = self.max_upload_bytes
+                length = header(scope, b"content-length")
+                if limit is not None and length is not None and length.isdigit():
+                    if int(length) > limit:
+                        raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+                sender, body = anyio.create_memory_object_stream[bytes](0)
+                tg.start_soon(_pump_body, receive, sender, tg.cancel_scope, limit)
+            else:
+                tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
+            try:
+                await self._forward(scope, request, body, send)
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def _forward(
+        self,
+        scope: Scope,
+        request: DicomWebRequest,
+        body: anyio.abc.ObjectReceiveStream[bytes] | None,
+        send: Send,
+    ) -> None:
+        headers = request_headers_for_upstream(scope["headers"])
+        # Bytes are rewritten on the way back; a compressed body could not be.
+        headers.append((b"accept-encoding", b"identity"))
+        content: AsyncIterator[bytes] | None = None
+        if body is not None:
+            content = _iterate(body)
+            length = header(scope, b"content-length")
+            if length is not None:
+                # Some PACS refuse chunked STOW: keep the client's framing when it gave one.
+                headers.append((b"content-length", length))
+        target = request.path()
+        query = request.query_string()
+        if query:
+            target += "?" + query
+        # Orthanc answers HEAD with 404: ask for GET and send only the head back.
+        method = "GET" if request.method == "HEAD" else request.method
+        response = await self.upstream.send(method, target, headers=headers, content=content)
+        try:
+            await self._respond(request, response, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+    async def _respond(
+        self, request: DicomWebRequest, response: httpx.Response, send: Send
+    ) -> None:
+        status = response.status_code
+        if status >= 500:
+            raise UpstreamError(f"the upstream failed with status {status}")
+        if status in (401, 403, 407):
+            raise UpstreamError("the upstream refused the proxy's own credentials")
+        if status >= 400:
+            message = _upstream_message(await _read_capped(response, 65536))
+            raise UpstreamRejected(message or f"the upstream answered {status}", status=status)
+        headers = response_headers_for_client(response.headers.raw)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        if request.method == "HEAD":
+            await send({"type": "http.response.body", "body": b""})
+            return
+        boundary = _multipart_boundary(response)
+        tail = b""
+        try:
+            async for chunk in response.aiter_raw():
+                if boundary is not None:
+                    tail = (tail + chunk)[-(len(boundary) + 8) :]
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            raise _translate(exc) from exc
+        if boundary is not None and b"--" + boundary + b"--" not in tail:
+            # Orthanc ends study and series retrieves at EOF, so a connection lost in the
+            # middle looks like a clean end: only the closing delimiter tells them apart.
+            raise UpstreamError("the upstream's multipart answer ended before its last part")
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def _read_capped(response: httpx.Response, cap: int) -> bytes:
+    data = b""
+    try:
+        async for chunk in response.aiter_raw():
+            data += chunk
+            if len(data) >= cap:
+                break
+    except httpx.HTTPError:
+        pass
+    return data[:cap]
+
+
+def _multipart_boundary(response: httpx.Response) -> bytes | None:
+    content_type = response.headers.get("content-type")
+    if content_type is None:
+        return None
+    media = parse_media_type(content_type)
+    if not media.type.startswith("multipart/") or "boundary" not in media.params:
+        return None
+    return media.params["boundary"].encode("latin-1")
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report from a task group: a ProxyError if any, else the first."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return next((e for e in leaves if isinstance(e, ProxyError)), leaves[0])
+
+
+async def _iterate(stream: anyio.abc.ObjectReceiveStream[bytes]) -> AsyncIterator[bytes]:
+    async with stream:
+        async for chunk in stream:
+            yield chunk
+
+
+async def _pump_body(
+    receive: Receive,
+    sender: anyio.abc.ObjectSendStream[bytes],
+    cancel_scope: anyio.CancelScope,
+    limit: int | None,
+) -> None:
+    """Hand the request body to the upstream request one chunk at a time, then watch for a
+    disconnect. Over ``limit`` bytes the upload is cut, so the upstream never sees it whole."""
+    received = 0
+    async with sender:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                cancel_scope.cancel()
+                return
+            chunk: bytes = message.get("body", b"")
+            received += len(chunk)
+            if limit is not None and received > limit:
+                raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+            if chunk:
+                await sender.send(chunk)
+            if not message.get("more_body", False):
+                break
+    await _watch_disconnect(receive, cancel_scope)
+
+
+async def _watch_disconnect(receive: Receive, cancel_scope: anyio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    cancel_scope.cancel()
