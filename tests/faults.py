@@ -23,11 +23,15 @@ class FaultServer:
       ``error500``   a 500 with an HTML body.
       ``trickle``    a 200 whose body never ends: 64 KiB every 50 ms until the peer leaves.
       ``json``       a small JSON 200 (used to count requests).
+      ``etag``       a 200 with an ETag, or 304 when If-None-Match names it.
+
+    The head of the last request is kept in ``last_request``.
     """
 
     mode: str = "json"
     port: int = 0
     requests: int = 0
+    last_request: bytes = b""
     disconnects: list[float] = field(default_factory=list)
     _sock: socket.socket | None = None
 
@@ -63,6 +67,7 @@ class FaultServer:
                     return
                 data += chunk
             self.requests += 1
+            self.last_request = data.split(b"\r\n\r\n")[0]
             try:
                 getattr(self, "_" + self.mode)(conn)
             except OSError:
@@ -85,7 +90,9 @@ class FaultServer:
         )
 
     def _silent(self, conn: socket.socket) -> None:
-        time.sleep(30)
+        conn.settimeout(30)
+        if conn.recv(1) == b"":  # the proxy gave up on us
+            self.disconnects.append(time.monotonic())
 
     def _error500(self, conn: socket.socket) -> None:
         body = b"<html>Internal Server Error at /secret/path</html>"
@@ -110,4 +117,14 @@ class FaultServer:
         conn.sendall(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom+json\r\n"
             b"Content-Length: 2\r\n\r\n" + body
+        )
+
+    def _etag(self, conn: socket.socket) -> None:
+        if b'if-none-match: "v1"' in self.last_request.lower():
+            conn.sendall(b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n\r\n')
+            return
+        conn.sendall(
+            b'HTTP/1.1 200 OK\r\nContent-Type: application/dicom+json\r\nETag: "v1"\r\n'
+            b"Set-Cookie: session=abc\r\nWWW-Authenticate: Basic realm=x\r\n"
+            b"Content-Length: 2\r\n\r\n[]"
         )

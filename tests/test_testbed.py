@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,23 +17,6 @@ from shanoir_dicomweb_proxy.testing import (
 )
 
 OCTET_FRAMES = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
-
-
-@pytest.fixture(scope="module")
-def samples(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> SampleSet:
-    # The pytest cache survives sessions, so the 58 MB of samples are written only once.
-    cache = getattr(pytestconfig, "cache", None)
-    directory = cache.mkdir("dicom-samples") if cache else tmp_path_factory.mktemp("samples")
-    return generate_samples(directory)
-
-
-@pytest.fixture(scope="module")
-def orthanc(
-    tmp_path_factory: pytest.TempPathFactory, samples: SampleSet
-) -> Iterator[OrthancServer]:
-    with OrthancServer(tmp_path_factory.mktemp("orthanc")) as server:
-        assert server.load(samples.files) == len(samples.files)
-        yield server
 
 
 def _studies(server: OrthancServer, **params: str) -> list[dict[str, object]]:
@@ -155,13 +137,20 @@ def test_authentication(tmp_path: Path, samples: SampleSet) -> None:
         server.kill()  # faster than Orthanc's ~2 s graceful shutdown
 
 
-def test_restart_keeps_data(orthanc: OrthancServer, samples: SampleSet) -> None:
-    port, pid = orthanc.port, orthanc.pid
-    orthanc.restart()
-    assert (orthanc.port, orthanc.url) == (port, f"http://127.0.0.1:{port}")
-    assert orthanc.pid != pid
-    assert len(_studies(orthanc)) == 13
-    orthanc.kill()  # a crash, not a clean shutdown
-    assert not orthanc.running
-    orthanc.start()
-    assert len(_studies(orthanc)) == 13
+def test_restart_keeps_data(tmp_path: Path, samples: SampleSet) -> None:
+    # A server of its own: the session's Orthanc serves the other tests meanwhile.
+    orthanc = OrthancServer(tmp_path)
+    with orthanc:
+        orthanc.load(samples.files[:20])
+        loaded = len(_studies(orthanc))
+        assert loaded >= 2
+        port, pid = orthanc.port, orthanc.pid
+        orthanc.restart()
+        assert (orthanc.port, orthanc.url) == (port, f"http://127.0.0.1:{port}")
+        assert orthanc.pid != pid
+        assert len(_studies(orthanc)) == loaded
+        orthanc.kill()  # a crash, not a clean shutdown
+        assert not orthanc.running
+        orthanc.start()
+        assert len(_studies(orthanc)) == loaded
+        orthanc.kill()

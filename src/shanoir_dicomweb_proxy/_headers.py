@@ -204,12 +204,26 @@ def public_base_url(scope: Scope, *, public_url: str, base_path: str) -> str:
     if public_url:
         return public_url
     host, proto = _forwarded(scope)
+    if proto not in ("http", "https"):
+        proto = scope.get("scheme", "http")
+    server = scope.get("server")
     if host is None or not _HOST.match(host):
         raw = header(scope, b"host")
         host = raw.decode("latin-1") if raw is not None else None
+        if host is not None and _HOST.match(host) and server and not _has_port(host):
+            # dicomweb-client 0.61 sends "Host: 127.0.0.1" without the port on some GETs;
+            # links built from that point to port 80. Without a reverse proxy in front
+            # (which would have sent Forwarded), the port the request came in on is right.
+            if server[1] is not None and server[1] != _DEFAULT_PORTS.get(proto):
+                host = f"{host}:{server[1]}"
     if host is None or not _HOST.match(host):
-        server = scope.get("server") or ("127.0.0.1", 80)
-        host = f"{server[0]}:{server[1]}" if server[1] is not None else str(server[0])
-    if proto not in ("http", "https"):
-        proto = scope.get("scheme", "http")
+        address, port = server or ("127.0.0.1", None)
+        host = f"{address}:{port}" if port is not None else str(address)
     return f"{proto}://{host}{scope.get('root_path', '')}{base_path}"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _has_port(host: str) -> bool:
+    return host.rsplit("]", 1)[-1].find(":") >= 0

@@ -14,17 +14,20 @@ orthanc-dicomweb``), plus numpy for the samples.
 """
 
 from ._orthanc import DICOMWEB_PLUGIN, OrthancError, OrthancServer, find_orthanc, free_port
+from ._proxy import ProxyServer, dump_toml
 from ._samples import SampleInstance, SampleSeries, SampleSet, SampleStudy, generate_samples
 
 __all__ = [
     "DICOMWEB_PLUGIN",
     "OrthancError",
     "OrthancServer",
+    "ProxyServer",
     "SampleInstance",
     "SampleSeries",
     "SampleSet",
     "SampleStudy",
     "find_orthanc",
+    "dump_toml",
     "free_port",
     "generate_samples",
 ]
