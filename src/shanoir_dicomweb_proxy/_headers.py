@@ -169,7 +169,7 @@ def header(scope: Scope, name: bytes) -> bytes | None:
 
 
 _HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
-_FORWARDED_PAIR = re.compile(r'(?i)\b(host|proto)\s*=\s*("[^"]*"|[^;,\s]*)')
+_FORWARDED_PAIR = re.compile(r'(?i)\b(host|proto)\s*=\s*("[^"]*"|[^;,]*)')
 
 
 def _forwarded(scope: Scope) -> tuple[str | None, str | None]:
@@ -180,9 +180,9 @@ def _forwarded(scope: Scope) -> tuple[str | None, str | None]:
         first = value.decode("latin-1").split(",")[0]
         for key, raw in _FORWARDED_PAIR.findall(first):
             if key.lower() == "host":
-                host = raw.strip('"')
+                host = raw.strip().strip('"')
             else:
-                proto = raw.strip('"').lower()
+                proto = raw.strip().strip('"').lower()
     else:
         xf_host = header(scope, b"x-forwarded-host")
         xf_proto = header(scope, b"x-forwarded-proto")

@@ -1,0 +1,372 @@
+"""Load generators: curl for bulk, wrk for request rates, an httpx process when they are missing,
+and a slow raw-socket reader with an RSS sampler for the memory check."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+__all__ = [
+    "BulkRound",
+    "CpuMeter",
+    "RequestStats",
+    "RssSampler",
+    "bulk_rounds",
+    "percentile",
+    "request_rate",
+    "slow_read",
+    "tools",
+]
+
+_LOADGEN = Path(__file__).resolve().parent / "_loadgen.py"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile, ``q`` in 0..100."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def tools(force_httpx: bool = False) -> dict[str, str]:
+    """Which client runs which kind of workload: ``{"bulk": ..., "requests": ...}``."""
+    curl = None if force_httpx else shutil.which("curl")
+    wrk = None if force_httpx else shutil.which("wrk")
+    return {"bulk": "curl" if curl else "httpx", "requests": "wrk" if wrk else "httpx"}
+
+
+class CpuMeter:
+    """CPU seconds used by a set of processes and their children (Linux ``/proc``)."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def _tree(self, pid: int) -> list[int]:
+        out = [pid]
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as children:
+                    for child in children.read().split():
+                        out += self._tree(int(child))
+        except OSError:
+            pass
+        return out
+
+    def seconds(self) -> float:
+        total = 0
+        for root in self.pids:
+            for pid in self._tree(root):
+                try:
+                    with open(f"/proc/{pid}/stat") as stat:
+                        fields = stat.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / self._tick
+
+
+# -- bulk ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BulkRound:
+    """One round of ``c`` concurrent retrieves: wall seconds, total bytes, CPU per process."""
+
+    seconds: float
+    bytes: int
+    cpu: Mapping[str, float] = field(default_factory=dict)
+
+
+def _curl_round(urls: Sequence[str], headers: Mapping[str, str]) -> tuple[float, int]:
+    command = ["curl", "-sS", "--no-progress-meter"]
+    command += ["-w", "%{http_code} %{size_download} %{time_total}\\n"]
+    if len(urls) > 1:
+        command += ["--parallel", "--parallel-immediate", "--parallel-max", str(len(urls))]
+    for name, value in headers.items():
+        command += ["-H", f"{name}: {value}"]
+    for url in urls:
+        command += ["-o", "/dev/null", url]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    lines = result.stdout.split()
+    if result.returncode != 0 or len(lines) != 3 * len(urls):
+        raise RuntimeError(f"curl failed ({result.returncode}): {result.stderr.strip()}")
+    codes, sizes, times = lines[0::3], lines[1::3], lines[2::3]
+    if any(code != "200" for code in codes):
+        raise RuntimeError(f"curl: unexpected status {codes} for {urls[0]}")
+    # All transfers start together (--parallel-immediate): the round lasts as long as the slowest.
+    return max(float(t) for t in times), sum(int(s) for s in sizes)
+
+
+def bulk_rounds(
+    client: str,
+    targets: Mapping[str, Sequence[str]],
+    headers: Mapping[str, str],
+    *,
+    reps: int,
+    warmup: int,
+    meters: Mapping[str, Mapping[str, CpuMeter]] | None = None,
+) -> dict[str, list[BulkRound]]:
+    """Run ``reps`` rounds per target; a round fetches the target's URLs concurrently.
+
+    With curl, rounds are interleaved across targets (A B C A B C ...) so that a drift of the
+    machine hits all of them alike; ``meters`` (per target: name -> meter) measure CPU per round.
+    """
+    if client == "httpx":
+        return _httpx_bulk(targets, headers, reps=reps, warmup=warmup)
+    out: dict[str, list[BulkRound]] = {name: [] for name in targets}
+    meters = meters or {}
+    for rep in range(warmup + reps):
+        for name, urls in targets.items():
+            target_meters = meters.get(name, {})
+            before = {key: m.seconds() for key, m in target_meters.items()}
+            seconds, size = _curl_round(urls, headers)
+            if rep >= warmup:
+                cpu = {key: m.seconds() - before[key] for key, m in target_meters.items()}
+                out[name].append(BulkRound(seconds, size, cpu))
+    return out
+
+
+def _loadgen(spec: Mapping[str, object], timeout: float) -> dict[str, object]:
+    result = subprocess.run(
+        [sys.executable, str(_LOADGEN)],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"httpx load generator failed:\n{result.stderr[-2000:]}")
+    data: dict[str, object] = json.loads(result.stdout)
+    return data
+
+
+def _httpx_bulk(
+    targets: Mapping[str, Sequence[str]], headers: Mapping[str, str], *, reps: int, warmup: int
+) -> dict[str, list[BulkRound]]:
+    out: dict[str, list[BulkRound]] = {}
+    for name, urls in targets.items():
+        spec = {"mode": "bulk", "urls": list(urls), "headers": dict(headers)}
+        spec |= {"reps": reps, "warmup": warmup}
+        rounds = _loadgen(spec, timeout=600)["rounds"]
+        assert isinstance(rounds, list)
+        out[name] = [BulkRound(float(s), int(b)) for s, b in rounds]
+    return out
+
+
+# -- request rates ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    requests: int
+    seconds: float
+    p50: float
+    p90: float
+    p99: float
+    errors: int
+    bytes: int
+    cpu: Mapping[str, float] = field(default_factory=dict)  # CPU seconds per process over run
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+_WRK_SCRIPT = """\
+local paths = {%(paths)s}
+local i = 0
+%(headers)s
+request = function()
+  i = i %% #paths + 1
+  return wrk.format("GET", paths[i])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCHJSON {\\"requests\\": %%d, \\"duration_us\\": %%d, \\"bytes\\": %%d, " ..
+    "\\"errors\\": %%d, \\"p50\\": %%d, \\"p90\\": %%d, \\"p99\\": %%d}\\n",
+    summary.requests, summary.duration, summary.bytes,
+    e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99)))
+end
+"""
+
+
+def _lua(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _wrk(
+    urls: Sequence[str], headers: Mapping[str, str], concurrency: int, duration: float
+) -> RequestStats:
+    base = urlsplit(urls[0])
+    paths = []
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.netloc != base.netloc:
+            raise ValueError("wrk: all URLs must share one host")
+        paths.append(parts.path + (f"?{parts.query}" if parts.query else ""))
+    script = _WRK_SCRIPT % {
+        "paths": ", ".join(_lua(p) for p in paths),
+        "headers": "\n".join(f"wrk.headers[{_lua(k)}] = {_lua(v)}" for k, v in headers.items()),
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="bench-wrk-") as file:
+        file.write(script)
+        file.flush()
+        command = ["wrk", "-t1", f"-c{concurrency}", f"-d{duration:g}s", "--timeout", "30s"]
+        command += ["-s", file.name, f"{base.scheme}://{base.netloc}/"]
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=duration + 60, check=False
+        )
+    line = next((x for x in result.stdout.splitlines() if x.startswith("BENCHJSON ")), None)
+    if result.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+    data = json.loads(line.removeprefix("BENCHJSON "))
+    return RequestStats(
+        requests=data["requests"],
+        seconds=data["duration_us"] / 1e6,
+        p50=data["p50"] / 1e6,
+        p90=data["p90"] / 1e6,
+        p99=data["p99"] / 1e6,
+        errors=data["errors"],
+        bytes=data["bytes"],
+    )
+
+
+def _httpx_requests(
+    urls: Sequence[str], headers: Mapping[str, str], concurrency: int, duration: float
+) -> RequestStats:
+    spec = {"mode": "requests", "urls": list(urls), "headers": dict(headers)}
+    spec |= {"concurrency": concurrency, "duration": duration}
+    data = _loadgen(spec, timeout=duration + 120)
+    latencies = data["latencies"]
+    assert isinstance(latencies, list)
+    return RequestStats(
+        requests=len(latencies),
+        seconds=float(data["seconds"]),  # type: ignore[arg-type]
+        p50=percentile(latencies, 50),
+        p90=percentile(latencies, 90),
+        p99=percentile(latencies, 99),
+        errors=int(data["errors"]),  # type: ignore[call-overload]
+        bytes=int(data["bytes"]),  # type: ignore[call-overload]
+    )
+
+
+def request_rate(
+    client: str,
+    urls: Sequence[str],
+    headers: Mapping[str, str],
+    *,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    meters: Mapping[str, CpuMeter] | None = None,
+) -> RequestStats:
+    """A closed loop of ``concurrency`` connections cycling through ``urls`` for ``duration``."""
+    run: Callable[..., RequestStats] = _wrk if client == "wrk" else _httpx_requests
+    if warmup > 0:
+        run(urls, headers, concurrency, warmup)
+    meters = meters or {}
+    before = {key: m.seconds() for key, m in meters.items()}
+    stats = run(urls, headers, concurrency, duration)
+    cpu = {key: m.seconds() - before[key] for key, m in meters.items()}
+    return RequestStats(**{**stats.__dict__, "cpu": cpu})
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+
+class RssSampler:
+    """Samples a process's resident memory every ``interval`` seconds in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self.rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(self.rss())
+
+    def baseline(self, seconds: float = 0.5) -> int:
+        """Median RSS over ``seconds`` of idle sampling."""
+        values = []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            values.append(self.rss())
+            time.sleep(self.interval)
+        return int(statistics.median(values))
+
+
+def slow_read(
+    url: str, headers: Mapping[str, str], *, rate: float, chunk: int = 16384
+) -> tuple[int, float]:
+    """GET ``url`` over a raw socket and read it at ``rate`` bytes/s in ``chunk``-byte reads.
+
+    A small receive buffer keeps the kernel from soaking up the answer for us, so the server
+    sees a genuinely slow client. Returns (bytes read including headers, seconds).
+    """
+    parts = urlsplit(url)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    request = f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n"
+    request += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.settimeout(60)
+        sock.connect((parts.hostname or "127.0.0.1", parts.port or 80))
+        sock.sendall(request.encode("latin-1"))
+        start = time.monotonic()
+        total = 0
+        head = b""
+        while True:
+            data = sock.recv(chunk)
+            if not data:
+                break
+            if total < 64:
+                head += data
+            total += len(data)
+            ahead = total / rate - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+        elapsed = time.monotonic() - start
+    status = head.split(b"\r\n", 1)[0].decode("latin-1", "replace")
+    if " 200 " not in status + " ":
+        raise RuntimeError(f"slow read of {url}: {status!r}")
+    return total, elapsed

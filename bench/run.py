@@ -1,0 +1,451 @@
+"""Throughput, latency and memory of the proxy against Orthanc directly and nginx.
+
+    python bench/run.py [--quick] [--only NAME...] [--transport httpx|aiohttp|all|VARIANT]
+
+See bench/README.md for what is measured and the targets. Always exits 0 once it has
+measured: a MISS is a figure, not a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _clients import (  # noqa: E402
+    BulkRound,
+    CpuMeter,
+    RequestStats,
+    RssSampler,
+    bulk_rounds,
+    percentile,
+    request_rate,
+    slow_read,
+    tools,
+)
+from _data import BenchData, prepare  # noqa: E402
+from _report import Report  # noqa: E402
+from _servers import PROXY_VARIANTS, NginxServer, start_proxy, versions  # noqa: E402
+
+from shanoir_dicomweb_proxy.testing import OrthancServer  # noqa: E402
+
+BENCH_DIR = Path(__file__).resolve().parent
+CACHE = BENCH_DIR / ".cache"
+
+RETRIEVE = 'multipart/related; type="application/dicom"'
+FRAMES = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+JSON = "application/dicom+json"
+
+SLOW_RATE = 10e6  # bytes/s of the slow client in the memory check
+RSS_TARGET_MIB = 32
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    kind: str  # "bulk" | "requests" | "memory"
+    title: str
+    accept: str
+    paths: tuple[str, ...]
+    concurrency: int = 1
+    target: str = ""  # "bulk" | "latency" | "" (figures only)
+
+
+@dataclass(frozen=True)
+class Sizing:
+    series_reps: int
+    series_c4_reps: int
+    large_reps: int
+    warmup_rounds: int
+    duration: float  # seconds of each request-rate run
+    warmup_seconds: float
+
+
+FULL = Sizing(
+    series_reps=30,
+    series_c4_reps=12,
+    large_reps=10,
+    warmup_rounds=2,
+    duration=5,
+    warmup_seconds=1,
+)
+QUICK = Sizing(
+    series_reps=10,
+    series_c4_reps=4,
+    large_reps=4,
+    warmup_rounds=1,
+    duration=2,
+    warmup_seconds=0.5,
+)
+
+
+@dataclass
+class Target:
+    name: str
+    kind: str  # "direct" | "nginx" | "proxy"
+    base: str  # DICOMweb base URL
+    meters: dict[str, CpuMeter] = field(default_factory=dict)
+    pid: int | None = None
+    note: str = ""
+
+
+def workloads(data: BenchData) -> list[Workload]:
+    series = data.series
+    series_path = f"/studies/{series.study_uid}/series/{series.series_uid}"
+    large = data.samples.large
+    large_path = f"/studies/{large.study_uid}/series/{large.series_uid}/instances/{large.sop_uid}"
+    frames = tuple(f"{series_path}/instances/{uid}/frames/1" for uid in series.instance_uids)
+    small_frames = tuple(
+        f"/studies/{study.uid}/series/{s.uid}/instances/{uid}/frames/1"
+        for study in data.samples.small_studies
+        for s in study.series
+        if s.modality in ("MR", "CT")
+        for uid in s.instances
+    )
+    qido = ("/studies?limit=10&includefield=00081030,00080061",)
+    mb = series.bytes_on_disk / 1e6
+    return [
+        Workload(
+            "memory",
+            "memory",
+            f"RSS growth, slow client ({SLOW_RATE / 1e6:.0f} MB/s) on the large instance",
+            RETRIEVE,
+            (large_path,),
+        ),
+        Workload(
+            "series-c1",
+            "bulk",
+            f"series retrieve, {len(frames)} x 512x512 ({mb:.0f} MB), c=1",
+            RETRIEVE,
+            (series_path,),
+            1,
+            "bulk",
+        ),
+        Workload(
+            "series-c4",
+            "bulk",
+            "series retrieve, same series, c=4",
+            RETRIEVE,
+            (series_path,),
+            4,
+            "bulk",
+        ),
+        Workload(
+            "large-c1",
+            "bulk",
+            f"instance retrieve, {large.frames}-frame ({large.path.stat().st_size / 1e6:.1f} MB)",
+            RETRIEVE,
+            (large_path,),
+            1,
+            "bulk",
+        ),
+        Workload(
+            "frames-c8",
+            "requests",
+            f"/frames/1 of the 512x512 instances (512 KiB), c=8, {len(frames)} URLs",
+            FRAMES,
+            frames,
+            8,
+        ),
+        Workload(
+            "frames-small-c8",
+            "requests",
+            f"/frames/1 of the 64x64 sample instances (8 KiB), c=8, {len(small_frames)} URLs",
+            FRAMES,
+            small_frames,
+            8,
+        ),
+        Workload("qido-c1", "requests", "QIDO " + qido[0] + ", c=1", JSON, qido, 1, "latency"),
+        Workload("qido-c4", "requests", "QIDO, same query, c=4", JSON, qido, 4, "latency"),
+        Workload(
+            "metadata-c1",
+            "requests",
+            f"series metadata ({len(frames)} instances), c=1",
+            JSON,
+            (series_path + "/metadata",),
+            1,
+            "latency",
+        ),
+    ]
+
+
+def select(all_workloads: list[Workload], only: Sequence[str] | None) -> list[Workload]:
+    if not only:
+        return all_workloads
+    names = [w.name for w in all_workloads]
+    chosen = set()
+    for pattern in only:
+        matches = [n for n in names if n == pattern or n.startswith(pattern)]
+        if not matches:
+            raise SystemExit(f"--only {pattern}: no such workload (one of: {', '.join(names)})")
+        chosen.update(matches)
+    return [w for w in all_workloads if w.name in chosen]
+
+
+def _headers(accept: str) -> dict[str, str]:
+    # Orthanc gzips whatever it can when asked; the proxy asks for identity anyway.
+    return {"Accept": accept, "Accept-Encoding": "identity"}
+
+
+def _log(start: float, message: str) -> None:
+    print(f"[{time.monotonic() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.sizing = QUICK if args.quick else FULL
+        self.clients = tools(force_httpx=args.client == "httpx")
+        self.start = time.monotonic()
+        self.results: dict[str, Any] = {}
+        self.report = Report()
+
+    def log(self, message: str) -> None:
+        _log(self.start, message)
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def run(self, stack: contextlib.ExitStack, workdir: Path) -> None:
+        args = self.args
+        self.log("preparing samples in bench/.cache (reused when present)")
+        data = prepare(CACHE)
+        chosen = select(workloads(data), args.only)
+
+        orthanc = OrthancServer(workdir / "orthanc")
+        stack.callback(orthanc.stop)
+        orthanc.start()
+        self.log(f"Orthanc on {orthanc.url}: loading {len(data.files)} files")
+        orthanc.load(data.files)
+        orthanc_meter = CpuMeter([orthanc.pid])
+
+        targets = [Target("direct", "direct", orthanc.dicomweb_url, {"orthanc": orthanc_meter})]
+        if not args.no_nginx:
+            nginx = self._start_nginx(stack, workdir, orthanc.port)
+            if nginx is not None:
+                meters = {"self": CpuMeter([nginx.pid]), "orthanc": orthanc_meter}
+                targets.append(Target("nginx", "nginx", nginx.dicomweb_url, meters, nginx.pid))
+        variants = list(PROXY_VARIANTS) if args.transport == "all" else [args.transport]
+        for name in variants:
+            variant = PROXY_VARIANTS[name]
+            proxy = start_proxy(variant, workdir / "proxies", orthanc.dicomweb_url)
+            stack.callback(proxy.stop)
+            meters = {"self": CpuMeter([proxy.pid]), "orthanc": orthanc_meter}
+            targets.append(
+                Target(f"proxy[{name}]", "proxy", proxy.dicomweb_url, meters, proxy.pid, variant.note)
+            )
+            self.log(f"proxy[{name}] on {proxy.url} ({variant.note})")
+
+        self.report.header(
+            clients=self.clients,
+            versions=versions() | {"orthanc": "1.10.1 (Debian)", "nginx": _nginx_version()},
+            targets=[(t.name, t.base, t.note) for t in targets],
+            quick=args.quick,
+        )
+        # The memory check comes first, on proxies that have served nothing big yet.
+        for workload in chosen:
+            if workload.kind == "memory":
+                self.memory(workload, [t for t in targets if t.kind == "proxy"])
+        self.validate(chosen, targets)
+        for workload in chosen:
+            self.log(f"{workload.name}: {workload.title}")
+            if workload.kind == "bulk":
+                self.bulk(workload, targets)
+            elif workload.kind == "requests":
+                self.requests(workload, targets)
+        for target in targets:
+            if target.kind == "proxy" and target.pid is not None:
+                self.report.final_rss(target.name, RssSampler(target.pid).rss())
+
+    def _start_nginx(
+        self, stack: contextlib.ExitStack, workdir: Path, upstream_port: int
+    ) -> NginxServer | None:
+        if NginxServer.find() is None:
+            self.report.note("nginx not found (apt-get install -y nginx): no nginx reference")
+            return None
+        nginx = NginxServer(workdir / "nginx", upstream_port)
+        stack.callback(nginx.stop)
+        try:
+            nginx.start()
+        except RuntimeError as exc:
+            self.report.note(f"nginx did not start, no nginx reference: {exc}")
+            return None
+        self.log(f"nginx on {nginx.url}")
+        return nginx
+
+    def validate(self, chosen: list[Workload], targets: list[Target]) -> None:
+        """Every URL answers 200 on every target, with the same length for binary answers."""
+        with httpx.Client(timeout=120, trust_env=False) as client:
+            for workload in chosen:
+                if workload.kind == "memory":
+                    continue
+                for path in workload.paths[:3]:
+                    lengths = {}
+                    for target in targets:
+                        response = client.get(target.base + path, headers=_headers(workload.accept))
+                        if response.status_code != 200:
+                            raise RuntimeError(
+                                f"{target.name} {path}: status {response.status_code} "
+                                f"{response.text[:300]}"
+                            )
+                        if response.headers.get("content-encoding", "identity") != "identity":
+                            raise RuntimeError(f"{target.name} {path}: answer is compressed")
+                        lengths[target.name] = len(response.content)
+                    if workload.accept != JSON and len(set(lengths.values())) > 1:
+                        self.report.note(f"{workload.name}: lengths differ {lengths} for {path}")
+
+    # -- workloads -----------------------------------------------------------------------------
+
+    def bulk(self, workload: Workload, targets: list[Target]) -> None:
+        s = self.sizing
+        reps = {"series-c1": s.series_reps, "series-c4": s.series_c4_reps}.get(
+            workload.name, s.large_reps
+        )
+        urls = {t.name: [t.base + workload.paths[0]] * workload.concurrency for t in targets}
+        rounds = bulk_rounds(
+            self.clients["bulk"],
+            urls,
+            _headers(workload.accept),
+            reps=reps,
+            warmup=s.warmup_rounds,
+            meters={t.name: t.meters for t in targets},
+        )
+        for target in targets:
+            self.report.bulk(workload, target.name, target.kind, rounds[target.name])
+        self.results[workload.name] = {k: [asdict(r) for r in v] for k, v in rounds.items()}
+
+    def requests(self, workload: Workload, targets: list[Target]) -> None:
+        s = self.sizing
+        out = {}
+        for target in targets:
+            stats = request_rate(
+                self.clients["requests"],
+                [target.base + p for p in workload.paths],
+                _headers(workload.accept),
+                concurrency=workload.concurrency,
+                duration=s.duration,
+                warmup=s.warmup_seconds,
+                meters=target.meters,
+            )
+            if stats.errors:
+                self.report.note(f"{workload.name} {target.name}: {stats.errors} errors")
+            self.report.requests(workload, target.name, target.kind, stats)
+            out[target.name] = asdict(stats)
+        self.results[workload.name] = out
+
+    def memory(self, workload: Workload, proxies: list[Target]) -> None:
+        self.log(f"{workload.name}: {workload.title}")
+        out = {}
+        for target in proxies:
+            assert target.pid is not None
+            url = target.base + workload.paths[0]
+            with httpx.Client(timeout=60, trust_env=False) as client:  # warm the process up
+                for _ in range(3):
+                    client.get(target.base + "/studies?limit=5", headers=_headers(JSON))
+            sampler = RssSampler(target.pid)
+            baseline = sampler.baseline()
+            with sampler:
+                size, seconds = slow_read(url, _headers(workload.accept), rate=SLOW_RATE)
+            peak = max(sampler.samples)
+            self.report.memory(target.name, baseline, peak, size, seconds, RSS_TARGET_MIB)
+            out[target.name] = {
+                "baseline": baseline,
+                "peak": peak,
+                "bytes": size,
+                "seconds": seconds,
+                "samples": len(sampler.samples),
+            }
+        self.results[workload.name] = out
+
+
+def _nginx_version() -> str:
+    binary = NginxServer.find()
+    if binary is None:
+        return "-"
+    import subprocess
+
+    result = subprocess.run([binary, "-v"], capture_output=True, text=True, check=False)
+    return result.stderr.strip().rsplit("/", 1)[-1]
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so that every process we started is stopped."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (~1 minute)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="workloads (names or prefixes)")
+    parser.add_argument(
+        "--transport",
+        default="httpx",
+        choices=[*PROXY_VARIANTS, "all"],
+        help="proxy variant(s) to measure (default: httpx)",
+    )
+    parser.add_argument(
+        "--client",
+        default="auto",
+        choices=["auto", "httpx"],
+        help="auto: curl for bulk and wrk for request rates when installed; httpx: always the "
+        "httpx load generator process",
+    )
+    parser.add_argument("--no-nginx", action="store_true", help="skip the nginx reference")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    args = parser.parse_args(argv)
+
+    bench = Bench(args)
+    workdir = Path(tempfile.mkdtemp(prefix="shanoir-bench-"))
+    try:
+        with _terminate_as_interrupt(), contextlib.ExitStack() as stack:
+            if not args.keep:
+                stack.callback(_rmtree, workdir)
+            bench.run(stack, workdir)
+            bench.log("stopping servers")
+    except KeyboardInterrupt:
+        print("interrupted: every server was stopped", file=sys.stderr)
+        return 130
+    if args.keep:
+        print(f"work dir kept: {workdir}", file=sys.stderr)
+    print(bench.report.render())
+    CACHE.mkdir(exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = CACHE / f"results-{stamp}.json"
+    out.write_text(json.dumps({"args": vars(args), "results": bench.results}, indent=1))
+    print(f"raw figures: {out.relative_to(BENCH_DIR.parent)}")
+    return 0
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["BulkRound", "RequestStats", "main", "percentile", "os"]

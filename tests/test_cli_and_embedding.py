@@ -1,0 +1,116 @@
+"""The command line and the Python API, as users call them."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shanoir_dicomweb_proxy import ConfigError, Settings, create_app
+from shanoir_dicomweb_proxy.testing import (
+    OrthancServer,
+    ProxyServer,
+    SampleSet,
+    dump_toml,
+    free_port,
+)
+
+from .conftest import CORE_SETTINGS
+
+ROOT = Path(__file__).parent.parent
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "shanoir_dicomweb_proxy", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def _config(tmp_path: Path, **sections: object) -> Path:
+    path = tmp_path / "proxy.toml"
+    path.write_text(dump_toml({**CORE_SETTINGS, **sections}))
+    return path
+
+
+def test_check_good_config(tmp_path: Path, orthanc: OrthancServer) -> None:
+    result = _run("check", "-c", str(_config(tmp_path, upstream={"url": orthanc.dicomweb_url})))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "QIDO answered 200" in result.stdout
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_check_unreachable_upstream(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}/dicom-web"
+    result = _run("check", "-c", str(_config(tmp_path, upstream={"url": url})))
+    assert result.returncode == 1
+    assert "unreachable" in result.stdout
+
+
+def test_misspelled_key_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[upstream]\nurl = "http://pacs/dicom-web"\nread_timout = 3\n')
+    result = _run("check", "-c", str(path))
+    assert result.returncode == 2
+    assert "bad.toml" in result.stderr and "read_timout" in result.stderr
+    assert "did you mean 'read_timeout'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_what_it_cannot_enforce(tmp_path: Path) -> None:
+    # Token validation is not in this version: an enabled [auth] must not serve openly.
+    path = tmp_path / "auth.toml"
+    path.write_text(
+        '[upstream]\nurl = "http://pacs/dicom-web"\n[auth]\nissuer = "https://idp/realms/x"\n'
+        '[mapping]\nbackend = "identity"\n[access]\nbackend = "allow_all"\n'
+    )
+    result = _run("serve", "-c", str(path), "--bind", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 2
+    assert "[auth] enabled" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    result = _run("serve", "-c", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2 and "nope.toml" in result.stderr
+
+
+def test_create_app_checks_settings() -> None:
+    settings = Settings.from_dict(
+        {
+            "upstream": {"url": "http://pacs/dicom-web"},
+            "auth": {"issuer": "https://idp"},
+            "mapping": {"backend": "identity"},
+            "access": {"backend": "allow_all"},
+        }
+    )
+    with pytest.raises(ConfigError):
+        create_app(settings)
+
+
+async def test_mounted_in_starlette(orthanc: OrthancServer, samples: SampleSet) -> None:
+    spec = importlib.util.spec_from_file_location("mount", ROOT / "examples/mount_in_starlette.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mount_example"] = module
+    spec.loader.exec_module(module)
+    settings = Settings.from_dict({**CORE_SETTINGS, "upstream": {"url": orthanc.dicomweb_url}})
+    app = module.build_app(settings)
+    transport = httpx.ASGITransport(app=app)
+    client = httpx.AsyncClient(transport=transport, base_url="http://host.test")
+    # ASGITransport runs no lifespan: enter the host app's, which opens the proxy's client.
+    async with app.router.lifespan_context(app), client:
+        home = await client.get("/")
+        assert home.json() == {"dicomweb": "http://host.test/pacs/dicomweb"}
+        response = await client.get("/pacs/dicomweb/studies", params={"limit": "1"})
+        assert response.status_code == 200
+        url = response.json()[0]["00081190"]["Value"][0]
+        assert url.startswith("http://host.test/pacs/dicomweb/studies/")
+        assert (await client.get("/pacs/healthz")).status_code == 200
+        assert (await client.get("/pacs/dicomweb/workitems")).status_code == 404
+
+
+def test_healthz(proxy: ProxyServer) -> None:
+    response = httpx.get(proxy.url + "/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}

@@ -1,0 +1,96 @@
+"""Header handling: media types, what crosses the proxy, the public base URL."""
+
+from __future__ import annotations
+
+import pytest
+
+from shanoir_dicomweb_proxy._headers import (
+    parse_media_type,
+    public_base_url,
+    request_headers_for_upstream,
+    response_headers_for_client,
+    split_accept,
+)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        'multipart/related; type="application/dicom"; boundary=abc',
+        "multipart/related; type=application/dicom; boundary=abc",
+        "Multipart/Related;Type=application/dicom;boundary=abc",
+    ],
+)
+def test_quoted_and_unquoted_type(value: str) -> None:
+    media = parse_media_type(value)
+    assert media.type == "multipart/related"
+    assert media.related_type == "application/dicom"
+    assert media.params["boundary"] == "abc"
+
+
+def test_accept_split_respects_quotes() -> None:
+    accept = 'multipart/related; type="application/octet-stream; transfer-syntax=*", image/jpeg'
+    first, second = split_accept(accept)
+    assert first.related_type == "application/octet-stream; transfer-syntax=*"
+    assert second.type == "image/jpeg"
+
+
+def test_request_headers_allow_list() -> None:
+    headers = [
+        (b"Accept", b"application/dicom+json"),
+        (b"Authorization", b"Bearer t"),
+        (b"Cookie", b"a=b"),
+        (b"Host", b"proxy"),
+        (b"Forwarded", b"for=1.2.3.4"),
+        (b"If-None-Match", b'"x"'),
+        (b"Content-Type", b"multipart/related; boundary=x"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Connection", b"close, accept"),
+    ]
+    kept = dict(request_headers_for_upstream(headers))
+    # Accept is named by Connection, so it is hop-by-hop on this request.
+    assert kept == {b"if-none-match": b'"x"', b"content-type": b"multipart/related; boundary=x"}
+
+
+def test_response_headers_allow_list() -> None:
+    headers = [
+        (b"Content-Type", b"application/dicom+json"),
+        (b"Content-Length", b"2"),
+        (b"Set-Cookie", b"s=1"),
+        (b"WWW-Authenticate", b"Basic"),
+        (b"Keep-Alive", b"timeout=1"),
+        (b"Connection", b"keep-alive"),
+        (b"ETag", b'"1"'),
+        (b"Warning", b'299 proxy "There are additional results"'),
+    ]
+    kept = [name for name, _ in response_headers_for_client(headers)]
+    assert kept == [b"content-type", b"content-length", b"etag", b"warning"]
+
+
+def _scope(*headers: tuple[bytes, bytes], server: tuple[str, int] = ("127.0.0.1", 8080)) -> dict:
+    return {"headers": list(headers), "server": server, "scheme": "http", "root_path": ""}
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([(b"host", b"gw.example.org:9000")], "http://gw.example.org:9000/dw"),
+        # dicomweb-client drops the port from Host: the socket's port is put back.
+        ([(b"host", b"127.0.0.1")], "http://127.0.0.1:8080/dw"),
+        ([(b"forwarded", b'for=1.1.1.1;host="gw.org";proto=https')], "https://gw.org/dw"),
+        ([(b"x-forwarded-host", b"gw.org"), (b"x-forwarded-proto", b"https")], "https://gw.org/dw"),
+        # Anything that is not a host name never reaches a body.
+        ([(b"host", b'evil"/><x')], "http://127.0.0.1:8080/dw"),
+        ([(b"forwarded", b"host=a b")], "http://127.0.0.1:8080/dw"),
+        ([], "http://127.0.0.1:8080/dw"),
+    ],
+)
+def test_public_base_url(headers: list[tuple[bytes, bytes]], expected: str) -> None:
+    assert public_base_url(_scope(*headers), public_url="", base_path="/dw") == expected
+
+
+def test_public_url_setting_wins() -> None:
+    scope = _scope((b"host", b"other"))
+    assert (
+        public_base_url(scope, public_url="https://x.org/p", base_path="/dw") == "https://x.org/p"
+    )

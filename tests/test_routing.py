@@ -1,0 +1,248 @@
+"""The route grammar: what is a DICOMweb request, and what never reaches the upstream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shanoir_dicomweb_proxy import BadRequest, MethodNotAllowed, NotFound
+from shanoir_dicomweb_proxy._routing import Level, Resource, Service, parse_route
+
+from .asgi import build, call
+
+S, SE, SOP = "1.2.840.1", "1.2.840.1.2", "1.2.840.1.2.3"
+
+
+def route(path: str, method: str = "GET", query: bytes = b"", base: str = "/dicomweb"):
+    scope = {"type": "http", "path": path, "method": method, "query_string": query}
+    return parse_route(scope, base_path=base)[0]
+
+
+@pytest.mark.parametrize(
+    ("path", "service", "resource", "level", "ids"),
+    [
+        ("/studies", Service.QIDO, Resource.SEARCH, Level.STUDY, ()),
+        ("/series", Service.QIDO, Resource.SEARCH, Level.SERIES, ()),
+        ("/instances", Service.QIDO, Resource.SEARCH, Level.INSTANCE, ()),
+        (f"/studies/{S}/series", Service.QIDO, Resource.SEARCH, Level.SERIES, (S,)),
+        (f"/studies/{S}/instances", Service.QIDO, Resource.SEARCH, Level.INSTANCE, (S,)),
+        (
+            f"/studies/{S}/series/{SE}/instances",
+            Service.QIDO,
+            Resource.SEARCH,
+            Level.INSTANCE,
+            (S, SE),
+        ),
+        (f"/studies/{S}", Service.WADO, Resource.RETRIEVE, Level.STUDY, (S,)),
+        (f"/studies/{S}/series/{SE}", Service.WADO, Resource.RETRIEVE, Level.SERIES, (S, SE)),
+        (
+            f"/studies/{S}/series/{SE}/instances/{SOP}",
+            Service.WADO,
+            Resource.RETRIEVE,
+            Level.INSTANCE,
+            (S, SE, SOP),
+        ),
+        (f"/studies/{S}/metadata", Service.WADO, Resource.METADATA, Level.STUDY, (S,)),
+        (
+            f"/studies/{S}/series/{SE}/metadata",
+            Service.WADO,
+            Resource.METADATA,
+            Level.SERIES,
+            (S, SE),
+        ),
+        (
+            f"/studies/{S}/series/{SE}/instances/{SOP}/metadata",
+            Service.WADO,
+            Resource.METADATA,
+            Level.INSTANCE,
+            (S, SE, SOP),
+        ),
+        (f"/studies/{S}/rendered", Service.WADO, Resource.RENDERED, Level.STUDY, (S,)),
+        (
+            f"/studies/{S}/series/{SE}/thumbnail",
+            Service.WADO,
+            Resource.THUMBNAIL,
+            Level.SERIES,
+            (S, SE),
+        ),
+        (
+            f"/studies/{S}/series/{SE}/instances/{SOP}/frames/1,3",
+            Service.WADO,
+            Resource.FRAMES,
+            Level.INSTANCE,
+            (S, SE, SOP),
+        ),
+        (
+            f"/studies/{S}/series/{SE}/instances/{SOP}/frames/2/rendered",
+            Service.WADO,
+            Resource.RENDERED,
+            Level.INSTANCE,
+            (S, SE, SOP),
+        ),
+        (
+            f"/studies/{S}/series/{SE}/instances/{SOP}/frames/2/thumbnail",
+            Service.WADO,
+            Resource.THUMBNAIL,
+            Level.INSTANCE,
+            (S, SE, SOP),
+        ),
+        (
+            f"/studies/{S}/series/{SE}/instances/{SOP}/bulk/7fe00010",
+            Service.WADO,
+            Resource.BULKDATA,
+            Level.INSTANCE,
+            (S, SE, SOP),
+        ),
+        (
+            f"/studies/{S}/series/{SE}/instances/{SOP}/bulkdata/00540016/0/00181072",
+            Service.WADO,
+            Resource.BULKDATA,
+            Level.INSTANCE,
+            (S, SE, SOP),
+        ),
+    ],
+)
+def test_routes(
+    path: str, service: Service, resource: Resource, level: Level, ids: tuple[str, ...]
+) -> None:
+    request = route("/dicomweb" + path)
+    assert (request.service, request.resource, request.level) == (service, resource, level)
+    assert tuple(x for x in (request.study, request.series, request.instance) if x) == ids
+    # The upstream path is rebuilt from the parsed request and is the same route.
+    assert request.path() == path
+
+
+def test_store_routes() -> None:
+    assert route("/dicomweb/studies", "POST").path() == "/studies"
+    request = route(f"/dicomweb/studies/{S}", "POST")
+    assert (request.service, request.study, request.path()) == (Service.STOW, S, f"/studies/{S}")
+
+
+def test_frames_are_parsed() -> None:
+    assert route(f"/dicomweb/studies/{S}/series/{SE}/instances/{SOP}/frames/1,2,128").frames == (
+        1,
+        2,
+        128,
+    )
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/dicomweb",
+        "/dicomweb/",
+        "/dicomweb/studies/",
+        "/dicomweb//studies",
+        "/studies",
+        "/dicomwebx/studies",
+        f"/dicomweb/studies/{S}/series/{SE}/series",
+        f"/dicomweb/studies/{S}/studies",
+        f"/dicomweb/studies/{S}/reject/113001^DCM",
+        f"/dicomweb/studies/{S}/../../admin",
+        "/dicomweb/studies/../studies",
+        "/dicomweb/studies/1..2",
+        "/dicomweb/studies/.1",
+        "/dicomweb/studies/1.2.",
+        "/dicomweb/studies/" + "1." * 32 + "1",  # 65 characters
+        f"/dicomweb/studies/{S}/series/{SE}/instances/{SOP}/frames/0",
+        f"/dicomweb/studies/{S}/series/{SE}/instances/{SOP}/frames/1,,2",
+        f"/dicomweb/studies/{S}/series/{SE}/frames/1",
+        f"/dicomweb/studies/{S}/series/{SE}/instances/{SOP}/bulk",
+        f"/dicomweb/studies/{S}/series/{SE}/instances/{SOP}/bulk/../x",
+        f"/dicomweb/studies/{S}/series/{SE}/instances/{SOP}/metadata/x",
+        "/dicomweb/workitems",
+        "/dicomweb/wado",
+    ],
+)
+def test_not_routes(path: str) -> None:
+    with pytest.raises(NotFound):
+        route(path)
+
+
+def test_methods() -> None:
+    with pytest.raises(MethodNotAllowed) as error:
+        route(f"/dicomweb/studies/{S}", "DELETE")
+    assert error.value.allow == ("GET", "HEAD", "POST", "OPTIONS")
+    with pytest.raises(MethodNotAllowed):
+        route(f"/dicomweb/studies/{S}/series", "POST")
+    with pytest.raises(MethodNotAllowed):
+        route("/dicomweb/series", "PUT")
+
+
+def test_query_is_decoded_then_reencoded_for_the_upstream() -> None:
+    request = route(
+        "/dicomweb/studies",
+        query=b"PatientName=Doe%5EJ%2A&includefield=00081030%2C00080060&includefield=00100010"
+        b"&StudyDescription=a+b%20c&PatientID=A%3FB&x=%26%3D%2B%25",
+    )
+    assert request.query == (
+        ("PatientName", "Doe^J*"),
+        ("includefield", "00081030,00080060"),
+        ("includefield", "00100010"),
+        ("StudyDescription", "a b c"),
+        ("PatientID", "A?B"),
+        ("x", "&=+%"),
+    )
+    assert request.query_string() == (
+        "PatientName=Doe^J*&includefield=00081030,00080060&includefield=00100010"
+        "&StudyDescription=a%20b%20c&PatientID=A?B&x=%26%3D%2B%25"
+    )
+
+
+@pytest.mark.parametrize(
+    "query", [b"limit=-1", b"offset=x", b"limit=1e3", b"a%ff=1", b"PatientName=%C3%28", b"a b=1"]
+)
+def test_bad_queries(query: bytes) -> None:
+    with pytest.raises(BadRequest):
+        route("/dicomweb/studies", query=query)
+
+
+def test_base_path_empty_and_mounted() -> None:
+    assert route("/studies", base="").level is Level.STUDY
+    scope = {"type": "http", "path": "/app/dw/studies", "root_path": "/app", "method": "GET"}
+    assert parse_route(scope, base_path="/dw")[0].resource is Resource.SEARCH
+
+
+# --- the whole stack, fuzzed -----------------------------------------------------------
+
+_SEGMENTS = st.sampled_from(
+    [
+        "studies", "series", "instances", "metadata", "frames", "rendered", "thumbnail",
+        "bulk", "bulkdata", "..", ".", "", S, SE, SOP, "1,2", "0", "7fe00010", "%2F", "%2e%2e",
+        "%00", "x", "studies%2F1.2", "\u00e9", "1.2.3;x", "*",
+    ]
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    method=st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"]),
+    segments=st.lists(_SEGMENTS | st.text(max_size=12), max_size=9),
+    query=st.binary(max_size=40) | st.sampled_from([b"limit=2", b"a=%zz", b"limit=x"]),
+)
+def test_fuzzed_requests_never_500_and_invalid_never_reach_upstream(
+    method: str, segments: list[str], query: bytes
+) -> None:
+    calls: list[httpx.Request] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(
+            200, stream=httpx.ByteStream(b"[]"), headers={"content-type": "application/dicom+json"}
+        )
+
+    raw_path = ("/dicomweb/" + "/".join(segments)).encode("utf-8")
+    app = build(upstream)
+    answer = asyncio.run(call(app, method, raw_path, query))
+    assert answer.status < 500
+    if answer.status >= 400:
+        assert calls == []
+        assert answer.headers[b"content-type"] == b"application/problem+json"
+    for request in calls:
+        # Whatever reached the upstream is a rebuilt, valid route below its base.
+        assert request.url.path.startswith("/dicom-web/")
+        assert ".." not in request.url.path and "%" not in request.url.path
