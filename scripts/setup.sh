@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install what the proxy, its tests and its demo need on a Debian machine:
+# Orthanc with its DICOMweb plugin (Debian packages), then the package with its test and dev
+# extras in ./.venv (Debian's own Python refuses system-wide pip installs, PEP 668).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+packages=()
+command -v Orthanc >/dev/null || packages+=(orthanc)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || packages+=(orthanc-dicomweb)
+python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
+if [ ${#packages[@]} -gt 0 ]; then
+    as_root apt-get update -qq
+    # The orthanc package's own service is not used: tests and the demo run Orthanc themselves.
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${packages[@]}" >/dev/null
+fi
+
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || { echo "Python 3.11 or newer is needed (python3 is $(python3 -V))" >&2; exit 1; }
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+echo "ready: $(.venv/bin/python -V), $(Orthanc --version | head -n 1)"
