@@ -246,3 +246,63 @@ def test_fuzzed_requests_never_500_and_invalid_never_reach_upstream(
         # Whatever reached the upstream is a rebuilt, valid route below its base.
         assert request.url.path.startswith("/dicom-web/")
         assert ".." not in request.url.path and "%" not in request.url.path
+
+
+# --- content negotiation ---------------------------------------------------------------
+
+
+async def _status(path: str, method: str = "GET", **headers: str) -> int:
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=httpx.ByteStream(b""))
+
+    encoded = [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
+    path, _, query = path.partition("?")
+    answer = await call(build(upstream), method, path.encode(), query.encode(), headers=encoded)
+    return answer.status
+
+
+@pytest.mark.parametrize(
+    ("path", "accept", "status"),
+    [
+        ("/dicomweb/studies", "application/dicom+json", 200),
+        ("/dicomweb/studies", "text/html", 406),
+        ("/dicomweb/studies", "text/html, */*;q=0.1", 200),
+        (f"/dicomweb/studies/{S}/metadata", 'multipart/related; type="application/dicom+xml"', 200),
+        (f"/dicomweb/studies/{S}/metadata", "image/jpeg", 406),
+        (f"/dicomweb/studies/{S}", 'multipart/related; type="application/dicom"', 200),
+        (f"/dicomweb/studies/{S}", "application/*", 200),
+        (f"/dicomweb/studies/{S}", "image/png", 406),
+        (f"/dicomweb/studies/{S}/series/{SE}/instances/{SOP}/frames/1", "image/jls", 200),
+        (
+            f"/dicomweb/studies/{S}/series/{SE}/instances/{SOP}/frames/1",
+            "application/dicom+json",
+            406,
+        ),
+        (f"/dicomweb/studies/{S}/rendered", "image/*", 200),
+        (f"/dicomweb/studies/{S}/rendered", "application/dicom", 406),
+        (f"/dicomweb/studies/{S}/series/{SE}/thumbnail", "application/pdf", 406),
+    ],
+)
+async def test_accept(path: str, accept: str, status: int) -> None:
+    assert await _status(path, accept=accept) == status
+
+
+async def test_accept_query_parameter_overrides_header() -> None:
+    path = f"/dicomweb/studies/{S}/rendered?accept=image/png"
+    assert await _status(path, accept="application/dicom") == 200
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ('multipart/related; type="application/dicom"; boundary=x', 200),
+        ("multipart/related; type=application/dicom; boundary=x", 200),
+        ("multipart/related; type=application/dicom", 400),
+        ("application/dicom", 415),
+        ("multipart/form-data; boundary=x", 415),
+        (None, 415),
+    ],
+)
+async def test_stow_content_type(content_type: str | None, status: int) -> None:
+    headers = {"content_type": content_type} if content_type else {}
+    assert await _status("/dicomweb/studies", "POST", **headers) == status

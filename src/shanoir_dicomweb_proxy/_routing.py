@@ -13,7 +13,14 @@ import re
 from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl, quote
 
-from ._errors import BadRequest, MethodNotAllowed, NotFound
+from ._errors import (
+    BadRequest,
+    MethodNotAllowed,
+    NotAcceptable,
+    NotFound,
+    UnsupportedMediaType,
+)
+from ._headers import header, parse_media_type, split_accept
 from ._types import ASGIApp, Receive, Scope, Send
 
 __all__ = [
@@ -248,6 +255,61 @@ def parse_route(scope: Scope, *, base_path: str) -> tuple[DicomWebRequest, tuple
     return request, allowed
 
 
+# What each resource can answer (PS3.18 §8.7.3, §8.7.4 and the tables of §10.4-10.6). A
+# ``type/*`` entry accepts any subtype; ``multipart/related`` covers every part type.
+_JSON_OR_XML = ("application/dicom+json", "application/json", "application/dicom+xml")
+_ACCEPTABLE: dict[Resource, tuple[str, ...]] = {
+    Resource.SEARCH: (*_JSON_OR_XML, "multipart/related"),
+    Resource.METADATA: (*_JSON_OR_XML, "multipart/related"),
+    Resource.RETRIEVE: ("multipart/related", "application/zip", "application/dicom"),
+    Resource.FRAMES: ("multipart/related", "application/octet-stream", "image/*", "video/*"),
+    Resource.BULKDATA: ("multipart/related", "application/octet-stream", "image/*", "video/*"),
+    Resource.RENDERED: ("image/*", "video/*", "text/*", "application/pdf"),
+    Resource.THUMBNAIL: ("image/*", "video/*"),
+    Resource.STORE: _JSON_OR_XML,
+}
+_STOW_BODIES = frozenset({"application/dicom", "application/dicom+json", "application/dicom+xml"})
+
+
+def _acceptable(media_range: str, offered: tuple[str, ...]) -> bool:
+    """Whether an Accept media range overlaps one of the offered types."""
+    if media_range in ("*/*", "*"):
+        return True
+    kind, _, subtype = media_range.partition("/")
+    for offer in offered:
+        offer_kind, _, offer_subtype = offer.partition("/")
+        if kind == offer_kind and (subtype in ("*", offer_subtype) or offer_subtype == "*"):
+            return True
+    return False
+
+
+def check_negotiation(scope: Scope, request: DicomWebRequest) -> None:
+    """Refuse what no upstream could answer: 406 for an Accept outside PS3.18's media types
+    for the resource, 415 for a STOW body that is not multipart/related DICOM."""
+    if request.method == "POST":
+        content_type = header(scope, b"content-type")
+        media = parse_media_type(content_type.decode("latin-1")) if content_type else None
+        if (
+            media is None
+            or media.type != "multipart/related"
+            or (media.related_type not in _STOW_BODIES)
+        ):
+            raise UnsupportedMediaType(
+                'STOW-RS takes multipart/related; type="application/dicom" '
+                "(or application/dicom+json, application/dicom+xml)"
+            )
+        if "boundary" not in media.params:
+            raise BadRequest("the multipart/related Content-Type has no boundary")
+    accept = header(scope, b"accept")
+    # An ``accept=`` query parameter overrides the header (PS3.18 §8.3.3.1); the upstream judges.
+    if accept is None or any(key == "accept" for key, _ in request.query):
+        return
+    ranges = split_accept(accept.decode("latin-1"))
+    offered = _ACCEPTABLE[request.resource]
+    if ranges and not any(_acceptable(r.type, offered) for r in ranges):
+        raise NotAcceptable(f"this resource cannot be answered as {accept.decode('latin-1')[:100]}")
+
+
 def get_dicomweb_request(scope: Scope) -> DicomWebRequest:
     """The request parsed by :class:`RoutingMiddleware` for this scope."""
     request: DicomWebRequest = scope[SCOPE_KEY]
@@ -287,5 +349,6 @@ class RoutingMiddleware:
             )
             await send({"type": "http.response.body", "body": b""})
             return
+        check_negotiation(scope, request)
         set_dicomweb_request(scope, request)
         await self.app(scope, receive, send)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from collections.abc import AsyncIterator
+from typing import IO
 
 import anyio
 import httpx
@@ -15,6 +17,7 @@ import orjson
 
 from ._config import UpstreamSettings
 from ._errors import (
+    BadRequest,
     PayloadTooLarge,
     ProxyError,
     UpstreamError,
@@ -36,13 +39,11 @@ __all__ = ["Upstream", "UpstreamProxy"]
 logger = logging.getLogger("shanoir_dicomweb_proxy.upstream")
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+_SPOOL_IN_MEMORY = 1024 * 1024
+_SPOOL_WRITE = 1024 * 1024
 # Failures that mean "the pooled connection was already dead": Orthanc closes idle
 # connections after 1 s (Keep-Alive: timeout=1), so a request can race that close.
 _STALE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
-
-
-class ClientDisconnected(Exception):
-    """The client went away while its request body was being read."""
 
 
 class Upstream:
@@ -198,20 +199,51 @@ class UpstreamProxy:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = get_dicomweb_request(scope)
+        if request.method != "POST":
+            await self._forward_watching(scope, request, receive, send)
+            return
+        limit = self.max_upload_bytes
+        length = _content_length(scope)
+        if length is not None:
+            if limit is not None and length > limit:
+                raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+            await self._forward_watching(scope, request, receive, send, length=length)
+            return
+        # A chunked upload is spooled first (to disk past 1 MiB, never past the limit) so
+        # that the PACS gets a Content-Length: Orthanc stores the complete parts of a
+        # chunked body that ends early, which would half-store a batch that the client was
+        # told failed. With a Content-Length a truncated body is refused whole.
+        with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as spool:
+            length = await _spool_body(receive, spool, limit)
+            if length is not None:
+                await self._forward_watching(
+                    scope, request, receive, send, length=length, spool=spool
+                )
+
+    async def _forward_watching(
+        self,
+        scope: Scope,
+        request: DicomWebRequest,
+        receive: Receive,
+        send: Send,
+        *,
+        length: int | None = None,
+        spool: IO[bytes] | None = None,
+    ) -> None:
+        """Forward while watching the client: a disconnect cancels the upstream request."""
         async with anyio.create_task_group() as tg:
-            body: anyio.abc.ObjectReceiveStream[bytes] | None = None
-            if request.method == "POST":
-                limit = self.max_upload_bytes
-                length = header(scope, b"content-length")
-                if limit is not None and length is not None and length.isdigit():
-                    if int(length) > limit:
-                        raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+            content: AsyncIterator[bytes] | None = None
+            if spool is not None:
+                content = _read_spool(spool)
+                tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
+            elif length is not None:
                 sender, body = anyio.create_memory_object_stream[bytes](0)
-                tg.start_soon(_pump_body, receive, sender, tg.cancel_scope, limit)
+                content = _iterate(body)
+                tg.start_soon(_pump_body, receive, sender, tg.cancel_scope)
             else:
                 tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
             try:
-                await self._forward(scope, request, body, send)
+                await self._forward(scope, request, content, length, send)
             finally:
                 tg.cancel_scope.cancel()
 
@@ -219,19 +251,16 @@ class UpstreamProxy:
         self,
         scope: Scope,
         request: DicomWebRequest,
-        body: anyio.abc.ObjectReceiveStream[bytes] | None,
+        content: AsyncIterator[bytes] | None,
+        length: int | None,
         send: Send,
     ) -> None:
         headers = request_headers_for_upstream(scope["headers"])
         # Bytes are rewritten on the way back; a compressed body could not be.
         headers.append((b"accept-encoding", b"identity"))
-        content: AsyncIterator[bytes] | None = None
-        if body is not None:
-            content = _iterate(body)
-            length = header(scope, b"content-length")
-            if length is not None:
-                # Some PACS refuse chunked STOW: keep the client's framing when it gave one.
-                headers.append((b"content-length", length))
+        if length is not None:
+            # Some PACS refuse chunked STOW; all of them refuse a body shorter than announced.
+            headers.append((b"content-length", str(length).encode()))
         target = request.path()
         query = request.query_string()
         if query:
@@ -299,6 +328,15 @@ def _multipart_boundary(response: httpx.Response) -> bytes | None:
     return media.params["boundary"].encode("latin-1")
 
 
+def _content_length(scope: Scope) -> int | None:
+    value = header(scope, b"content-length")
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise BadRequest("invalid Content-Length")
+    return int(value)
+
+
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error to report from a task group: a ProxyError if any, else the first."""
     leaves: list[BaseException] = []
@@ -324,26 +362,54 @@ async def _pump_body(
     receive: Receive,
     sender: anyio.abc.ObjectSendStream[bytes],
     cancel_scope: anyio.CancelScope,
-    limit: int | None,
 ) -> None:
     """Hand the request body to the upstream request one chunk at a time, then watch for a
-    disconnect. Over ``limit`` bytes the upload is cut, so the upstream never sees it whole."""
-    received = 0
-    async with sender:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                cancel_scope.cancel()
-                return
-            chunk: bytes = message.get("body", b"")
-            received += len(chunk)
-            if limit is not None and received > limit:
-                raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
-            if chunk:
-                await sender.send(chunk)
-            if not message.get("more_body", False):
-                break
+    disconnect.
+
+    The stream to the upstream is closed only when the body is complete. On a disconnect it is
+    left open and the upstream request is cancelled instead, so the PACS sees fewer bytes than
+    the Content-Length it was promised and stores nothing.
+    """
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            cancel_scope.cancel()
+            return
+        chunk: bytes = message.get("body", b"")
+        if chunk:
+            await sender.send(chunk)
+        if not message.get("more_body", False):
+            break
+    await sender.aclose()
     await _watch_disconnect(receive, cancel_scope)
+
+
+async def _spool_body(receive: Receive, spool: IO[bytes], limit: int | None) -> int | None:
+    """Write the whole request body to ``spool``; its size, or None if the client left."""
+    size = 0
+    pending = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+        pending += chunk
+        more = message.get("more_body", False)
+        if len(pending) >= _SPOOL_WRITE or not more:
+            await anyio.to_thread.run_sync(spool.write, bytes(pending))
+            pending.clear()
+        if not more:
+            break
+    await anyio.to_thread.run_sync(spool.seek, 0)
+    return size
+
+
+async def _read_spool(spool: IO[bytes]) -> AsyncIterator[bytes]:
+    while chunk := await anyio.to_thread.run_sync(spool.read, _SPOOL_WRITE):
+        yield chunk
 
 
 async def _watch_disconnect(receive: Receive, cancel_scope: anyio.CancelScope) -> None:
