@@ -9,11 +9,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-import httpx
-
 from ._app import DicomWebProxy, create_app
 from ._config import Settings
-from ._errors import ConfigError
+from ._errors import ConfigError, ProxyError
+from ._upstream import Upstream
 
 __all__ = ["main"]
 
@@ -102,31 +101,22 @@ def _check(settings: Settings) -> int:
     except ConfigError as exc:
         print(f"settings: {exc}")
         ok = False
-    url = settings.upstream.url + "/studies?limit=1"
-    auth: httpx.Auth | None = None
-    if settings.upstream.auth.type == "basic":
-        auth = httpx.BasicAuth(settings.upstream.auth.username, settings.upstream.auth.password)
-    try:
-        response = httpx.get(
-            url,
-            auth=auth,
-            headers={"accept": "application/dicom+json"}
-            | (
-                {"authorization": f"Bearer {settings.upstream.auth.token}"}
-                if settings.upstream.auth.type == "bearer"
-                else {}
-            ),
-            timeout=settings.upstream.connect_timeout + 10,
-            trust_env=False,
-        )
-    except httpx.HTTPError as exc:
-        print(f"upstream: {settings.upstream.url}: unreachable ({exc.__class__.__name__}: {exc})")
-        ok = False
-    else:
-        if response.status_code in (200, 204):
-            print(f"upstream: {settings.upstream.url}: QIDO answered {response.status_code}")
-        else:
-            print(f"upstream: {settings.upstream.url}: QIDO answered {response.status_code}")
-            ok = False
+    status = asyncio.run(_probe_upstream(settings))
+    print(f"upstream: {settings.upstream.url}: {status}")
+    ok = ok and status.startswith("QIDO answered 20")
     print("ok" if ok else "problems found")
     return 0 if ok else 1
+
+
+async def _probe_upstream(settings: Settings) -> str:
+    """One QIDO with limit=1, through the same client (and credentials) the proxy uses."""
+    upstream = Upstream(settings.upstream)
+    try:
+        headers = [(b"accept", b"application/dicom+json")]
+        response = await upstream.send("GET", "/studies?limit=1", headers=headers)
+        await response.aclose()
+    except ProxyError as exc:
+        return f"unreachable ({exc.detail})"
+    finally:
+        await upstream.aclose()
+    return f"QIDO answered {response.status_code}"

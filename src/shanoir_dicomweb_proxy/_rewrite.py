@@ -24,6 +24,11 @@ class _BodyRewriter(Protocol):
     def close(self) -> bytes: ...
 
 
+def _may_carry_links(content_type: bytes | None) -> bool:
+    # A cheap test first: most answers (frames, bulk data, Part 10) are not JSON or XML.
+    return content_type is not None and (b"json" in content_type or b"xml" in content_type)
+
+
 def _link_rewriter(content_type: bytes | None, old: bytes, new: bytes) -> _BodyRewriter | None:
     """The rewriter for a body of this type, or None when it carries no links."""
     if content_type is None:
@@ -93,36 +98,43 @@ class RewriteMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        public = public_base_url(scope, public_url=self.public_url, base_path=self.base_path)
-        responder = _LinkResponder(send, self.upstream_url, public.encode(), scope["method"])
+        responder = _LinkResponder(scope, send, self)
         await self.app(scope, receive, responder.send)
+
+    def public_base(self, scope: Scope) -> bytes:
+        return public_base_url(scope, public_url=self.public_url, base_path=self.base_path).encode()
 
 
 class _LinkResponder:
-    __slots__ = ("_send", "_old", "_new", "_has_body", "_rewriter")
+    __slots__ = ("_scope", "_send", "_middleware", "_rewriter")
 
-    def __init__(self, send: Send, old: bytes, new: bytes, method: str) -> None:
+    def __init__(self, scope: Scope, send: Send, middleware: RewriteMiddleware) -> None:
+        self._scope = scope
         self._send = send
-        self._has_body = method != "HEAD"
-        self._old = old
-        self._new = new
+        self._middleware = middleware
         self._rewriter: _BodyRewriter | None = None
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
+            old = self._middleware.upstream_url
+            new = b""  # the public base, built once and only if something links upstream
             headers = []
             content_type = None
             for name, value in message.get("headers", []):
                 if name == b"content-type":
                     content_type = value
-                elif name in _LINK_HEADERS and value.startswith(self._old):
-                    value = self._new + value[len(self._old) :]
+                elif name in _LINK_HEADERS and value.startswith(old):
+                    new = new or self._middleware.public_base(self._scope)
+                    value = new + value[len(old) :]
                 headers.append((name, value))
-            rewriter = _link_rewriter(content_type, self._old + b"/", self._new + b"/")
+            rewriter = None
+            if _may_carry_links(content_type):
+                new = new or self._middleware.public_base(self._scope)
+                rewriter = _link_rewriter(content_type, old + b"/", new + b"/")
             if rewriter is not None and message["status"] not in (204, 304):
                 # Lengths change with the links: the body goes out chunked (HEAD says so too).
                 headers = [(n, v) for n, v in headers if n != b"content-length"]
-                self._rewriter = rewriter if self._has_body else None
+                self._rewriter = rewriter if self._scope["method"] != "HEAD" else None
             message = {**message, "headers": headers}
         elif message["type"] == "http.response.body" and self._rewriter is not None:
             body = self._rewriter.feed(message.get("body", b""))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl, quote
 
 from ._errors import (
@@ -77,7 +77,7 @@ class DicomWebRequest:
     instance: str | None = None
     frames: tuple[int, ...] = ()
     bulk_path: tuple[str, ...] = ()
-    query: tuple[tuple[str, str], ...] = field(default=())
+    query: tuple[tuple[str, str], ...] = ()
 
     @property
     def route(self) -> str:
@@ -171,12 +171,19 @@ def _parse_path(method: str, segments: list[str]) -> tuple[DicomWebRequest, tupl
         else:
             break
     level = (Level.STUDY, Level.SERIES, Level.INSTANCE)[len(uids) - 1]
-    ids = dict(zip(("study", "series", "instance"), uids, strict=False))
+    padded: list[str | None] = [*uids, None, None]
+    study, series, instance = padded[:3]
 
     def make(
-        service: Service, resource: Resource, lvl: Level = level, **kw: object
+        service: Service,
+        resource: Resource,
+        lvl: Level = level,
+        frames: tuple[int, ...] = (),
+        bulk_path: tuple[str, ...] = (),
     ) -> DicomWebRequest:
-        return DicomWebRequest(method, service, resource, lvl, **ids, **kw)  # type: ignore[arg-type]
+        return DicomWebRequest(
+            method, service, resource, lvl, study, series, instance, frames, bulk_path
+        )
 
     if not rest:
         if level is Level.STUDY:
