@@ -60,15 +60,15 @@ def test_misspelled_key_is_named(tmp_path: Path) -> None:
 
 
 def test_serve_refuses_what_it_cannot_enforce(tmp_path: Path) -> None:
-    # Token validation is not in this version: an enabled [auth] must not serve openly.
-    path = tmp_path / "auth.toml"
+    # The per-examination backends are not in this version: no silent fallback to "allow".
+    path = tmp_path / "sqlite.toml"
     path.write_text(
-        '[upstream]\nurl = "http://pacs/dicom-web"\n[auth]\nissuer = "https://idp/realms/x"\n'
-        '[mapping]\nbackend = "identity"\n[access]\nbackend = "allow_all"\n'
+        '[upstream]\nurl = "http://pacs/dicom-web"\n[auth]\nenabled = false\n'
+        '[mapping]\nbackend = "identity"\n'
     )
     result = _run("serve", "-c", str(path), "--bind", f"127.0.0.1:{free_port()}")
     assert result.returncode == 2
-    assert "[auth] enabled" in result.stderr and "Traceback" not in result.stderr
+    assert "[access] backend" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -80,12 +80,12 @@ def test_create_app_checks_settings() -> None:
     settings = Settings.from_dict(
         {
             "upstream": {"url": "http://pacs/dicom-web"},
-            "auth": {"issuer": "https://idp"},
+            "auth": {"enabled": False},
             "mapping": {"backend": "identity"},
-            "access": {"backend": "allow_all"},
+            "access": {"backend": "sqlite"},
         }
     )
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"\[access\] backend"):
         create_app(settings)
 
 

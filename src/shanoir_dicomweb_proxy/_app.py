@@ -8,6 +8,7 @@ from types import TracebackType
 import orjson
 from starlette.middleware.cors import CORSMiddleware
 
+from ._auth import AuthMiddleware, AuthUnavailable, TokenValidator
 from ._config import Settings
 from ._edge import ErrorMiddleware
 from ._errors import ConfigError
@@ -29,10 +30,17 @@ class DicomWebProxy:
     runs no lifespan for mounted apps) enters it in its own lifespan with ``async with proxy:``.
     """
 
-    def __init__(self, settings: Settings, *, upstream: Upstream | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        upstream: Upstream | None = None,
+        validator: TokenValidator | None = None,
+    ) -> None:
         _check_available(settings)
         self.settings = settings
         self.upstream = upstream or Upstream(settings.upstream)
+        self.validator: TokenValidator | None = None
         server = settings.server
         app: ASGIApp = UpstreamProxy(self.upstream, max_upload_bytes=server.max_upload_bytes)
         app = RewriteMiddleware(
@@ -42,6 +50,21 @@ class DicomWebProxy:
             base_path=server.base_path,
         )
         app = RoutingMiddleware(app, base_path=server.base_path)
+        auth = settings.auth
+        if auth.enabled:
+            self.validator = validator or TokenValidator(auth)
+            app = AuthMiddleware(
+                app,
+                validator=self.validator,
+                allow_query_token=auth.allow_query_token,
+                allow_cookie_token=auth.allow_cookie_token,
+                cookie_name=auth.cookie_name,
+            )
+        else:
+            logger.warning(
+                "AUTHENTICATION IS DISABLED ([auth] enabled = false): every client that can "
+                "reach this proxy can read everything the upstream holds"
+            )
         app = ErrorMiddleware(app)
         cors = settings.cors
         if cors.allow_origins:
@@ -58,6 +81,11 @@ class DicomWebProxy:
 
     async def __aenter__(self) -> DicomWebProxy:
         _ = self.upstream.client
+        if self.validator is not None:
+            try:
+                await self.validator.keys.keys(None)  # fetch the issuer's keys early
+            except AuthUnavailable:
+                logger.warning("the identity provider cannot be reached yet; tokens get 503")
         return self
 
     async def __aexit__(
@@ -67,6 +95,8 @@ class DicomWebProxy:
         tb: TracebackType | None,
     ) -> None:
         await self.upstream.aclose()
+        if self.validator is not None:
+            await self.validator.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -106,11 +136,6 @@ def _route_path(scope: Scope) -> str:
 def _check_available(settings: Settings) -> None:
     """Refuse settings this version cannot honour, rather than serving with less protection."""
     source = settings.source
-    if settings.auth.enabled:
-        raise ConfigError(
-            f"{source}: [auth] enabled: token validation is not available in this version; "
-            "write `enabled = false` to serve without authentication (trusted networks only)"
-        )
     if settings.mapping.backend != "identity":
         raise ConfigError(
             f"{source}: [mapping] backend: {settings.mapping.backend!r} is not available in "
@@ -121,17 +146,8 @@ def _check_available(settings: Settings) -> None:
             f"{source}: [access] backend: {settings.access.backend!r} is not available in "
             'this version; use "allow_all"'
         )
-    if settings.upstream.auth.type == "client_credentials":
-        raise ConfigError(
-            f"{source}: [upstream.auth] type: client_credentials is not available in this "
-            "version; use basic or bearer"
-        )
-    logger.warning(
-        "AUTHENTICATION IS DISABLED ([auth] enabled = false): every client that can reach "
-        "this proxy can read everything the upstream holds"
-    )
 
 
 def create_app(settings: Settings) -> DicomWebProxy:
-    """Build the whole stack from settings: CORS, errors, routing, rewriting, upstream."""
+    """Build the whole stack from settings: CORS, errors, auth, routing, rewriting, upstream."""
     return DicomWebProxy(settings)
