@@ -5,6 +5,15 @@ exported too, so that a host application can compose its own stack.
 """
 
 from ._app import DicomWebProxy, create_app
+from ._auth import (
+    AuthMiddleware,
+    AuthUnavailable,
+    InvalidToken,
+    KeyStore,
+    Principal,
+    TokenValidator,
+    get_principal,
+)
 from ._config import (
     AccessSettings,
     AuthSettings,
@@ -48,6 +57,8 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AccessSettings",
+    "AuthMiddleware",
+    "AuthUnavailable",
     "AuthSettings",
     "BadRequest",
     "ConfigError",
@@ -56,6 +67,8 @@ __all__ = [
     "DicomWebRequest",
     "ErrorMiddleware",
     "IntrospectionSettings",
+    "InvalidToken",
+    "KeyStore",
     "Level",
     "LoggingSettings",
     "MappingSettings",
@@ -63,6 +76,7 @@ __all__ = [
     "NotAcceptable",
     "NotFound",
     "PayloadTooLarge",
+    "Principal",
     "ProxyError",
     "Resource",
     "RewriteMiddleware",
@@ -71,6 +85,7 @@ __all__ = [
     "Service",
     "Settings",
     "StoreSettings",
+    "TokenValidator",
     "UnsupportedMediaType",
     "Upstream",
     "UpstreamAuthSettings",
@@ -83,4 +98,5 @@ __all__ = [
     "__version__",
     "create_app",
     "get_dicomweb_request",
+    "get_principal",
 ]

@@ -24,8 +24,8 @@ from joserfc import jws, jwt
 from joserfc.errors import ExpiredTokenError, JoseError
 from joserfc.jwk import KeySet
 
-from ._config import AuthSettings
-from ._errors import ProxyError
+from ._config import AuthSettings, Settings
+from ._errors import ConfigError, ProxyError
 from ._headers import header
 from ._types import ASGIApp, Receive, Scope, Send
 
@@ -36,6 +36,7 @@ __all__ = [
     "KeyStore",
     "Principal",
     "TokenValidator",
+    "dev_token",
     "get_principal",
 ]
 
@@ -447,3 +448,44 @@ def _cookie(scope: Scope, name: str) -> str | None:
             if cookie_name == name and cookie_value:
                 return cookie_value
     return None
+
+
+_SIGNING = {"RSA": "RS256", "EC": "ES256", "OKP": "EdDSA"}
+
+
+def dev_token(settings: Settings, subject: str, claims: Mapping[str, Any], *, ttl: int) -> str:
+    """A token signed with the private key in ``[auth] jwks_file``, shaped like Keycloak's.
+
+    For demos and tests of deployments that trust that file; refuses to run without a private
+    key in it.
+    """
+    auth = settings.auth
+    if not auth.jwks_file:
+        raise ConfigError(f"{settings.source}: [auth] jwks_file: required by dev-token")
+    try:
+        data = json.loads(Path(auth.jwks_file).read_text())
+        keys = KeySet.import_key_set(data)
+    except (OSError, ValueError, JoseError) as exc:
+        raise ConfigError(f"{auth.jwks_file}: not a readable JWKS ({exc})") from exc
+    private = [k for k in keys.keys if k.is_private and k.key_type in _SIGNING]
+    if not private:
+        raise ConfigError(f"{auth.jwks_file}: holds no private key to sign with")
+    key = private[0]
+    alg = _SIGNING[key.key_type]
+    if alg not in auth.algorithms:
+        raise ConfigError(f"{settings.source}: [auth] algorithms: does not allow {alg}")
+    now = int(time.time())
+    payload: dict[str, Any] = {
+        "iss": auth.issuer or "shanoir-dicomweb-proxy dev-token",
+        "sub": subject,
+        "preferred_username": subject,
+        "iat": now,
+        "exp": now + ttl,
+        "typ": "Bearer",
+    }
+    if auth.audience:
+        payload["aud"] = list(auth.audience)
+        payload["azp"] = auth.audience[0]
+    payload.update(claims)
+    header_ = {"alg": alg, "typ": "JWT", "kid": key.kid}
+    return jwt.encode(header_, payload, key, algorithms=[alg])

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ._app import DicomWebProxy, create_app
+from ._auth import dev_token
 from ._config import Settings
 from ._errors import ConfigError, ProxyError
 from ._upstream import Upstream
@@ -33,6 +36,20 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate the settings and probe the upstream")
     check.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML settings")
+
+    token = commands.add_parser(
+        "dev-token", help="sign a token with the private key of [auth] jwks_file (demos, tests)"
+    )
+    token.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML settings")
+    token.add_argument("--sub", required=True, metavar="USER", help="the token's subject")
+    token.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="an extra claim; V is read as JSON when it parses, dotted K nests (repeatable)",
+    )
+    token.add_argument("--ttl", type=int, default=3600, metavar="S", help="lifetime in seconds")
     return parser
 
 
@@ -42,10 +59,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_toml(args.config)
         if args.command == "serve":
             return _serve(settings, args.config, bind=args.bind, workers=args.workers)
+        if args.command == "dev-token":
+            print(dev_token(settings, args.sub, _claims(args.claim), ttl=args.ttl))
+            return 0
         return _check(settings)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _claims(items: list[str]) -> dict[str, Any]:
+    claims: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--claim {item!r}: expected KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        target = claims
+        *parents, last = key.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[last] = value
+    return claims
 
 
 def _setup_logging(settings: Settings) -> None:

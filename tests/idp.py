@@ -1,0 +1,419 @@
+"""A real OpenID provider for the tests, issuing tokens shaped like Keycloak's.
+
+``tests/idp/server.mjs`` runs panva's ``oidc-provider`` (Node.js, pinned in
+``tests/idp/package.json``) on loopback, with the realm ``shanoir-ng`` mounted where Keycloak
+mounts it: ``http://127.0.0.1:PORT/realms/shanoir-ng``. Its endpoints have Keycloak's paths
+(``/protocol/openid-connect/token``, ``.../token/introspect``, ``.../certs``).
+
+Clients: ``dicomweb-proxy`` (confidential, secret ``proxy-secret``, client_credentials,
+the only one allowed to introspect), ``ohif`` and ``shanoir-ng-front`` (public, password
+grant). Users: :data:`USERS`. Tokens, grants and opaque tokens live in the process's memory:
+a restart forgets opaque tokens (JWTs stay verifiable while their key is published).
+
+    with IdentityProvider(tmp_path) as idp:
+        token = idp.password_token("alice", "alice-pw")
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Final, Self
+
+import httpx
+from joserfc.jwk import RSAKey
+
+IDP_DIR: Final = Path(__file__).resolve().parent / "idp"
+SERVER_SCRIPT: Final = IDP_DIR / "server.mjs"
+REALM_PATH: Final = "/realms/shanoir-ng"
+OIDC_PATH: Final = "/protocol/openid-connect"
+
+#: username -> (password, userId, realm roles), as configured in server.mjs.
+USERS: Final[dict[str, tuple[str, int, tuple[str, ...]]]] = {
+    "alice": ("alice-pw", 1, ("ROLE_USER",)),
+    "bob": ("bob-pw", 2, ("ROLE_USER",)),
+    "admin": ("admin-pw", 3, ("ROLE_ADMIN", "ROLE_USER")),
+}
+PROXY_CLIENT_ID: Final = "dicomweb-proxy"
+PROXY_CLIENT_SECRET: Final = "proxy-secret"
+
+
+class IdentityProviderError(RuntimeError):
+    """The provider could not be installed, started or reached."""
+
+
+class TokenError(IdentityProviderError):
+    """The token endpoint refused a request (RFC 6749 §5.2 error answer)."""
+
+    def __init__(self, status_code: int, error: str, description: str) -> None:
+        super().__init__(f"{status_code} {error}: {description}")
+        self.status_code = status_code
+        self.error = error
+        self.description = description
+
+
+def _installed_version() -> str | None:
+    try:
+        manifest = json.loads((IDP_DIR / "node_modules/oidc-provider/package.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return str(manifest.get("version"))
+
+
+def _locked_version() -> str:
+    lock = json.loads((IDP_DIR / "package-lock.json").read_text())
+    return str(lock["packages"]["node_modules/oidc-provider"]["version"])
+
+
+def ensure_installed(timeout: float = 600.0) -> None:
+    """Run ``npm ci`` in ``tests/idp`` unless the locked oidc-provider is already there."""
+    if _installed_version() == _locked_version():
+        return
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        raise IdentityProviderError(
+            "the test identity provider needs Node.js (>= 20) and npm on PATH "
+            "(Debian: apt-get install nodejs npm); then run: npm ci --prefix tests/idp"
+        )
+    # One installer at a time (parallel test processes share tests/idp/node_modules).
+    lock_path = Path(tempfile.gettempdir()) / "shanoir-dicomweb-proxy-idp-npm.lock"
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _installed_version() == _locked_version():
+            return
+        command = [npm, "ci", "--prefix", str(IDP_DIR), "--no-audit", "--no-fund"]
+        result = subprocess.run(
+            [*command, "--loglevel=error"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise IdentityProviderError(
+                f"{' '.join(command)} failed with code {result.returncode}:\n"
+                + (result.stderr or result.stdout)[-3000:]
+            )
+
+
+def free_port() -> int:
+    """A TCP port that is free on the loopback interface right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def generate_key() -> dict[str, Any]:
+    """A new private RS256 signing key (RSA 2048) as a JWK, its kid the RFC 7638 thumbprint."""
+    key = RSAKey.generate_key(2048, parameters={"use": "sig", "alg": "RS256"}, auto_kid=True)
+    return dict(key.as_dict(private=True))
+
+
+def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class IdentityProvider:
+    """The ``oidc-provider`` process, its keys (``workdir/jwks.json``) and log in ``workdir``.
+
+    The port is chosen at construction (a free one unless given) and kept by :meth:`restart`
+    and :meth:`rotate_keys`, so the issuer stays the same. ``opaque`` makes access tokens
+    opaque (answered by introspection) instead of JWTs; ``ttl`` is their lifetime in seconds;
+    ``typ`` overrides the JWT header's ``typ`` (oidc-provider writes ``at+jwt``, Keycloak
+    ``JWT``).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        opaque: bool = False,
+        ttl: int = 300,
+        typ: str | None = None,
+    ) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.opaque = opaque
+        self.ttl = ttl
+        self.typ = typ
+        self.returncode: int | None = None  # of the last process, once stopped
+        self._port = port if port is not None else free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._http: httpx.Client | None = None  # kept open: a new client costs ~20 ms
+
+    # -- addresses ------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """The server's root, ``http://127.0.0.1:PORT``."""
+        return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def issuer(self) -> str:
+        return f"{self.url}{REALM_PATH}"
+
+    @property
+    def discovery_url(self) -> str:
+        return f"{self.issuer}/.well-known/openid-configuration"
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.issuer}{OIDC_PATH}/token"
+
+    @property
+    def introspection_url(self) -> str:
+        return f"{self.issuer}{OIDC_PATH}/token/introspect"
+
+    @property
+    def jwks_url(self) -> str:
+        return f"{self.issuer}{OIDC_PATH}/certs"
+
+    @property
+    def jwks_path(self) -> Path:
+        """The private JWKS the provider signs with (first key signs)."""
+        return self.workdir / "jwks.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "idp.log"
+
+    # -- keys -----------------------------------------------------------------------------
+
+    def private_jwks(self) -> dict[str, Any]:
+        """The private JWKS file's content (to forge tokens with a trusted key)."""
+        jwks: dict[str, Any] = json.loads(self.jwks_path.read_text())
+        return jwks
+
+    @property
+    def kids(self) -> list[str]:
+        """The key ids in the JWKS file, the signing one first."""
+        return [str(key["kid"]) for key in self.private_jwks()["keys"]]
+
+    def rotate_keys(self, keep_old: bool = True) -> str:
+        """Put a new signing key first; drop the previous keys unless ``keep_old``.
+
+        Restarts the provider if it runs (opaque tokens are forgotten). Returns the new kid.
+        """
+        old = self.private_jwks()["keys"] if keep_old and self.jwks_path.exists() else []
+        key = generate_key()
+        self._write_jwks([key, *old])
+        if self.running:
+            self.restart()
+        return str(key["kid"])
+
+    def _write_jwks(self, keys: list[dict[str, Any]]) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        temporary = self.jwks_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"keys": keys}, indent=2))
+        temporary.chmod(0o600)
+        temporary.replace(self.jwks_path)
+
+    # -- process --------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise IdentityProviderError("the identity provider is not running")
+        return self._proc.pid
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Install if needed, write keys if none, spawn node, wait for "ready" and discovery."""
+        if self.running:
+            return
+        ensure_installed()
+        node = shutil.which("node")
+        if node is None:
+            raise IdentityProviderError("Node.js (>= 20) is not on PATH")
+        if not self.jwks_path.exists():
+            self._write_jwks([generate_key()])
+        command = [node, str(SERVER_SCRIPT), "--port", str(self._port)]
+        command += ["--jwks", str(self.jwks_path), "--ttl", str(self.ttl)]
+        command += ["--opaque"] if self.opaque else []
+        command += ["--typ", self.typ] if self.typ else []
+        self.log_path.write_bytes(b"")  # "ready" is looked for in this run's log only
+        self._log = self.log_path.open("ab")
+        self.returncode = None
+        self._proc = subprocess.Popen(
+            command,
+            cwd=IDP_DIR,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        # Never leave an orphan provider behind, even if stop() is forgotten.
+        self._finalizer = weakref.finalize(self, _terminate, self._proc, 5.0)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + timeout
+        ready = False
+        client = self._client()
+        while True:
+            if self._proc.poll() is not None:
+                raise IdentityProviderError(
+                    f"the identity provider exited with code {self._proc.returncode} "
+                    f"during startup\n{self.log_tail()}"
+                )
+            ready = ready or "ready" in self.log_path.read_text(errors="replace").split()
+            if ready:
+                try:
+                    response = client.get(self.discovery_url, timeout=1.0)
+                except httpx.TransportError:
+                    pass
+                else:
+                    # Another server holding the port would not name our issuer.
+                    if response.status_code == 200 and response.json()["issuer"] == self.issuer:
+                        return
+            if time.monotonic() > deadline:
+                raise IdentityProviderError(
+                    f"the identity provider was not ready on {self.url} within "
+                    f"{timeout:.0f} s\n{self.log_tail()}"
+                )
+            time.sleep(0.01)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the provider (SIGKILL after ``timeout``); idempotent."""
+        if self._proc is not None:
+            _terminate(self._proc, timeout)
+            self.returncode = self._proc.returncode
+            self._proc = None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """Stop and start again on the same port, reading the JWKS file again."""
+        self.stop()
+        self.start(timeout)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no identity provider log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"pid={self._proc.pid}" if self._proc is not None else "stopped"
+        mode = "opaque" if self.opaque else "jwt"
+        return f"<IdentityProvider {self.issuer} {mode} {state}>"
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _client(self) -> httpx.Client:
+        if self._http is None:
+            self._http = httpx.Client(timeout=10.0, trust_env=False)
+        return self._http
+
+    def _post(self, url: str, data: dict[str, str], auth: tuple[str, str] | None) -> httpx.Response:
+        basic = httpx.BasicAuth(*auth) if auth is not None else None
+        return self._client().post(url, data=data, auth=basic or httpx.USE_CLIENT_DEFAULT)
+
+    def token_response(
+        self, data: dict[str, str], auth: tuple[str, str] | None = None
+    ) -> dict[str, Any]:
+        """POST a token request; the JSON answer, or :class:`TokenError`."""
+        response = self._post(self.token_url, data, auth)
+        body: dict[str, Any] = response.json()
+        if response.status_code != 200:
+            raise TokenError(
+                response.status_code, body.get("error", ""), body.get("error_description", "")
+            )
+        return body
+
+    def password_token(
+        self,
+        username: str,
+        password: str | None = None,
+        client_id: str = "ohif",
+        *,
+        scope: str | None = None,
+    ) -> str:
+        """An access token for a user (password grant; default password from :data:`USERS`)."""
+        if password is None:
+            password = USERS[username][0]
+        data = {"grant_type": "password", "client_id": client_id}
+        data |= {"username": username, "password": password}
+        if scope is not None:
+            data["scope"] = scope
+        return str(self.token_response(data)["access_token"])
+
+    def client_credentials_token(
+        self, client_id: str = PROXY_CLIENT_ID, secret: str = PROXY_CLIENT_SECRET
+    ) -> str:
+        """An access token for a client's service account (client_credentials grant)."""
+        body = self.token_response({"grant_type": "client_credentials"}, auth=(client_id, secret))
+        return str(body["access_token"])
+
+    def introspect(
+        self, token: str, client_id: str = PROXY_CLIENT_ID, secret: str = PROXY_CLIENT_SECRET
+    ) -> dict[str, Any]:
+        """RFC 7662 introspection (opaque tokens only: oidc-provider refuses its JWTs)."""
+        response = self._post(self.introspection_url, {"token": token}, (client_id, secret))
+        body: dict[str, Any] = response.json()
+        if response.status_code != 200:
+            raise TokenError(
+                response.status_code, body.get("error", ""), body.get("error_description", "")
+            )
+        return body
+
+    def discovery(self) -> dict[str, Any]:
+        response = self._client().get(self.discovery_url)
+        response.raise_for_status()
+        document: dict[str, Any] = response.json()
+        return document
+
+    def public_jwks(self) -> dict[str, Any]:
+        """The JWKS the provider publishes at its jwks_uri."""
+        response = self._client().get(self.jwks_url)
+        response.raise_for_status()
+        jwks: dict[str, Any] = response.json()
+        return jwks

@@ -1,0 +1,288 @@
+"""Token validation, attack by attack, against keys from a file (in-process stack).
+
+The real identity provider is exercised in test_auth_idp.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from joserfc import jwt
+from joserfc.jwk import ECKey, KeySet, RSAKey
+
+from shanoir_dicomweb_proxy import Settings
+from shanoir_dicomweb_proxy._auth import dev_token
+
+from .asgi import Answer, build, call
+
+ISSUER = "https://idp.test/realms/shanoir-ng"
+AUDIENCE = "dicomweb-proxy"
+
+
+@pytest.fixture(scope="module")
+def keys() -> KeySet:
+    return KeySet(
+        [
+            RSAKey.generate_key(2048, parameters={"kid": "rsa-1"}, private=True),
+            ECKey.generate_key("P-256", parameters={"kid": "ec-1"}, private=True),
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def jwks_file(tmp_path_factory: pytest.TempPathFactory, keys: KeySet) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "jwks.json"
+    path.write_text(json.dumps(keys.as_dict(private=True)))
+    return path
+
+
+def _auth(jwks_file: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "enabled": True,
+        "issuer": ISSUER,
+        "audience": [AUDIENCE],
+        "jwks_file": str(jwks_file),
+        **extra,
+    }
+
+
+def _claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims = {
+        "iss": ISSUER,
+        "sub": "f3a1-alice",
+        "aud": [AUDIENCE, "account"],
+        "azp": "ohif",
+        "exp": now + 300,
+        "iat": now,
+        "userId": 7,
+        "preferred_username": "alice",
+        "realm_access": {"roles": ["ROLE_USER"]},
+        "resource_access": {AUDIENCE: {"roles": ["uploader"]}},
+    }
+    claims.update(overrides)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+def _sign(keys: KeySet, claims: dict[str, Any], **header: Any) -> str:
+    head = {"alg": "RS256", "typ": "JWT", "kid": "rsa-1", **header}
+    key = keys.get_by_kid(head["kid"]) if head.get("kid") else keys.keys[0]
+    head = {k: v for k, v in head.items() if v is not None}
+    return jwt.encode(head, claims, key, default_type=None)
+
+
+class Upstream:
+    """A recording stand-in for the PACS (the real one is in the end-to-end tests)."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return httpx.Response(
+            200, stream=httpx.ByteStream(b"[]"), headers={"content-type": "application/dicom+json"}
+        )
+
+
+async def _get(app: Any, token: str | None = None, query: bytes = b"", **headers: str) -> Answer:
+    raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+    if token is not None:
+        raw.append((b"authorization", f"Bearer {token}".encode()))
+    return await call(app, "GET", b"/dicomweb/studies", query, headers=raw)
+
+
+def _refused(answer: Answer, error: str | None = "invalid_token") -> None:
+    assert answer.status == 401
+    challenge = answer.headers[b"www-authenticate"].decode()
+    assert challenge.startswith('Bearer realm="dicomweb"')
+    if error is None:
+        assert "error=" not in challenge
+    else:
+        assert f'error="{error}"' in challenge
+    assert json.loads(answer.body)["status"] == 401
+
+
+async def test_valid_token_reaches_upstream_without_its_authorization(
+    keys: KeySet, jwks_file: Path
+) -> None:
+    upstream = Upstream()
+    app = build(upstream, auth=_auth(jwks_file))
+    answer = await _get(app, _sign(keys, _claims()))
+    assert answer.status == 200
+    assert len(upstream.requests) == 1
+    assert "authorization" not in upstream.requests[0].headers
+
+
+async def test_ec_key_and_at_jwt_type(keys: KeySet, jwks_file: Path) -> None:
+    app = build(Upstream(), auth=_auth(jwks_file))
+    token = _sign(keys, _claims(), alg="ES256", kid="ec-1", typ="at+jwt")
+    assert (await _get(app, token)).status == 200
+
+
+async def test_missing_token(jwks_file: Path) -> None:
+    upstream = Upstream()
+    answer = await _get(build(upstream, auth=_auth(jwks_file)))
+    _refused(answer, error=None)
+    assert upstream.requests == []
+
+
+async def test_not_a_bearer_scheme(jwks_file: Path) -> None:
+    app = build(Upstream(), auth=_auth(jwks_file))
+    _refused(await _get(app, authorization="Basic YWxpY2U6cHc="), error="invalid_request")
+
+
+def _b64(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+async def test_alg_none(jwks_file: Path) -> None:
+    token = _b64({"alg": "none", "typ": "JWT", "kid": "rsa-1"}) + "." + _b64(_claims()) + "."
+    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+
+
+async def test_hs256_signed_with_the_public_key(keys: KeySet, jwks_file: Path) -> None:
+    # The classic confusion attack: the issuer's public key used as an HMAC secret.
+    # joserfc itself refuses to sign that, so the token is built by hand.
+    public_pem = keys.get_by_kid("rsa-1").as_pem(private=False)
+    signing_input = _b64({"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}) + "." + _b64(_claims())
+    mac = hmac.new(public_pem, signing_input.encode(), hashlib.sha256).digest()
+    token = signing_input + "." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+
+
+async def test_key_never_published(jwks_file: Path) -> None:
+    rogue = RSAKey.generate_key(2048, parameters={"kid": "rsa-1"}, private=True)
+    token = jwt.encode({"alg": "RS256", "typ": "JWT", "kid": "rsa-1"}, _claims(), rogue)
+    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+
+
+async def test_tampered_payload(keys: KeySet, jwks_file: Path) -> None:
+    head, _, signature = _sign(keys, _claims()).split(".")
+    forged = _b64(_claims(realm_access={"roles": ["ROLE_ADMIN"]}))
+    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), f"{head}.{forged}.{signature}"))
+
+
+async def test_expired(keys: KeySet, jwks_file: Path) -> None:
+    token = _sign(keys, _claims(exp=int(time.time()) - 120))
+    answer = await _get(build(Upstream(), auth=_auth(jwks_file)), token)
+    _refused(answer)
+    assert "expired" in answer.headers[b"www-authenticate"].decode()
+
+
+async def test_expired_within_leeway_is_accepted(keys: KeySet, jwks_file: Path) -> None:
+    token = _sign(keys, _claims(exp=int(time.time()) - 10))
+    assert (await _get(build(Upstream(), auth=_auth(jwks_file)), token)).status == 200
+
+
+async def test_not_yet_valid(keys: KeySet, jwks_file: Path) -> None:
+    token = _sign(keys, _claims(nbf=int(time.time()) + 600))
+    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+
+
+async def test_wrong_issuer(keys: KeySet, jwks_file: Path) -> None:
+    token = _sign(keys, _claims(iss="https://idp.test/realms/other"))
+    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+
+
+async def test_wrong_audience(keys: KeySet, jwks_file: Path) -> None:
+    token = _sign(keys, _claims(aud="account", azp=AUDIENCE))
+    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+
+
+async def test_audience_may_match_azp_when_configured(keys: KeySet, jwks_file: Path) -> None:
+    # Keycloak often issues aud "account" and names the client in azp.
+    token = _sign(keys, _claims(aud="account", azp=AUDIENCE))
+    app = build(Upstream(), auth=_auth(jwks_file, audience_matches_azp=True))
+    assert (await _get(app, token)).status == 200
+
+
+async def test_missing_kid_with_several_keys(keys: KeySet, jwks_file: Path) -> None:
+    token = _sign(keys, _claims(), kid=None)
+    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+
+
+@pytest.mark.parametrize("typ", ["ID", "Refresh", None])
+async def test_wrong_token_type(keys: KeySet, jwks_file: Path, typ: str | None) -> None:
+    # An ID or refresh token from the same issuer is not an access token.
+    token = _sign(keys, _claims(), typ=typ)
+    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+
+
+async def test_missing_subject(keys: KeySet, jwks_file: Path) -> None:
+    token = _sign(keys, _claims(sub=None))
+    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+
+
+async def test_opaque_token_without_introspection(jwks_file: Path) -> None:
+    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), "opaque-token-value"))
+
+
+async def test_principal(keys: KeySet, jwks_file: Path) -> None:
+    app = build(Upstream(), auth=_auth(jwks_file, client_roles=True, user_claim="userId"))
+    validator = app.validator
+    assert validator is not None
+    principal = await validator.validate(_sign(keys, _claims()))
+    assert principal.subject == "f3a1-alice"
+    assert principal.user_id == "7"
+    assert principal.username == "alice"
+    assert principal.roles == {"ROLE_USER", "uploader"}
+    assert not principal.is_admin
+    admin = await validator.validate(_sign(keys, _claims(realm_access={"roles": ["ROLE_ADMIN"]})))
+    assert admin.is_admin
+    nested = build(Upstream(), auth=_auth(jwks_file, user_claim="attributes.shanoirId"))
+    assert nested.validator is not None
+    token = _sign(keys, _claims(attributes={"shanoirId": "42"}))
+    assert (await nested.validator.validate(token)).user_id == "42"
+
+
+async def test_cached_principal_expires_with_the_token(keys: KeySet, jwks_file: Path) -> None:
+    app = build(Upstream(), auth=_auth(jwks_file, leeway=0))
+    token = _sign(keys, _claims(exp=int(time.time()) + 1))
+    assert (await _get(app, token)).status == 200
+    await asyncio.sleep(1.6)
+    _refused(await _get(app, token))
+
+
+async def test_query_token_only_when_allowed(keys: KeySet, jwks_file: Path) -> None:
+    token = _sign(keys, _claims())
+    query = f"PatientID=X*&access_token={token}".encode()
+    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), query=query), error=None)
+    upstream = Upstream()
+    app = build(upstream, auth=_auth(jwks_file, allow_query_token=True))
+    assert (await _get(app, query=query)).status == 200
+    # The token never travels upstream.
+    assert str(upstream.requests[0].url).endswith("/studies?PatientID=X*")
+
+
+async def test_cookie_token_only_when_allowed(keys: KeySet, jwks_file: Path) -> None:
+    cookie = f"other=1; access_token={_sign(keys, _claims())}"
+    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), cookie=cookie), error=None)
+    upstream = Upstream()
+    app = build(upstream, auth=_auth(jwks_file, allow_cookie_token=True))
+    assert (await _get(app, cookie=cookie)).status == 200
+    assert "cookie" not in upstream.requests[0].headers
+
+
+async def test_dev_token_is_accepted(jwks_file: Path) -> None:
+    settings = Settings.from_dict(
+        {
+            "upstream": {"url": "http://pacs.invalid/dicom-web"},
+            "auth": _auth(jwks_file),
+            "mapping": {"backend": "identity"},
+            "access": {"backend": "allow_all"},
+        }
+    )
+    token = dev_token(settings, "bob", {"userId": 2, "realm_access.roles": ["ROLE_USER"]}, ttl=60)
+    app = build(Upstream(), auth=_auth(jwks_file))
+    assert app.validator is not None
+    principal = await app.validator.validate(token)
+    assert (principal.subject, principal.user_id) == ("bob", "2")
