@@ -17,6 +17,7 @@ a restart forgets opaque tokens (JWTs stay verifiable while their key is publish
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import shutil
 import socket
@@ -26,7 +27,7 @@ import time
 import weakref
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Final, Self
+from typing import Any, Final, Self
 
 import httpx
 from joserfc.jwk import RSAKey
@@ -80,8 +81,8 @@ def ensure_installed(timeout: float = 600.0) -> None:
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         raise IdentityProviderError(
-            "the test identity provider needs Node.js (>= 20) and npm on PATH "
-            "(Debian: apt-get install nodejs npm); then run: npm ci --prefix tests/idp"
+            "the test identity provider needs Node.js (>= 20) and npm on PATH; "
+            "then run: npm ci --prefix tests/idp"
         )
     # One installer at a time (parallel test processes share tests/idp/node_modules).
     lock_path = Path(tempfile.gettempdir()) / "shanoir-dicomweb-proxy-idp-npm.lock"
@@ -102,6 +103,22 @@ def ensure_installed(timeout: float = 600.0) -> None:
                 f"{' '.join(command)} failed with code {result.returncode}:\n"
                 + (result.stderr or result.stdout)[-3000:]
             )
+
+
+@functools.cache
+def node_executable() -> str:
+    """The ``node`` on PATH, checked to be recent enough for oidc-provider 9."""
+    node = shutil.which("node")
+    if node is None:
+        raise IdentityProviderError("the test identity provider needs Node.js (>= 20) on PATH")
+    version = subprocess.run(
+        [node, "--version"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
+    if int(version.lstrip("v").split(".")[0]) < 20:
+        raise IdentityProviderError(
+            f"the test identity provider needs Node.js >= 20, not {version}"
+        )
+    return node
 
 
 def free_port() -> int:
@@ -154,9 +171,9 @@ class IdentityProvider:
         self.returncode: int | None = None  # of the last process, once stopped
         self._port = port if port is not None else free_port()
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._http: httpx.Client | None = None  # kept open: a new client costs ~20 ms
+        self._http_finalizer: weakref.finalize[Any, Any] | None = None
 
     # -- addresses ------------------------------------------------------------------------
 
@@ -246,25 +263,20 @@ class IdentityProvider:
         if self.running:
             return
         ensure_installed()
-        node = shutil.which("node")
-        if node is None:
-            raise IdentityProviderError("Node.js (>= 20) is not on PATH")
+        node = node_executable()
+        self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.jwks_path.exists():
             self._write_jwks([generate_key()])
         command = [node, str(SERVER_SCRIPT), "--port", str(self._port)]
         command += ["--jwks", str(self.jwks_path), "--ttl", str(self.ttl)]
         command += ["--opaque"] if self.opaque else []
         command += ["--typ", self.typ] if self.typ else []
-        self.log_path.write_bytes(b"")  # "ready" is looked for in this run's log only
-        self._log = self.log_path.open("ab")
         self.returncode = None
-        self._proc = subprocess.Popen(
-            command,
-            cwd=IDP_DIR,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        # A new log per run ("ready" is looked for in it); the child keeps its own descriptor.
+        with self.log_path.open("wb") as log:
+            self._proc = subprocess.Popen(
+                command, cwd=IDP_DIR, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
         # Never leave an orphan provider behind, even if stop() is forgotten.
         self._finalizer = weakref.finalize(self, _terminate, self._proc, 5.0)
         try:
@@ -310,11 +322,9 @@ class IdentityProvider:
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        if self._http is not None:
-            self._http.close()
+        if self._http_finalizer is not None:
+            self._http_finalizer()  # closes the client
+            self._http_finalizer = None
             self._http = None
 
     def restart(self, timeout: float = 30.0) -> None:
@@ -351,6 +361,7 @@ class IdentityProvider:
     def _client(self) -> httpx.Client:
         if self._http is None:
             self._http = httpx.Client(timeout=10.0, trust_env=False)
+            self._http_finalizer = weakref.finalize(self, self._http.close)
         return self._http
 
     def _post(self, url: str, data: dict[str, str], auth: tuple[str, str] | None) -> httpx.Response:

@@ -162,7 +162,6 @@ const provider = new Provider(ISSUER, {
       enabled: true,
       // Every token is for the gateway, whether or not the client sends resource=.
       defaultResource: async () => RESOURCE,
-      useGrantedResource: async () => true,
       getResourceServerInfo: async (ctx, resource) => {
         if (resource !== RESOURCE) throw new errors.InvalidTarget();
         return resourceServer;
