@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the proxy, its tests and its demo need on a Debian machine:
-# Orthanc with its DICOMweb plugin (Debian packages), then the package with its test and dev
-# extras in ./.venv (Debian's own Python refuses system-wide pip installs, PEP 668).
+# Orthanc with its DICOMweb plugin (Debian packages), the package with its test and dev extras
+# in ./.venv (Debian's own Python refuses system-wide pip installs, PEP 668), and the tests'
+# OpenID provider (npm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,8 @@ packages=()
 command -v Orthanc >/dev/null || packages+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || packages+=(orthanc-dicomweb)
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
+# The tests' identity provider (oidc-provider) runs on Node.js 20 or newer.
+command -v npm >/dev/null || packages+=(nodejs npm)
 if [ ${#packages[@]} -gt 0 ]; then
     as_root apt-get update -qq
     # The orthanc package's own service is not used: tests and the demo run Orthanc themselves.
@@ -23,4 +26,5 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-echo "ready: $(.venv/bin/python -V), $(Orthanc --version | head -n 1)"
+npm ci --prefix tests/idp --no-audit --no-fund --loglevel=error >/dev/null
+echo "ready: $(.venv/bin/python -V), $(Orthanc --version | head -n 1), node $(node --version)"

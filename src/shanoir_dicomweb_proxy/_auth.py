@@ -251,6 +251,8 @@ class TokenValidator:
             jwks_url=settings.jwks_url,
             jwks_file=settings.jwks_file,
             client=client,
+            refresh=settings.jwks_refresh,
+            min_refetch=settings.jwks_min_refetch,
         )
         self._client = client
         self._cache: TLRUCache[str, Principal] = TLRUCache(

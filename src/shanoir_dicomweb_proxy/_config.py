@@ -286,6 +286,8 @@ class AuthSettings(_Section):
     admin_roles: tuple[str, ...] = ("ROLE_ADMIN",)
     jwks_url: str = ""
     jwks_file: str = field(default="", metadata=_PATH)
+    jwks_refresh: float = 600.0
+    jwks_min_refetch: float = 10.0
     allow_query_token: bool = False
     allow_cookie_token: bool = False
     cookie_name: str = "access_token"
@@ -299,6 +301,8 @@ class AuthSettings(_Section):
         self._check("admin_roles", functools.partial(_non_empty_items, what="role"))
         self._check("algorithms", _algorithms)
         self._require(self.leeway >= 0, "leeway", "must be >= 0")
+        self._require(self.jwks_refresh > 0, "jwks_refresh", "must be > 0")
+        self._require(self.jwks_min_refetch >= 0, "jwks_min_refetch", "must be >= 0")
         self._require(bool(self.user_claim), "user_claim", "must not be empty")
         self._require(
             bool(self.roles_claim) and "" not in self.roles_claim.split("."),
