@@ -9,6 +9,8 @@ Everything lives in ./demo/ (git-ignored). Needs Orthanc (scripts/setup.sh insta
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
 import signal
 import subprocess
@@ -16,7 +18,9 @@ import sys
 import threading
 from pathlib import Path
 
+import httpx
 from dicomweb_client.api import DICOMwebClient
+from joserfc.jwk import RSAKey
 
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, generate_samples
 
@@ -38,7 +42,8 @@ def main() -> int:
             f"Orthanc {orthanc.dicomweb_url}: {loaded} instances in {len(samples.studies)} studies"
         )
         settings = {
-            "auth": {"enabled": False},
+            # Tokens are checked against a local key: `dev-token` signs with it, no IdP needed.
+            "auth": {"jwks_file": str(_signing_key(args.dir)), "audience": ["dicomweb-proxy"]},
             "mapping": {"backend": "identity"},
             "access": {"backend": "allow_all"},
             "upstream": {"url": orthanc.dicomweb_url},
@@ -47,21 +52,29 @@ def main() -> int:
             base = proxy.dicomweb_url
             study = samples.small_studies[0]
             series = study.series[0]
-            curl = f"curl -s '{base}/studies?PatientID=HARN0000*&includefield=StudyDescription'"
+            cli = Path(sys.executable).parent / "shanoir-dicomweb-proxy"
+            mint = f"{cli} dev-token -c {proxy.config_path} --sub alice --claim userId=1"
+            curl = (
+                'curl -s -H "Authorization: Bearer $TOKEN" '
+                f"'{base}/studies?PatientID=HARN0000*&includefield=StudyDescription'"
+            )
             python = (
-                f'python3 -c "from dicomweb_client.api import DICOMwebClient; '
-                f"c = DICOMwebClient('{base}'); "
+                f'{sys.executable} -c "import os; from dicomweb_client.api import DICOMwebClient; '
+                f"c = DICOMwebClient('{base}', "
+                "headers={'Authorization': 'Bearer ' + os.environ['TOKEN']}); "
                 f"print([ds.SOPInstanceUID for ds in c.retrieve_series('{study.uid}', "
                 f"'{series.uid}')])\""
             )
             print(f"\nThe proxy serves DICOMweb at {base} (config: {proxy.config_path})")
-            print("Authentication is off in this demo: every caller sees everything.\n")
+            print("Every request needs a bearer token; get one signed with the demo's key:")
+            print(f"  export TOKEN=$({mint})\n")
             print("Search studies:")
             print(f"  {curl}\n")
             print("Retrieve a series with dicomweb-client:")
             print(f"  {python}\n")
+            print(f"Without a token: curl -si {base}/studies  (401)")
             print(f"Logs: {proxy.log_path}, {orthanc.log_path}")
-            _try_examples(base, curl, study.uid, series.uid, len(series.instances))
+            _try_examples(base, mint, curl, study.uid, series.uid, len(series.instances))
             if args.once:
                 return 0
             print("\nServing; press Ctrl-C to stop.", flush=True)
@@ -74,15 +87,34 @@ def main() -> int:
     return 0
 
 
-def _try_examples(base: str, curl: str, study: str, series: str, instances: int) -> None:
+def _signing_key(directory: Path) -> Path:
+    """A private JWKS for the demo (made once): the proxy trusts it, dev-token signs with it."""
+    path = directory / "demo-keys.json"
+    if not path.exists():
+        key = RSAKey.generate_key(2048, parameters={"kid": "demo"}, private=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"keys": [key.as_dict(private=True)]}))
+        path.chmod(0o600)
+    return path
+
+
+def _try_examples(base: str, mint: str, curl: str, study: str, series: str, instances: int) -> None:
     """Run the printed examples, so that a broken demo says so at once."""
-    found = subprocess.run(shlex.split(curl), capture_output=True, text=True, check=True)
+    token = subprocess.run(shlex.split(mint), capture_output=True, text=True, check=True)
+    env = {**os.environ, "TOKEN": token.stdout.strip()}
+    found = subprocess.run(["sh", "-c", curl], capture_output=True, text=True, check=True, env=env)
     if '"0020000D"' not in found.stdout:
         raise SystemExit(f"the curl example found nothing:\n{found.stdout[:500]}")
-    datasets = DICOMwebClient(base).retrieve_series(study, series)
+    if httpx.get(f"{base}/studies").status_code != 401:
+        raise SystemExit("a request without a token was not refused")
+    headers = {"Authorization": f"Bearer {env['TOKEN']}"}
+    datasets = DICOMwebClient(base, headers=headers).retrieve_series(study, series)
     if len(datasets) != instances:
         raise SystemExit(f"retrieve_series gave {len(datasets)} instances, not {instances}")
-    print(f"(checked: the search answers, and the series retrieves {instances} instances)")
+    print(
+        f"(checked: no token gets 401; with one, the search answers and the series retrieves "
+        f"{instances} instances)"
+    )
 
 
 if __name__ == "__main__":

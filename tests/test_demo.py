@@ -16,5 +16,6 @@ def test_demo_runs_its_examples(tmp_path: Path) -> None:
     command += ["--port", str(free_port()), "--dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "checked: the search answers, and the series retrieves 3 instances" in result.stdout
-    assert "curl -s 'http://127.0.0.1:" in result.stdout
+    assert "checked: no token gets 401; with one, the search answers" in result.stdout
+    assert 'curl -s -H "Authorization: Bearer $TOKEN" \'http://127.0.0.1:' in result.stdout
+    assert "export TOKEN=$(" in result.stdout
