@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
+from joserfc import jws
+from joserfc.jwk import RSAKey
 
 from shanoir_dicomweb_proxy import ConfigError, Settings, create_app
 from shanoir_dicomweb_proxy.testing import (
@@ -114,3 +117,52 @@ async def test_mounted_in_starlette(orthanc: OrthancServer, samples: SampleSet) 
 def test_healthz(proxy: ProxyServer) -> None:
     response = httpx.get(proxy.url + "/healthz")
     assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def _keys(tmp_path: Path, *, private: bool) -> Path:
+    key = RSAKey.generate_key(2048, parameters={"kid": "k"}, private=True)
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [key.as_dict(private=private)]}))
+    return path
+
+
+def test_dev_token(tmp_path: Path, orthanc: OrthancServer) -> None:
+    auth = {"jwks_file": str(_keys(tmp_path, private=True)), "audience": ["dicomweb-proxy"]}
+    config = _config(tmp_path, upstream={"url": orthanc.dicomweb_url}, auth=auth)
+    result = _run(
+        "dev-token", "-c", str(config), "--sub", "alice", "--claim", "userId=7",
+        "--claim", 'realm_access.roles=["ROLE_USER"]', "--claim", "site=Rennes",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    claims = json.loads(jws.extract_compact(token.encode()).payload)
+    assert claims["sub"] == "alice" and claims["aud"] == ["dicomweb-proxy"]
+    assert claims["userId"] == 7 and claims["realm_access"] == {"roles": ["ROLE_USER"]}
+    assert claims["site"] == "Rennes"
+    checked = _run("check", "-c", str(config))
+    assert checked.returncode == 0, checked.stdout
+    assert ": 1 keys" in checked.stdout
+
+
+def test_dev_token_needs_a_private_key(tmp_path: Path) -> None:
+    auth = {"jwks_file": str(_keys(tmp_path, private=False))}
+    config = _config(tmp_path, upstream={"url": "http://pacs/dicom-web"}, auth=auth)
+    result = _run("dev-token", "-c", str(config), "--sub", "alice")
+    assert result.returncode == 2
+    assert "no private key" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreadable_jwks_file(tmp_path: Path) -> None:
+    auth = {"jwks_file": str(tmp_path / "missing.json")}
+    config = _config(tmp_path, upstream={"url": "http://pacs/dicom-web"}, auth=auth)
+    result = _run("serve", "-c", str(config))
+    assert result.returncode == 2
+    assert "missing.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_reports_an_unreachable_issuer(tmp_path: Path, orthanc: OrthancServer) -> None:
+    auth = {"issuer": f"http://127.0.0.1:{free_port()}/realms/x"}
+    config = _config(tmp_path, upstream={"url": orthanc.dicomweb_url}, auth=auth)
+    result = _run("check", "-c", str(config))
+    assert result.returncode == 1
+    assert "issuer: http://127.0.0.1:" in result.stdout and "cannot be reached" in result.stdout

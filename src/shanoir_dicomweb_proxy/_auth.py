@@ -167,7 +167,12 @@ class KeyStore:
         self._attempted_at = float("-inf")
         self._lock = asyncio.Lock()
         if jwks_file:
-            self._set(_public_keys(json.loads(Path(jwks_file).read_text())))
+            self._set(_public_keys(_read_jwks(jwks_file).as_dict(private=False)))
+
+    @property
+    def known(self) -> int:
+        """How many keys are known now."""
+        return 0 if self._keys is None else len(self._keys.keys)
 
     def _set(self, keys: KeySet) -> None:
         self._keys = keys
@@ -220,6 +225,13 @@ class KeyStore:
         if not isinstance(uri, str):
             raise ValueError("the discovery document has no jwks_uri")
         return uri
+
+
+def _read_jwks(path: str) -> KeySet:
+    try:
+        return KeySet.import_key_set(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, JoseError) as exc:
+        raise ConfigError(f"[auth] jwks_file: {path}: not a readable JWKS ({exc})") from None
 
 
 def _public_keys(data: Mapping[str, Any]) -> KeySet:
@@ -464,11 +476,7 @@ def dev_token(settings: Settings, subject: str, claims: Mapping[str, Any], *, tt
     auth = settings.auth
     if not auth.jwks_file:
         raise ConfigError(f"{settings.source}: [auth] jwks_file: required by dev-token")
-    try:
-        data = json.loads(Path(auth.jwks_file).read_text())
-        keys = KeySet.import_key_set(data)
-    except (OSError, ValueError, JoseError) as exc:
-        raise ConfigError(f"{auth.jwks_file}: not a readable JWKS ({exc})") from exc
+    keys = _read_jwks(auth.jwks_file)
     private = [k for k in keys.keys if k.is_private and k.key_type in _SIGNING]
     if not private:
         raise ConfigError(f"{auth.jwks_file}: holds no private key to sign with")

@@ -132,16 +132,31 @@ def _worker_app() -> DicomWebProxy:
 
 
 def _check(settings: Settings) -> int:
-    ok = True
     print(f"settings: {settings.source}: valid")
     try:
-        create_app(settings)
+        app = create_app(settings)
     except ConfigError as exc:
         print(f"settings: {exc}")
-        ok = False
-    status = asyncio.run(_probe_upstream(settings))
-    print(f"upstream: {settings.upstream.url}: {status}")
-    ok = ok and status.startswith("QIDO answered 20")
+        return 1
+    return asyncio.run(_probe(app))
+
+
+async def _probe(app: DicomWebProxy) -> int:
+    """Ask the upstream and the issuer what requests will ask them; report each."""
+    ok = True
+    status = await _probe_upstream(app.settings)
+    print(f"upstream: {app.settings.upstream.url}: {status}")
+    ok = status.startswith("QIDO answered 20")
+    if app.validator is not None:
+        keys = app.validator.keys
+        try:
+            await keys.keys(None)
+            print(f"issuer: {keys.issuer or keys.jwks_url or keys.jwks_file}: {keys.known} keys")
+        except ProxyError as exc:
+            print(f"issuer: {keys.issuer or keys.jwks_url}: {exc.detail}")
+            ok = False
+        finally:
+            await app.validator.aclose()
     print("ok" if ok else "problems found")
     return 0 if ok else 1
 
