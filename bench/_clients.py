@@ -21,11 +21,13 @@ from urllib.parse import urlsplit
 __all__ = [
     "BulkRound",
     "CpuMeter",
+    "ForeignCpu",
     "RequestStats",
     "RssSampler",
+    "Slice",
     "bulk_rounds",
     "percentile",
-    "request_rate",
+    "request_rates",
     "slow_read",
     "tools",
 ]
@@ -82,6 +84,33 @@ class CpuMeter:
         return total / self._tick
 
 
+class ForeignCpu:
+    """CPU seconds used on the whole machine by processes that are not ours.
+
+    Ours: this process, its live descendants, and its reaped children (curl, wrk). Other work on
+    the machine (another engineer's test run) takes cores from Orthanc and the proxy alike, so the
+    bench reports it next to the figures it may have disturbed.
+    """
+
+    def __init__(self) -> None:
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._ours = CpuMeter([os.getpid()])
+
+    def _busy(self) -> float:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle, iowait
+        return (sum(fields[:8]) - idle) / self._tick  # user..steal
+
+    def _own_children(self) -> float:
+        with open(f"/proc/{os.getpid()}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[13]) + int(fields[14])) / self._tick  # cutime, cstime
+
+    def seconds(self) -> float:
+        return self._busy() - self._ours.seconds() - self._own_children()
+
+
 # -- bulk ------------------------------------------------------------------------------------
 
 
@@ -114,6 +143,23 @@ def _curl_round(urls: Sequence[str], headers: Mapping[str, str]) -> tuple[float,
     return max(float(t) for t in times), sum(int(s) for s in sizes)
 
 
+def _curl_sequence(url: str, headers: Mapping[str, str], count: int) -> list[tuple[float, int]]:
+    """``count`` retrieves of ``url`` one after the other on one kept-alive connection."""
+    command = ["curl", "-sS", "--no-progress-meter"]
+    command += ["-w", "%{http_code} %{size_download} %{time_total}\\n"]
+    for name, value in headers.items():
+        command += ["-H", f"{name}: {value}"]
+    for _ in range(count):
+        command += ["-o", "/dev/null", url]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    fields = result.stdout.split()
+    if result.returncode != 0 or len(fields) != 3 * count:
+        raise RuntimeError(f"curl failed ({result.returncode}): {result.stderr.strip()}")
+    if any(code != "200" for code in fields[0::3]):
+        raise RuntimeError(f"curl: unexpected status {fields[0::3]} for {url}")
+    return [(float(t), int(s)) for s, t in zip(fields[1::3], fields[2::3], strict=True)]
+
+
 def bulk_rounds(
     client: str,
     targets: Mapping[str, Sequence[str]],
@@ -121,17 +167,34 @@ def bulk_rounds(
     *,
     reps: int,
     warmup: int,
+    keepalive: bool = False,
     meters: Mapping[str, Mapping[str, CpuMeter]] | None = None,
 ) -> dict[str, list[BulkRound]]:
     """Run ``reps`` rounds per target; a round fetches the target's URLs concurrently.
 
     With curl, rounds are interleaved across targets (A B C A B C ...) so that a drift of the
     machine hits all of them alike; ``meters`` (per target: name -> meter) measure CPU per round.
+    Each round is a new connection, unless ``keepalive`` (one URL per target): then each target
+    gets two blocks of back-to-back retrieves on one connection, interleaved, warm-up first.
     """
     if client == "httpx":
         return _httpx_bulk(targets, headers, reps=reps, warmup=warmup)
     out: dict[str, list[BulkRound]] = {name: [] for name in targets}
     meters = meters or {}
+    if keepalive:
+        blocks = [reps // 2, reps - reps // 2]
+        for block in blocks:
+            for name, urls in targets.items():
+                (url,) = urls
+                target_meters = meters.get(name, {})
+                before = {key: m.seconds() for key, m in target_meters.items()}
+                transfers = _curl_sequence(url, headers, warmup + block)
+                cpu = {key: m.seconds() - before[key] for key, m in target_meters.items()}
+                wall = sum(seconds for seconds, _ in transfers)
+                for seconds, size in transfers[warmup:]:
+                    share = {key: value * seconds / wall for key, value in cpu.items()}
+                    out[name].append(BulkRound(seconds, size, share))
+        return out
     for rep in range(warmup + reps):
         for name, urls in targets.items():
             target_meters = meters.get(name, {})
@@ -173,9 +236,27 @@ def _httpx_bulk(
 
 # -- request rates ---------------------------------------------------------------------------
 
+#: Latency quantiles kept per slice (0.5 %, 1.5 %, ..., 99.5 %): equal-weight points that let
+#: slices of one target be pooled into one distribution.
+_QUANTILES = tuple(q + 0.5 for q in range(100))
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One closed-loop run against one target."""
+
+    requests: int
+    seconds: float
+    bytes: int
+    errors: int
+    quantiles: tuple[float, ...]  # latency in seconds at each of _QUANTILES
+    cpu: Mapping[str, float] = field(default_factory=dict)
+
 
 @dataclass(frozen=True)
 class RequestStats:
+    """Slices of one target pooled: totals, and latency percentiles of the pooled points."""
+
     requests: int
     seconds: float
     p50: float
@@ -183,15 +264,40 @@ class RequestStats:
     p99: float
     errors: int
     bytes: int
-    cpu: Mapping[str, float] = field(default_factory=dict)  # CPU seconds per process over run
+    cpu: Mapping[str, float] = field(default_factory=dict)  # CPU seconds per process
 
     @property
     def rate(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
 
+    @classmethod
+    def pool(cls, slices: Sequence[Slice]) -> RequestStats:
+        points = sorted((value, s.requests) for s in slices for value in s.quantiles if s.requests)
+        total = sum(weight for _, weight in points)
+
+        def quantile(q: float) -> float:
+            seen = 0.0
+            for value, weight in points:
+                seen += weight
+                if seen >= total * q / 100:
+                    return value
+            return float("nan")
+
+        return cls(
+            requests=sum(s.requests for s in slices),
+            seconds=sum(s.seconds for s in slices),
+            p50=quantile(50),
+            p90=quantile(90),
+            p99=quantile(99),
+            errors=sum(s.errors for s in slices),
+            bytes=sum(s.bytes for s in slices),
+            cpu={key: sum(s.cpu.get(key, 0.0) for s in slices) for key in slices[0].cpu},
+        )
+
 
 _WRK_SCRIPT = """\
 local paths = {%(paths)s}
+local quantiles = {%(quantiles)s}
 local i = 0
 %(headers)s
 request = function()
@@ -200,12 +306,13 @@ request = function()
 end
 done = function(summary, latency, requests)
   local e = summary.errors
+  local q = {}
+  for k, p in ipairs(quantiles) do q[k] = string.format("%%d", latency:percentile(p)) end
   io.write(string.format(
     "BENCHJSON {\\"requests\\": %%d, \\"duration_us\\": %%d, \\"bytes\\": %%d, " ..
-    "\\"errors\\": %%d, \\"p50\\": %%d, \\"p90\\": %%d, \\"p99\\": %%d}\\n",
+    "\\"errors\\": %%d, \\"quantiles_us\\": [%%s]}\\n",
     summary.requests, summary.duration, summary.bytes,
-    e.connect + e.read + e.write + e.status + e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99)))
+    e.connect + e.read + e.write + e.status + e.timeout, table.concat(q, ", ")))
 end
 """
 
@@ -214,9 +321,7 @@ def _lua(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _wrk(
-    urls: Sequence[str], headers: Mapping[str, str], concurrency: int, duration: float
-) -> RequestStats:
+def _wrk(urls: Sequence[str], headers: Mapping[str, str], concurrency: int, duration: int) -> Slice:
     base = urlsplit(urls[0])
     paths = []
     for url in urls:
@@ -226,12 +331,13 @@ def _wrk(
         paths.append(parts.path + (f"?{parts.query}" if parts.query else ""))
     script = _WRK_SCRIPT % {
         "paths": ", ".join(_lua(p) for p in paths),
+        "quantiles": ", ".join(map(str, _QUANTILES)),
         "headers": "\n".join(f"wrk.headers[{_lua(k)}] = {_lua(v)}" for k, v in headers.items()),
     }
     with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="bench-wrk-") as file:
         file.write(script)
         file.flush()
-        command = ["wrk", "-t1", f"-c{concurrency}", f"-d{duration:g}s", "--timeout", "30s"]
+        command = ["wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--timeout", "30s"]
         command += ["-s", file.name, f"{base.scheme}://{base.netloc}/"]
         result = subprocess.run(
             command, capture_output=True, text=True, timeout=duration + 60, check=False
@@ -240,55 +346,64 @@ def _wrk(
     if result.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({result.returncode}):\n{result.stdout}{result.stderr}")
     data = json.loads(line.removeprefix("BENCHJSON "))
-    return RequestStats(
+    return Slice(
         requests=data["requests"],
         seconds=data["duration_us"] / 1e6,
-        p50=data["p50"] / 1e6,
-        p90=data["p90"] / 1e6,
-        p99=data["p99"] / 1e6,
-        errors=data["errors"],
         bytes=data["bytes"],
+        errors=data["errors"],
+        quantiles=tuple(us / 1e6 for us in data["quantiles_us"]),
     )
 
 
 def _httpx_requests(
-    urls: Sequence[str], headers: Mapping[str, str], concurrency: int, duration: float
-) -> RequestStats:
+    urls: Sequence[str], headers: Mapping[str, str], concurrency: int, duration: int
+) -> Slice:
     spec = {"mode": "requests", "urls": list(urls), "headers": dict(headers)}
     spec |= {"concurrency": concurrency, "duration": duration}
     data = _loadgen(spec, timeout=duration + 120)
     latencies = data["latencies"]
     assert isinstance(latencies, list)
-    return RequestStats(
+    return Slice(
         requests=len(latencies),
         seconds=float(data["seconds"]),  # type: ignore[arg-type]
-        p50=percentile(latencies, 50),
-        p90=percentile(latencies, 90),
-        p99=percentile(latencies, 99),
-        errors=int(data["errors"]),  # type: ignore[call-overload]
         bytes=int(data["bytes"]),  # type: ignore[call-overload]
+        errors=int(data["errors"]),  # type: ignore[call-overload]
+        quantiles=tuple(percentile(latencies, q) for q in _QUANTILES),
     )
 
 
-def request_rate(
+def request_rates(
     client: str,
-    urls: Sequence[str],
+    targets: Mapping[str, Sequence[str]],
     headers: Mapping[str, str],
     *,
     concurrency: int,
-    duration: float,
-    warmup: float,
-    meters: Mapping[str, CpuMeter] | None = None,
-) -> RequestStats:
-    """A closed loop of ``concurrency`` connections cycling through ``urls`` for ``duration``."""
-    run: Callable[..., RequestStats] = _wrk if client == "wrk" else _httpx_requests
-    if warmup > 0:
-        run(urls, headers, concurrency, warmup)
+    slices: int,
+    slice_seconds: int,
+    warmup_seconds: int,
+    meters: Mapping[str, Mapping[str, CpuMeter]] | None = None,
+) -> dict[str, RequestStats]:
+    """Closed loops of ``concurrency`` connections cycling through each target's URLs.
+
+    Each target gets ``slices`` runs of ``slice_seconds``, interleaved across targets after one
+    warm-up run each. Every run opens new connections, and the pause while the other targets
+    run lets pooled upstream connections expire (Orthanc drops them after 1 s idle): one
+    unlucky connection cannot decide a target's figure. ``meters`` measure CPU per run.
+    """
+    run: Callable[..., Slice] = _wrk if client == "wrk" else _httpx_requests
     meters = meters or {}
-    before = {key: m.seconds() for key, m in meters.items()}
-    stats = run(urls, headers, concurrency, duration)
-    cpu = {key: m.seconds() - before[key] for key, m in meters.items()}
-    return RequestStats(**{**stats.__dict__, "cpu": cpu})
+    out: dict[str, list[Slice]] = {name: [] for name in targets}
+    if warmup_seconds > 0:
+        for urls in targets.values():
+            run(urls, headers, concurrency, warmup_seconds)
+    for _ in range(slices):
+        for name, urls in targets.items():
+            target_meters = meters.get(name, {})
+            before = {key: m.seconds() for key, m in target_meters.items()}
+            piece = run(urls, headers, concurrency, slice_seconds)
+            cpu = {key: m.seconds() - before[key] for key, m in target_meters.items()}
+            out[name].append(Slice(**{**piece.__dict__, "cpu": cpu}))
+    return {name: RequestStats.pool(pieces) for name, pieces in out.items()}
 
 
 # -- memory ----------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ import signal
 import subprocess
 import sys
 import time
-from importlib import metadata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import httpx
@@ -160,7 +160,9 @@ class NginxServer:
         self.workdir.chmod(0o755)
         conf = self.workdir / "nginx.conf"
         tmp = self.workdir.resolve()
-        conf.write_text(_NGINX_CONF.format(tmp=tmp, port=self.port, upstream_port=self.upstream_port))
+        conf.write_text(
+            _NGINX_CONF.format(tmp=tmp, port=self.port, upstream_port=self.upstream_port)
+        )
         log = (self.workdir / "stderr.log").open("ab")
         with log:
             self._process = subprocess.Popen(

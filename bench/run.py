@@ -13,7 +13,9 @@ import contextlib
 import datetime as dt
 import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,20 +29,18 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _clients import (  # noqa: E402
-    BulkRound,
     CpuMeter,
-    RequestStats,
+    ForeignCpu,
     RssSampler,
     bulk_rounds,
-    percentile,
-    request_rate,
+    request_rates,
     slow_read,
     tools,
 )
 from _data import BenchData, prepare  # noqa: E402
+from _profile import py_spy, top_frames  # noqa: E402
 from _report import Report  # noqa: E402
 from _servers import PROXY_VARIANTS, NginxServer, start_proxy, versions  # noqa: E402
-
 from shanoir_dicomweb_proxy.testing import OrthancServer  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -49,6 +49,15 @@ CACHE = BENCH_DIR / ".cache"
 RETRIEVE = 'multipart/related; type="application/dicom"'
 FRAMES = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 JSON = "application/dicom+json"
+
+# glibc's defaults make Orthanc give memory back and fault it in again on every request
+# (~9,000 minor faults per series metadata): on these VMs that doubles its QIDO and metadata
+# times, and whether a connection's worker thread is in that state is luck (12 vs 24 ms for the
+# same metadata). With these, Orthanc keeps its heap and the reference stops jumping.
+ORTHANC_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": str(256 * 1024 * 1024),
+    "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024 * 1024),
+}
 
 SLOW_RATE = 10e6  # bytes/s of the slow client in the memory check
 RSS_TARGET_MIB = 32
@@ -63,6 +72,7 @@ class Workload:
     paths: tuple[str, ...]
     concurrency: int = 1
     target: str = ""  # "bulk" | "latency" | "" (figures only)
+    keepalive: bool = False  # bulk: back-to-back retrieves on one client connection
 
 
 @dataclass(frozen=True)
@@ -71,8 +81,9 @@ class Sizing:
     series_c4_reps: int
     large_reps: int
     warmup_rounds: int
-    duration: float  # seconds of each request-rate run
-    warmup_seconds: float
+    slices: int  # request-rate runs per target, interleaved across targets
+    slice_seconds: int  # length of each (wrk takes whole seconds)
+    warmup_seconds: int
 
 
 FULL = Sizing(
@@ -80,7 +91,8 @@ FULL = Sizing(
     series_c4_reps=12,
     large_reps=10,
     warmup_rounds=2,
-    duration=5,
+    slices=5,
+    slice_seconds=1,
     warmup_seconds=1,
 )
 QUICK = Sizing(
@@ -88,8 +100,9 @@ QUICK = Sizing(
     series_c4_reps=4,
     large_reps=4,
     warmup_rounds=1,
-    duration=2,
-    warmup_seconds=0.5,
+    slices=2,
+    slice_seconds=1,
+    warmup_seconds=1,
 )
 
 
@@ -101,6 +114,19 @@ class Target:
     meters: dict[str, CpuMeter] = field(default_factory=dict)
     pid: int | None = None
     note: str = ""
+
+
+WORKLOAD_NAMES = (
+    "memory",
+    "series-c1",
+    "series-c4",
+    "large-c1",
+    "frames-c8",
+    "frames-small-c8",
+    "qido-c1",
+    "qido-c4",
+    "metadata-c1",
+)
 
 
 def workloads(data: BenchData) -> list[Workload]:
@@ -118,7 +144,7 @@ def workloads(data: BenchData) -> list[Workload]:
     )
     qido = ("/studies?limit=10&includefield=00081030,00080061",)
     mb = series.bytes_on_disk / 1e6
-    return [
+    out = [
         Workload(
             "memory",
             "memory",
@@ -147,11 +173,13 @@ def workloads(data: BenchData) -> list[Workload]:
         Workload(
             "large-c1",
             "bulk",
-            f"instance retrieve, {large.frames}-frame ({large.path.stat().st_size / 1e6:.1f} MB)",
+            f"instance retrieve, {large.frames}-frame ({large.path.stat().st_size / 1e6:.1f} MB), "
+            "c=1, kept-alive client connection",
             RETRIEVE,
             (large_path,),
             1,
             "bulk",
+            keepalive=True,
         ),
         Workload(
             "frames-c8",
@@ -181,6 +209,8 @@ def workloads(data: BenchData) -> list[Workload]:
             "latency",
         ),
     ]
+    assert tuple(w.name for w in out) == WORKLOAD_NAMES
+    return out
 
 
 def select(all_workloads: list[Workload], only: Sequence[str] | None) -> list[Workload]:
@@ -213,6 +243,11 @@ class Bench:
         self.start = time.monotonic()
         self.results: dict[str, Any] = {}
         self.report = Report()
+        self.profile_dir: Path | None = None
+        self.foreign = ForeignCpu()
+        if args.py_spy:
+            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            self.profile_dir = CACHE / "profiles" / stamp
 
     def log(self, message: str) -> None:
         _log(self.start, message)
@@ -227,12 +262,23 @@ class Bench:
 
         orthanc = OrthancServer(workdir / "orthanc")
         stack.callback(orthanc.stop)
-        orthanc.start()
+        malloc = {} if args.orthanc_default_malloc else ORTHANC_MALLOC
+        with _environ(malloc):  # Orthanc inherits our environment; nothing else gets these
+            orthanc.start()
         self.log(f"Orthanc on {orthanc.url}: loading {len(data.files)} files")
         orthanc.load(data.files)
         orthanc_meter = CpuMeter([orthanc.pid])
 
-        targets = [Target("direct", "direct", orthanc.dicomweb_url, {"orthanc": orthanc_meter})]
+        tuning = " ".join(f"{k}={v}" for k, v in malloc.items()) or "glibc malloc defaults"
+        targets = [
+            Target(
+                "direct",
+                "direct",
+                orthanc.dicomweb_url,
+                {"orthanc": orthanc_meter},
+                note=f"Orthanc with {tuning}",
+            )
+        ]
         if not args.no_nginx:
             nginx = self._start_nginx(stack, workdir, orthanc.port)
             if nginx is not None:
@@ -245,13 +291,15 @@ class Bench:
             stack.callback(proxy.stop)
             meters = {"self": CpuMeter([proxy.pid]), "orthanc": orthanc_meter}
             targets.append(
-                Target(f"proxy[{name}]", "proxy", proxy.dicomweb_url, meters, proxy.pid, variant.note)
+                Target(
+                    f"proxy[{name}]", "proxy", proxy.dicomweb_url, meters, proxy.pid, variant.note
+                )
             )
             self.log(f"proxy[{name}] on {proxy.url} ({variant.note})")
 
         self.report.header(
             clients=self.clients,
-            versions=versions() | {"orthanc": "1.10.1 (Debian)", "nginx": _nginx_version()},
+            versions=versions() | {"orthanc": _orthanc_version(orthanc), "nginx": _nginx_version()},
             targets=[(t.name, t.base, t.note) for t in targets],
             quick=args.quick,
         )
@@ -261,14 +309,32 @@ class Bench:
                 self.memory(workload, [t for t in targets if t.kind == "proxy"])
         self.validate(chosen, targets)
         for workload in chosen:
+            if workload.kind == "memory":
+                continue
             self.log(f"{workload.name}: {workload.title}")
-            if workload.kind == "bulk":
-                self.bulk(workload, targets)
-            elif workload.kind == "requests":
-                self.requests(workload, targets)
+            foreign, started = self.foreign.seconds(), time.monotonic()
+            with self._profiling(workload, targets):
+                if workload.kind == "bulk":
+                    self.bulk(workload, targets)
+                else:
+                    self.requests(workload, targets)
+            share = max(0.0, self.foreign.seconds() - foreign) / (time.monotonic() - started)
+            self.report.foreign(workload, share)
         for target in targets:
             if target.kind == "proxy" and target.pid is not None:
                 self.report.final_rss(target.name, RssSampler(target.pid).rss())
+
+    @contextlib.contextmanager
+    def _profiling(self, workload: Workload, targets: list[Target]) -> Iterator[None]:
+        """With --py-spy: sample every proxy process while the workload runs."""
+        if self.profile_dir is None:
+            yield
+            return
+        pids = {t.name: t.pid for t in targets if t.kind == "proxy" and t.pid is not None}
+        with py_spy(pids, self.profile_dir, workload.name) as outputs:
+            yield
+        for name, path in outputs.items():
+            self.report.profile(workload.name, name, top_frames(path), path)
 
     def _start_nginx(
         self, stack: contextlib.ExitStack, workdir: Path, upstream_port: int
@@ -321,6 +387,7 @@ class Bench:
             _headers(workload.accept),
             reps=reps,
             warmup=s.warmup_rounds,
+            keepalive=workload.keepalive,
             meters={t.name: t.meters for t in targets},
         )
         for target in targets:
@@ -329,22 +396,23 @@ class Bench:
 
     def requests(self, workload: Workload, targets: list[Target]) -> None:
         s = self.sizing
-        out = {}
+        stats = request_rates(
+            self.clients["requests"],
+            {t.name: [t.base + p for p in workload.paths] for t in targets},
+            _headers(workload.accept),
+            concurrency=workload.concurrency,
+            slices=s.slices,
+            slice_seconds=s.slice_seconds,
+            warmup_seconds=s.warmup_seconds,
+            meters={t.name: t.meters for t in targets},
+        )
         for target in targets:
-            stats = request_rate(
-                self.clients["requests"],
-                [target.base + p for p in workload.paths],
-                _headers(workload.accept),
-                concurrency=workload.concurrency,
-                duration=s.duration,
-                warmup=s.warmup_seconds,
-                meters=target.meters,
-            )
-            if stats.errors:
-                self.report.note(f"{workload.name} {target.name}: {stats.errors} errors")
-            self.report.requests(workload, target.name, target.kind, stats)
-            out[target.name] = asdict(stats)
-        self.results[workload.name] = out
+            if stats[target.name].errors:
+                self.report.note(
+                    f"{workload.name} {target.name}: {stats[target.name].errors} errors"
+                )
+            self.report.requests(workload, target.name, target.kind, stats[target.name])
+        self.results[workload.name] = {name: asdict(value) for name, value in stats.items()}
 
     def memory(self, workload: Workload, proxies: list[Target]) -> None:
         self.log(f"{workload.name}: {workload.title}")
@@ -371,14 +439,33 @@ class Bench:
         self.results[workload.name] = out
 
 
+def _orthanc_version(orthanc: OrthancServer) -> str:
+    system = httpx.get(orthanc.url + "/system", timeout=10, trust_env=False).json()
+    plugins = httpx.get(orthanc.url + "/plugins/dicom-web", timeout=10, trust_env=False).json()
+    return f"{system['Version']} (DICOMweb plugin {plugins.get('Version', '?')})"
+
+
 def _nginx_version() -> str:
     binary = NginxServer.find()
     if binary is None:
         return "-"
-    import subprocess
-
     result = subprocess.run([binary, "-v"], capture_output=True, text=True, check=False)
     return result.stderr.strip().rsplit("/", 1)[-1]
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for processes started meanwhile, then restore them."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextlib.contextmanager
@@ -396,7 +483,11 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+        epilog="workloads: " + ", ".join(WORKLOAD_NAMES),
+    )
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (~1 minute)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="workloads (names or prefixes)")
     parser.add_argument(
@@ -413,6 +504,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "httpx load generator process",
     )
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx reference")
+    parser.add_argument(
+        "--orthanc-default-malloc",
+        action="store_true",
+        help="run Orthanc with glibc's default malloc settings (page-fault-bound on these VMs: "
+        "QIDO and metadata about 2x slower, and bimodal between connections)",
+    )
+    parser.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="sample the proxy with py-spy (non-blocking) during each workload; folded stacks "
+        "go to bench/.cache/profiles/, the top self frames into the report",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     args = parser.parse_args(argv)
 
@@ -439,13 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _rmtree(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-__all__ = ["BulkRound", "RequestStats", "main", "percentile", "os"]
