@@ -52,13 +52,7 @@ PROXY_VARIANTS: dict[str, ProxyVariant] = {
             {"BENCH_HTTPCORE_READ_NUM_BYTES": str(1024 * 1024)},
             "httpcore READ_NUM_BYTES = 1 MiB",
         ),
-        ProxyVariant("aiohttp", "aiohttp", note="httpx-aiohttp, 16 KiB chunks (its default)"),
-        ProxyVariant(
-            "aiohttp-1m",
-            "aiohttp",
-            {"BENCH_AIOHTTP_CHUNK_SIZE": str(1024 * 1024)},
-            "httpx-aiohttp CHUNK_SIZE = 1 MiB",
-        ),
+        ProxyVariant("aiohttp", "aiohttp", note="the proxy's aiohttp transport, reads up to 1 MiB"),
     )
 }
 
@@ -208,7 +202,7 @@ class NginxServer:
 def versions() -> dict[str, str]:
     """Versions of what is measured, for the report header."""
     out = {"python": sys.version.split()[0]}
-    for name in ("httpx", "httpcore", "hypercorn", "h11", "aiohttp", "httpx-aiohttp"):
+    for name in ("httpx", "httpcore", "hypercorn", "h11", "aiohttp"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

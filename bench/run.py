@@ -492,9 +492,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="workloads (names or prefixes)")
     parser.add_argument(
         "--transport",
-        default="httpx",
+        default="aiohttp",
         choices=[*PROXY_VARIANTS, "all"],
-        help="proxy variant(s) to measure (default: httpx)",
+        help="proxy variant(s) to measure (default: aiohttp, the proxy's default)",
     )
     parser.add_argument(
         "--client",

@@ -38,14 +38,24 @@ def orthanc(
 ProxyFactory = Callable[..., ProxyServer]
 
 
+@pytest.fixture(scope="session", params=["aiohttp", "httpx"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Every test with a proxy process runs on both upstream transports."""
+    name: str = request.param
+    return name
+
+
 @pytest.fixture(scope="session")
-def proxy_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyFactory]:
+def proxy_factory(
+    tmp_path_factory: pytest.TempPathFactory, transport: str
+) -> Iterator[ProxyFactory]:
     """Start a proxy process: ``proxy_factory(upstream_url, **sections)``."""
     started: list[ProxyServer] = []
 
     def start(upstream_url: str, **sections: dict[str, Any]) -> ProxyServer:
         settings = {**CORE_SETTINGS, **sections}
-        settings["upstream"] = {"url": upstream_url, **sections.get("upstream", {})}
+        upstream = {"url": upstream_url, "transport": transport, **sections.get("upstream", {})}
+        settings["upstream"] = upstream
         server = ProxyServer(tmp_path_factory.mktemp("proxy"), settings)
         server.start()
         started.append(server)

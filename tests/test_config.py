@@ -205,7 +205,7 @@ def test_defaults(tmp_path: Path) -> None:
     )
     assert (up.max_connections, up.max_keepalive_connections) == (64, 16)
     assert up.keepalive_expiry == 0.5
-    assert up.transport == "httpx"
+    assert up.transport == "aiohttp"
     assert up.auth == UpstreamAuthSettings()
     assert up.auth.type == "none"
     auth = settings.auth

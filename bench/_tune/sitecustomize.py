@@ -14,10 +14,3 @@ if _read:
 
     AsyncHTTP11Connection.READ_NUM_BYTES = int(_read)
     print(f"bench-tune: BENCH_HTTPCORE_READ_NUM_BYTES={_read}", file=sys.stderr, flush=True)
-
-_chunk = os.environ.get("BENCH_AIOHTTP_CHUNK_SIZE")
-if _chunk:
-    from httpx_aiohttp.transport import AiohttpResponseStream
-
-    AiohttpResponseStream.CHUNK_SIZE = int(_chunk)
-    print(f"bench-tune: BENCH_AIOHTTP_CHUNK_SIZE={_chunk}", file=sys.stderr, flush=True)

@@ -234,7 +234,7 @@ class UpstreamSettings(_Section):
     max_keepalive_connections: int = 16
     # Orthanc closes idle connections after 1 s: reusing one just as it closes fails the request.
     keepalive_expiry: float = 0.5
-    transport: Transport = "httpx"
+    transport: Transport = "aiohttp"
     auth: UpstreamAuthSettings = field(default_factory=UpstreamAuthSettings)
 
     def _validate(self) -> None:

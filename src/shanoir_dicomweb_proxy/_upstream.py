@@ -34,6 +34,7 @@ from ._headers import (
     response_headers_for_client,
 )
 from ._routing import DicomWebRequest, get_dicomweb_request
+from ._transport import AiohttpTransport
 from ._types import Receive, Scope, Send
 
 __all__ = ["Upstream", "UpstreamProxy"]
@@ -69,11 +70,16 @@ class Upstream:
 
     def _build_client(self) -> httpx.AsyncClient:
         s = self.settings
+        limits = httpx.Limits(
+            max_connections=s.max_connections,
+            max_keepalive_connections=s.max_keepalive_connections,
+            keepalive_expiry=s.keepalive_expiry,
+        )
         transport = self._transport
         if transport is None and s.transport == "aiohttp":
-            from httpx_aiohttp import AiohttpTransport  # optional dependency
-
-            transport = AiohttpTransport()
+            transport = AiohttpTransport(
+                limits=limits, connect_timeout=s.connect_timeout, read_timeout=s.read_timeout
+            )
         auth: httpx.Auth | None = None
         if s.auth.type == "basic":
             auth = httpx.BasicAuth(s.auth.username, s.auth.password)
@@ -93,11 +99,7 @@ class Upstream:
                 write=s.write_timeout,
                 pool=s.pool_timeout,
             ),
-            limits=httpx.Limits(
-                max_connections=s.max_connections,
-                max_keepalive_connections=s.max_keepalive_connections,
-                keepalive_expiry=s.keepalive_expiry,
-            ),
+            limits=limits,
         )
 
     @property
@@ -342,11 +344,12 @@ class UpstreamProxy:
             await send({"type": "http.response.body", "body": b""})
             return
         boundary = _multipart_boundary(response)
+        keep = len(boundary) + 8 if boundary is not None else 0
         tail = b""
         try:
             async for chunk in response.aiter_raw():
                 if boundary is not None:
-                    tail = (tail + chunk)[-(len(boundary) + 8) :]
+                    tail = (tail + chunk[-keep:])[-keep:]
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc
