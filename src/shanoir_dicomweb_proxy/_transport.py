@@ -72,10 +72,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         limits: httpx.Limits,
         connect_timeout: float,
         read_timeout: float,
+        pool_timeout: float,
     ) -> None:
         self._limits = limits
+        # aiohttp's "connect" includes the wait for a pooled connection; "sock_connect" is
+        # httpx's connect timeout, and "sock_read" its read timeout (between two reads).
         self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=connect_timeout, sock_read=read_timeout
+            total=None,
+            connect=pool_timeout + connect_timeout,
+            sock_connect=connect_timeout,
+            sock_read=read_timeout,
         )
         self._session: aiohttp.ClientSession | None = None
 

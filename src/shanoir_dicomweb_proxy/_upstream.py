@@ -78,7 +78,10 @@ class Upstream:
         transport = self._transport
         if transport is None and s.transport == "aiohttp":
             transport = AiohttpTransport(
-                limits=limits, connect_timeout=s.connect_timeout, read_timeout=s.read_timeout
+                limits=limits,
+                connect_timeout=s.connect_timeout,
+                read_timeout=s.read_timeout,
+                pool_timeout=s.pool_timeout,
             )
         auth: httpx.Auth | None = None
         if s.auth.type == "basic":
