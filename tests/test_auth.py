@@ -286,3 +286,8 @@ async def test_dev_token_is_accepted(jwks_file: Path) -> None:
     assert app.validator is not None
     principal = await app.validator.validate(token)
     assert (principal.subject, principal.user_id) == ("bob", "2")
+
+
+async def test_issued_in_the_future(keys: KeySet, jwks_file: Path) -> None:
+    token = _sign(keys, _claims(iat=int(time.time()) + 600))
+    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
