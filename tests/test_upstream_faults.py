@@ -163,3 +163,12 @@ def test_invalid_routes_never_reach_the_upstream(
     response = httpx.get(faulty_proxy.url + "/dicom-web/studies")  # outside base_path
     assert response.status_code == 404
     assert fault.requests == before
+
+
+def test_upstream_cookies_are_never_replayed(fault: FaultServer, faulty_proxy: ProxyServer) -> None:
+    # The upstream client is shared by every user: a cookie set for one request must not be
+    # sent with the next one, which may be another user's.
+    fault.mode = "etag"
+    for _ in range(2):
+        assert httpx.get(faulty_proxy.dicomweb_url + "/studies").status_code == 200
+        assert b"cookie" not in fault.last_request.lower()

@@ -6,6 +6,7 @@ Errors of the transport are translated into the proxy's hierarchy here and nowhe
 from __future__ import annotations
 
 import asyncio
+import http.cookiejar
 import logging
 import re
 import tempfile
@@ -95,7 +96,7 @@ class Upstream:
             trust_env=False,
             follow_redirects=False,
             auth=auth,
-            cookies=_NoCookies(),
+            cookies=_no_cookies(),
             timeout=httpx.Timeout(
                 connect=s.connect_timeout,
                 read=s.read_timeout,
@@ -212,11 +213,10 @@ class _ClientCredentials(httpx.Auth):
             return self._token
 
 
-class _NoCookies(httpx.Cookies):
-    """A cookie jar that never stores anything."""
-
-    def extract_cookies(self, response: httpx.Response) -> None:
-        return None
+def _no_cookies() -> http.cookiejar.CookieJar:
+    """A jar that stores nothing. httpx copies a ``Cookies`` object into a fresh jar (so a
+    subclass would be lost), but keeps a ``CookieJar`` as it is, with its policy."""
+    return http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
 
 
 _UID_LIKE = re.compile(r"\b[0-9]+(?:\.[0-9]+){2,}\b")
