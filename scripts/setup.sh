@@ -12,6 +12,7 @@ packages=()
 command -v Orthanc >/dev/null || packages+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || packages+=(orthanc-dicomweb)
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
+command -v curl >/dev/null || packages+=(curl)  # the demo prints (and tries) curl examples
 # The tests' identity provider (oidc-provider) runs on Node.js 20 or newer.
 command -v npm >/dev/null || packages+=(nodejs npm)
 if [ ${#packages[@]} -gt 0 ]; then
