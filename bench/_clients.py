@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from shanoir_dicomweb_proxy.testing import resident_memory
+
 __all__ = [
     "BulkRound",
     "CpuMeter",
@@ -420,11 +422,7 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
     def rss(self) -> int:
-        with open(f"/proc/{self.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
+        return resident_memory(self.pid)
 
     def _run(self) -> None:
         while not self._stop.is_set():

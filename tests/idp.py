@@ -20,17 +20,16 @@ import fcntl
 import functools
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 import weakref
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import httpx
 from joserfc.jwk import RSAKey
+
+from shanoir_dicomweb_proxy.testing._process import LoopbackProcess
 
 IDP_DIR: Final = Path(__file__).resolve().parent / "idp"
 SERVER_SCRIPT: Final = IDP_DIR / "server.mjs"
@@ -121,31 +120,13 @@ def node_executable() -> str:
     return node
 
 
-def free_port() -> int:
-    """A TCP port that is free on the loopback interface right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def generate_key() -> dict[str, Any]:
     """A new private RS256 signing key (RSA 2048) as a JWK, its kid the RFC 7638 thumbprint."""
     key = RSAKey.generate_key(2048, parameters={"use": "sig", "alg": "RS256"}, auto_kid=True)
     return dict(key.as_dict(private=True))
 
 
-def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-class IdentityProvider:
+class IdentityProvider(LoopbackProcess):
     """The ``oidc-provider`` process, its keys (``workdir/jwks.json``) and log in ``workdir``.
 
     The port is chosen at construction (a free one unless given) and kept by :meth:`restart`
@@ -154,6 +135,11 @@ class IdentityProvider:
     ``typ`` overrides the JWT header's ``typ`` (oidc-provider writes ``at+jwt``, Keycloak
     ``JWT``).
     """
+
+    _what = "the identity provider"
+    _log_name = "idp.log"
+    _error = IdentityProviderError
+    _poll_interval = 0.01
 
     def __init__(
         self,
@@ -164,27 +150,15 @@ class IdentityProvider:
         ttl: int = 300,
         typ: str | None = None,
     ) -> None:
-        self.workdir = Path(workdir).resolve()
+        super().__init__(workdir, port)
         self.opaque = opaque
         self.ttl = ttl
         self.typ = typ
         self.returncode: int | None = None  # of the last process, once stopped
-        self._port = port if port is not None else free_port()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._finalizer: weakref.finalize[Any, Any] | None = None
         self._http: httpx.Client | None = None  # kept open: a new client costs ~20 ms
         self._http_finalizer: weakref.finalize[Any, Any] | None = None
 
     # -- addresses ------------------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def url(self) -> str:
-        """The server's root, ``http://127.0.0.1:PORT``."""
-        return f"http://127.0.0.1:{self._port}"
 
     @property
     def issuer(self) -> str:
@@ -210,10 +184,6 @@ class IdentityProvider:
     def jwks_path(self) -> Path:
         """The private JWKS the provider signs with (first key signs)."""
         return self.workdir / "jwks.json"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "idp.log"
 
     # -- keys -----------------------------------------------------------------------------
 
@@ -248,108 +218,41 @@ class IdentityProvider:
 
     # -- process --------------------------------------------------------------------------
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int:
-        if self._proc is None:
-            raise IdentityProviderError("the identity provider is not running")
-        return self._proc.pid
-
-    def start(self, timeout: float = 30.0) -> None:
-        """Install if needed, write keys if none, spawn node, wait for "ready" and discovery."""
-        if self.running:
-            return
+    def _launch(self) -> subprocess.Popen[bytes]:
+        """Install if needed, write keys if none, spawn node."""
         ensure_installed()
         node = node_executable()
-        self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.jwks_path.exists():
             self._write_jwks([generate_key()])
-        command = [node, str(SERVER_SCRIPT), "--port", str(self._port)]
+        command = [node, str(SERVER_SCRIPT), "--port", str(self.port)]
         command += ["--jwks", str(self.jwks_path), "--ttl", str(self.ttl)]
         command += ["--opaque"] if self.opaque else []
         command += ["--typ", self.typ] if self.typ else []
         self.returncode = None
-        # A new log per run ("ready" is looked for in it); the child keeps its own descriptor.
-        with self.log_path.open("wb") as log:
-            self._proc = subprocess.Popen(
-                command, cwd=IDP_DIR, stdin=subprocess.DEVNULL, stdout=log, stderr=log
-            )
-        # Never leave an orphan provider behind, even if stop() is forgotten.
-        self._finalizer = weakref.finalize(self, _terminate, self._proc, 5.0)
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
+        # A new log per run, since "ready" is looked for in it.
+        return self._popen(command, cwd=IDP_DIR, log_mode="wb")
 
-    def _wait_ready(self, timeout: float) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + timeout
-        ready = False
-        client = self._client()
-        while True:
-            if self._proc.poll() is not None:
-                raise IdentityProviderError(
-                    f"the identity provider exited with code {self._proc.returncode} "
-                    f"during startup\n{self.log_tail()}"
-                )
-            ready = ready or "ready" in self.log_path.read_text(errors="replace").split()
-            if ready:
-                try:
-                    response = client.get(self.discovery_url, timeout=1.0)
-                except httpx.TransportError:
-                    pass
-                else:
-                    # Another server holding the port would not name our issuer.
-                    if response.status_code == 200 and response.json()["issuer"] == self.issuer:
-                        return
-            if time.monotonic() > deadline:
-                raise IdentityProviderError(
-                    f"the identity provider was not ready on {self.url} within "
-                    f"{timeout:.0f} s\n{self.log_tail()}"
-                )
-            time.sleep(0.01)
+    def _ready(self) -> bool:
+        # server.mjs prints "ready" once it listens.
+        if "ready" not in self.log_path.read_text(errors="replace").split():
+            return False
+        try:
+            response = self._client().get(self.discovery_url, timeout=1.0)
+        except httpx.TransportError:
+            return False
+        # Another server holding the port would not name our issuer.
+        return response.status_code == 200 and response.json()["issuer"] == self.issuer
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the provider (SIGKILL after ``timeout``); idempotent."""
-        if self._proc is not None:
-            _terminate(self._proc, timeout)
-            self.returncode = self._proc.returncode
-            self._proc = None
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
+        proc = self._proc
+        super().stop(timeout)
+        if proc is not None:
+            self.returncode = proc.returncode
         if self._http_finalizer is not None:
             self._http_finalizer()  # closes the client
             self._http_finalizer = None
             self._http = None
-
-    def restart(self, timeout: float = 30.0) -> None:
-        """Stop and start again on the same port, reading the JWKS file again."""
-        self.stop()
-        self.start(timeout)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no identity provider log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = f"pid={self._proc.pid}" if self._proc is not None else "stopped"

@@ -13,7 +13,8 @@ Needs the ``Orthanc`` binary and its DICOMweb plugin (``apt-get install orthanc
 orthanc-dicomweb``), plus numpy for the samples.
 """
 
-from ._orthanc import DICOMWEB_PLUGIN, OrthancError, OrthancServer, find_orthanc, free_port
+from ._orthanc import DICOMWEB_PLUGIN, OrthancError, OrthancServer, find_orthanc
+from ._process import free_port, resident_memory
 from ._proxy import ProxyServer, dump_toml
 from ._samples import SampleInstance, SampleSeries, SampleSet, SampleStudy, generate_samples
 
@@ -29,5 +30,6 @@ __all__ = [
     "find_orthanc",
     "dump_toml",
     "free_port",
+    "resident_memory",
     "generate_samples",
 ]

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-from ._orthanc import free_port
+from ._process import LoopbackProcess, resident_memory
 
 __all__ = ["ProxyServer", "dump_toml"]
 
@@ -43,11 +39,15 @@ def dump_toml(data: Mapping[str, Any], prefix: str = "") -> str:
     return text
 
 
-class ProxyServer:
+class ProxyServer(LoopbackProcess):
     """Run ``python -m shanoir_dicomweb_proxy serve`` with the given settings on a free port.
 
     ``settings`` is the TOML content as nested dicts; ``[server] bind`` is set here.
+    ``env`` is added to the environment of the process.
     """
+
+    _what = "the proxy"
+    _log_name = "proxy.log"
 
     def __init__(
         self,
@@ -58,88 +58,34 @@ class ProxyServer:
         workers: int = 1,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        self.workdir = workdir
-        self.port = port or free_port()
+        super().__init__(workdir, port or None)
         server = {**settings.get("server", {}), "bind": f"127.0.0.1:{self.port}"}
         self.settings = {**settings, "server": server}
         self.base_path: str = server.get("base_path", "/dicomweb")
         self.workers = workers
         self.env = env
-        self.config_path = workdir / "proxy.toml"
-        self.log_path = workdir / "proxy.log"
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        self.config_path = self.workdir / "proxy.toml"
 
     @property
     def dicomweb_url(self) -> str:
         return self.url + self.base_path
 
-    @property
-    def pid(self) -> int:
-        assert self._process is not None, "not started"
-        return self._process.pid
-
     def rss(self) -> int:
         """Resident memory of the server process in bytes (Linux)."""
-        with open(f"/proc/{self.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
+        return resident_memory(self.pid)
 
     def start(self, timeout: float = 20.0) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        """Write the config, spawn the server and wait until ``/healthz`` answers."""
+        super().start(timeout)
+
+    def _launch(self) -> subprocess.Popen[bytes]:
         self.config_path.write_text(dump_toml(self.settings))
         command = [sys.executable, "-m", "shanoir_dicomweb_proxy", "serve", "-c"]
         command += [str(self.config_path), "--workers", str(self.workers)]
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **(self.env or {})},
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"the proxy exited:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"the proxy did not come up:\n{self.log_tail()}")
+        return self._popen(command, env=self.env)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
+    def _ready(self) -> bool:
         try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
-
-    def __enter__(self) -> ProxyServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
