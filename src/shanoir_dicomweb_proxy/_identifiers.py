@@ -1,0 +1,94 @@
+"""Identifiers: the platform's examination and acquisition IDs, their public UIDs, and the map
+between them and the PACS's real UIDs (DESIGN §3).
+
+Backends speak domain IDs (integers, as in Shanoir-NG): an examination is a DICOM study, an
+acquisition a DICOM series. Clients only see public UIDs (``[mapping] study_root`` and
+``series_root`` followed by the ID); the PACS only ever sees its own UIDs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = ["IdentifierMap", "SeriesEntry", "UidFormatter"]
+
+_DIGITS = re.compile(r"[1-9][0-9]{0,19}")
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesEntry:
+    """A series the map knows: its acquisition ID, its examination, and its real UID."""
+
+    acquisition_id: int
+    exam_id: int
+    series_uid: str
+
+
+@runtime_checkable
+class IdentifierMap(Protocol):
+    """Batched lookups between real UIDs and domain IDs, in both directions.
+
+    Every method takes a whole batch (a page of 1000 QIDO rows is one call) and leaves out of
+    its answer what it does not know. Implementations must be safe to call concurrently.
+    """
+
+    async def studies_by_uid(self, uids: Collection[str]) -> Mapping[str, int]:
+        """Real study UID → examination ID."""
+        ...
+
+    async def studies_by_id(self, exam_ids: Collection[int]) -> Mapping[int, str]:
+        """Examination ID → real study UID."""
+        ...
+
+    async def series_by_uid(self, uids: Collection[str]) -> Mapping[str, SeriesEntry]:
+        """Real series UID → its entry."""
+        ...
+
+    async def series_by_id(self, acquisition_ids: Collection[int]) -> Mapping[int, SeriesEntry]:
+        """Acquisition ID → its entry."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class UidFormatter:
+    """Public UIDs from domain IDs and back: ``root.ID``, or the bare ID when the root is empty.
+
+    Exam 42 with study root ``1.4.9.12.34.1.8527`` is ``1.4.9.12.34.1.8527.42``, as Shanoir's
+    front end builds it. Parsing is strict: anything that is not exactly a root followed by a
+    positive ID without leading zeros is not a public UID (a real UID passed as if it were
+    public is not a back door).
+    """
+
+    study_root: str
+    series_root: str
+
+    def study_uid(self, exam_id: int) -> str:
+        return _format(self.study_root, exam_id)
+
+    def series_uid(self, acquisition_id: int) -> str:
+        return _format(self.series_root, acquisition_id)
+
+    def exam_id(self, public_uid: str) -> int | None:
+        """The examination ID a public study UID names, or None."""
+        return _parse(self.study_root, public_uid)
+
+    def acquisition_id(self, public_uid: str) -> int | None:
+        """The acquisition ID a public series UID names, or None."""
+        return _parse(self.series_root, public_uid)
+
+
+def _format(root: str, value: int) -> str:
+    if value <= 0:
+        raise ValueError(f"domain IDs are positive integers, got {value}")
+    return f"{root}.{value}" if root else str(value)
+
+
+def _parse(root: str, uid: str) -> int | None:
+    prefix = root + "." if root else ""
+    if not uid.startswith(prefix):
+        return None
+    tail = uid[len(prefix) :]
+    return int(tail) if _DIGITS.fullmatch(tail) else None
