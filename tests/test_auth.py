@@ -291,3 +291,12 @@ async def test_dev_token_is_accepted(jwks_file: Path) -> None:
 async def test_issued_in_the_future(keys: KeySet, jwks_file: Path) -> None:
     token = _sign(keys, _claims(iat=int(time.time()) + 600))
     _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+
+
+@pytest.mark.parametrize("kind", ["ID", "Refresh", "Logout"])
+async def test_keycloak_id_and_refresh_tokens(keys: KeySet, jwks_file: Path, kind: str) -> None:
+    # Same key, same header type as an access token: only the payload's typ tells them apart.
+    token = _sign(keys, _claims(typ=kind))
+    app = build(Upstream(), auth=_auth(jwks_file, audience_matches_azp=True))
+    _refused(await _get(app, token))
+    assert (await _get(app, _sign(keys, _claims(typ="Bearer")))).status == 200

@@ -325,6 +325,12 @@ class TokenValidator:
         except (JoseError, ValueError) as exc:
             logger.info("token %s refused: %s", token_id, exc)
             raise self._invalid() from None
+        kind = decoded.claims.get("typ", "Bearer")
+        if not isinstance(kind, str) or kind.lower() != "bearer":
+            # Keycloak marks its ID and refresh tokens in the payload ("typ": "ID", "Refresh")
+            # and signs them with the same key, under the same header type as access tokens.
+            logger.info("token %s refused: token type %r", token_id, kind)
+            raise self._invalid()
         self._check_audience(decoded.claims, token_id)
         return decoded.claims
 
