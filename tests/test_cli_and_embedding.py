@@ -166,3 +166,10 @@ def test_check_reports_an_unreachable_issuer(tmp_path: Path, orthanc: OrthancSer
     result = _run("check", "-c", str(config))
     assert result.returncode == 1
     assert "issuer: http://127.0.0.1:" in result.stdout and "cannot be reached" in result.stdout
+
+
+def test_example_settings_load() -> None:
+    settings = Settings.from_toml(ROOT / "examples/orthanc.toml")
+    assert settings.upstream.url == "http://127.0.0.1:8042/dicom-web"
+    assert not settings.auth.enabled
+    create_app(settings)
