@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,8 @@ from ._app import DicomWebProxy, create_app
 from ._auth import dev_token
 from ._config import Settings
 from ._errors import ConfigError, ProxyError
+from ._identifiers import UidFormatter
+from ._store import SqliteStore, StoreError, SyncProgress, load_import_file, sync_store
 from ._upstream import Upstream
 
 __all__ = ["main"]
@@ -50,6 +53,26 @@ def _parser() -> argparse.ArgumentParser:
         help="an extra claim; V is read as JSON when it parses, dotted K nests (repeatable)",
     )
     token.add_argument("--ttl", type=int, default=3600, metavar="S", help="lifetime in seconds")
+
+    store = commands.add_parser("store", help="manage the embedded store ([store] path)")
+    store_commands = store.add_subparsers(dest="store_command", required=True, metavar="COMMAND")
+    sync = store_commands.add_parser(
+        "sync", help="register every upstream study and series (idempotent, resumable)"
+    )
+    sync.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML settings")
+    sync.add_argument(
+        "--page-size", type=int, default=500, metavar="N", help="QIDO limit per request (500)"
+    )
+    listing = store_commands.add_parser(
+        "list", help="examinations with their UIDs and acquisitions"
+    )
+    listing.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML settings")
+    listing.add_argument("--json", action="store_true", help="write one JSON array")
+    load = store_commands.add_parser(
+        "import", help="bind explicit IDs to UIDs from a JSON or CSV export (all or nothing)"
+    )
+    load.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML settings")
+    load.add_argument("path", metavar="PATH", help="a JSON array or a CSV file (docs/store.md)")
     return parser
 
 
@@ -62,8 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "dev-token":
             print(dev_token(settings, args.sub, _claims(args.claim), ttl=args.ttl))
             return 0
+        if args.command == "store":
+            return _store(settings, args)
         return _check(settings)
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -177,3 +202,137 @@ async def _probe_upstream(settings: Settings) -> str:
     finally:
         await upstream.aclose()
     return f"QIDO answered {response.status_code}"
+
+
+# --- store ------------------------------------------------------------------------------------
+# The store commands never build the app: they work whatever [mapping] backend says.
+
+
+def _store(settings: Settings, args: argparse.Namespace) -> int:
+    path = settings.store.path
+    if args.store_command == "sync":
+        if args.page_size < 1:
+            raise ConfigError("--page-size: expected a positive integer")
+        with SqliteStore(path) as store:
+            return _store_sync(settings, store, page_size=args.page_size)
+    if args.store_command == "list":
+        with SqliteStore(path, create=False) as store:
+            return _store_list(settings, store, as_json=args.json)
+    rows = load_import_file(args.path)  # read it all before the store is touched
+    with SqliteStore(path) as store:
+        try:
+            summary = store.import_entries(rows)
+        except StoreError as exc:
+            raise StoreError(f"{args.path}: {exc}; nothing was imported") from None
+    print(
+        f"{summary.rows} rows: {summary.new_studies} new examinations, "
+        f"{summary.new_series} new acquisitions"
+    )
+    return 0
+
+
+class _SyncDisplay:
+    """The progress line of ``store sync``: on stderr, in place, only on a terminal."""
+
+    def __init__(self) -> None:
+        self.live = sys.stderr.isatty()
+        self.shown = False
+        self._last = 0.0
+
+    def __call__(self, state: SyncProgress) -> None:
+        now = time.monotonic()
+        if not self.live or (state.phase != "done" and now - self._last < 0.1):
+            return
+        self._last = now
+        if state.phase == "listing":
+            text = f"listing studies: {state.listed}"
+        else:
+            text = (
+                f"{state.studies}/{state.total} studies, "
+                f"{state.series} series ({state.new_series} new)"
+            )
+        sys.stderr.write(f"\r\x1b[Kstore sync: {text}")
+        sys.stderr.flush()
+        self.shown = True
+
+    def end(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.shown = False
+
+
+def _store_sync(settings: Settings, store: SqliteStore, *, page_size: int) -> int:
+    """Walk the upstream and register what is new; the summary goes to stdout."""
+    state = SyncProgress()
+    display = _SyncDisplay()
+
+    async def run() -> None:
+        upstream = Upstream(settings.upstream)
+        try:
+            await sync_store(store, upstream, page_size=page_size, progress=state, report=display)
+        finally:
+            await upstream.aclose()
+
+    try:
+        asyncio.run(run())
+    except (ProxyError, KeyboardInterrupt) as exc:
+        display.end()
+        reason = exc.detail if isinstance(exc, ProxyError) else "interrupted"
+        print(f"error: store sync: {reason}", file=sys.stderr)
+        print(f"stopped after {state.summary()}: store sync again to carry on", file=sys.stderr)
+        return 1 if isinstance(exc, ProxyError) else 130
+    display.end()
+    for conflict in state.conflicts:
+        print(f"warning: {conflict}: left out", file=sys.stderr)
+    print(state.summary())
+    return 1 if state.conflicts else 0
+
+
+def _store_list(settings: Settings, store: SqliteStore, *, as_json: bool) -> int:
+    """Examinations by ID, each with its real study UID and acquisitions.
+
+    ``--json`` writes one array (which ``store import`` reads back)::
+
+        [{"exam_id": 1, "study_uid": "1.2.…", "public_study_uid": "1.4.9.….1",
+          "acquisitions": [{"acquisition_id": 1, "series_uid": "1.2.…",
+                            "public_series_uid": "1.4.9.….1"}]}]
+
+    Public UIDs are formatted with ``[mapping] study_root``/``series_root`` when
+    ``[mapping] backend = "sqlite"`` (the one backend that serves these IDs); null otherwise.
+    """
+    mapping = settings.mapping
+    formatter = UidFormatter(mapping.study_root, mapping.series_root)
+    public = mapping.backend == "sqlite"
+    entries = store.entries()
+    if as_json:
+        data = [
+            {
+                "exam_id": entry.exam_id,
+                "study_uid": entry.study_uid,
+                "public_study_uid": formatter.study_uid(entry.exam_id) if public else None,
+                "acquisitions": [
+                    {
+                        "acquisition_id": series.acquisition_id,
+                        "series_uid": series.series_uid,
+                        "public_series_uid": (
+                            formatter.series_uid(series.acquisition_id) if public else None
+                        ),
+                    }
+                    for series in entry.acquisitions
+                ],
+            }
+            for entry in entries
+        ]
+        print(json.dumps(data, indent=2))
+        return 0
+    acquisitions = 0
+    for entry in entries:
+        shown = f"  public {formatter.study_uid(entry.exam_id)}" if public else ""
+        print(f"examination {entry.exam_id}  study {entry.study_uid}{shown}")
+        for series in entry.acquisitions:
+            shown = f"  public {formatter.series_uid(series.acquisition_id)}" if public else ""
+            print(f"  acquisition {series.acquisition_id}  series {series.series_uid}{shown}")
+        acquisitions += len(entry.acquisitions)
+    print(f"{len(entries)} examinations, {acquisitions} acquisitions")
+    return 0

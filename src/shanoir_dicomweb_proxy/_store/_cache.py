@@ -1,0 +1,158 @@
+"""A TTL cache in front of any identifier map."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection, Hashable, Mapping
+from typing import Any, Generic, TypeVar
+
+import anyio
+import anyio.to_thread
+from cachetools import TTLCache
+
+from .._identifiers import IdentifierMap, SeriesEntry
+
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+_ABSENT: Any = object()
+
+
+class _Lookup(Generic[_K, _V]):
+    """One direction of one kind: answers, unknowns, and the lookups in flight."""
+
+    def __init__(self, ttl: float, negative_ttl: float, maxsize: int) -> None:
+        self.found: TTLCache[_K, _V] = TTLCache(maxsize=maxsize, ttl=ttl)
+        self.unknown: TTLCache[_K, bool] = TTLCache(maxsize=maxsize, ttl=negative_ttl)
+        self.pending: dict[_K, anyio.Event] = {}
+
+    def learn(self, key: _K, value: _V) -> None:
+        self.found[key] = value  # found is asked before unknown: no need to clear it there
+
+    def cached(self, key: _K) -> _V:
+        # cachetools' get() checks the expiry twice (contains, then getitem): 3x slower.
+        try:
+            return self.found[key]
+        except KeyError:
+            return _ABSENT  # type: ignore[no-any-return]
+
+    async def get(
+        self,
+        keys: Collection[_K],
+        fetch: Callable[[list[_K]], Awaitable[Mapping[_K, _V]]],
+        mirror: Callable[[_K, _V], None],
+    ) -> dict[_K, _V]:
+        result: dict[_K, _V] = {}
+        missing: list[_K] = []
+        waiting: list[tuple[_K, anyio.Event]] = []
+        for key in set(keys):
+            value = self.cached(key)
+            if value is not _ABSENT:
+                result[key] = value
+            elif key in self.unknown:
+                continue
+            elif key in self.pending:
+                waiting.append((key, self.pending[key]))
+            else:
+                missing.append(key)
+        if missing:
+            await self._fetch(missing, fetch, mirror, result)
+        retry: list[_K] = []
+        for key, event in waiting:
+            # Another task is asking the inner map for this key: share its answer.
+            await event.wait()
+            value = self.cached(key)
+            if value is not _ABSENT:
+                result[key] = value
+            elif key not in self.unknown:
+                retry.append(key)  # that lookup failed (or its answer already expired)
+        if retry:
+            await self._fetch(retry, fetch, mirror, result)
+        return result
+
+    async def _fetch(
+        self,
+        keys: list[_K],
+        fetch: Callable[[list[_K]], Awaitable[Mapping[_K, _V]]],
+        mirror: Callable[[_K, _V], None],
+        result: dict[_K, _V],
+    ) -> None:
+        event = anyio.Event()
+        for key in keys:
+            self.pending[key] = event
+        try:
+            answer = await fetch(keys)
+            for key in keys:
+                value = answer.get(key, _ABSENT)
+                if value is _ABSENT:
+                    self.unknown[key] = True
+                else:
+                    result[key] = value
+                    self.learn(key, value)
+                    mirror(key, value)
+        finally:
+            for key in keys:
+                if self.pending.get(key) is event:
+                    del self.pending[key]
+            event.set()
+
+
+class CachingIdentifierMap:
+    """A TTL cache (cachetools) in front of any :class:`IdentifierMap`.
+
+    Answers are kept for ``ttl`` seconds, at most ``maxsize`` per direction and kind; an
+    answer in one direction also fills the other. UIDs and IDs the inner map does not know are
+    remembered for ``negative_ttl`` seconds (5 by default, never more than ``ttl``), so that a
+    flood of made-up UIDs reaches the inner map once per UID per 5 s, while a study registered
+    meanwhile shows up within 5 s. A batch asks the inner map only for what is missing, and
+    concurrent batches wanting the same key share one inner lookup.
+    """
+
+    def __init__(
+        self, inner: IdentifierMap, *, ttl: float, maxsize: int, negative_ttl: float = 5.0
+    ) -> None:
+        if ttl < 0 or negative_ttl < 0:
+            raise ValueError("ttl and negative_ttl must be >= 0")
+        if maxsize < 1:
+            raise ValueError("maxsize must be >= 1")
+        self.inner = inner
+        self.ttl = ttl
+        self.maxsize = maxsize
+        self.negative_ttl = min(negative_ttl, ttl)
+        negative = self.negative_ttl
+        self._study_ids = _Lookup[str, int](ttl, negative, maxsize)
+        self._study_uids = _Lookup[int, str](ttl, negative, maxsize)
+        self._series_by_uid = _Lookup[str, SeriesEntry](ttl, negative, maxsize)
+        self._series_by_id = _Lookup[int, SeriesEntry](ttl, negative, maxsize)
+
+    def __repr__(self) -> str:
+        return (
+            f"CachingIdentifierMap({self.inner!r}, ttl={self.ttl}, maxsize={self.maxsize}, "
+            f"negative_ttl={self.negative_ttl})"
+        )
+
+    async def studies_by_uid(self, uids: Collection[str]) -> Mapping[str, int]:
+        """Real study UID → examination ID."""
+        return await self._study_ids.get(
+            uids, self.inner.studies_by_uid, lambda uid, exam: self._study_uids.learn(exam, uid)
+        )
+
+    async def studies_by_id(self, exam_ids: Collection[int]) -> Mapping[int, str]:
+        """Examination ID → real study UID."""
+        return await self._study_uids.get(
+            exam_ids, self.inner.studies_by_id, lambda exam, uid: self._study_ids.learn(uid, exam)
+        )
+
+    async def series_by_uid(self, uids: Collection[str]) -> Mapping[str, SeriesEntry]:
+        """Real series UID → its entry."""
+        return await self._series_by_uid.get(
+            uids,
+            self.inner.series_by_uid,
+            lambda _, entry: self._series_by_id.learn(entry.acquisition_id, entry),
+        )
+
+    async def series_by_id(self, acquisition_ids: Collection[int]) -> Mapping[int, SeriesEntry]:
+        """Acquisition ID → its entry."""
+        return await self._series_by_id.get(
+            acquisition_ids,
+            self.inner.series_by_id,
+            lambda _, entry: self._series_by_uid.learn(entry.series_uid, entry),
+        )

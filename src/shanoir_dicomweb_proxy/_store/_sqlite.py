@@ -1,0 +1,534 @@
+"""The SQLite file of the embedded store, and the identifier map answered from it."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from .._identifiers import SeriesEntry
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used, or refused a change; the message says why."""
+
+
+class StoreConflict(StoreError):
+    """A registration or an import contradicts what the store (or the same import) holds."""
+
+
+# --- schema ------------------------------------------------------------------------------------
+
+# Migration N (1-based) takes a store from user_version N-1 to N. Append, never edit: a file
+# written by an older version is brought forward on open, one step at a time.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        # AUTOINCREMENT: an ID is never reused, even if its row were deleted one day, since
+        # clients keep public UIDs (bookmarks, viewer states, SEG references).
+        "CREATE TABLE examinations ("
+        " exam_id INTEGER PRIMARY KEY AUTOINCREMENT CHECK (exam_id > 0),"
+        " study_uid TEXT UNIQUE NOT NULL CHECK (study_uid <> ''))",
+        "CREATE TABLE acquisitions ("
+        " acquisition_id INTEGER PRIMARY KEY AUTOINCREMENT CHECK (acquisition_id > 0),"
+        " exam_id INTEGER NOT NULL REFERENCES examinations (exam_id),"
+        " series_uid TEXT UNIQUE NOT NULL CHECK (series_uid <> ''))",
+        "CREATE INDEX acquisitions_by_exam ON acquisitions (exam_id, acquisition_id)",
+    ),
+)
+
+SCHEMA_VERSION = len(_MIGRATIONS)
+"""The schema version this code writes (``PRAGMA user_version``)."""
+
+# PRAGMA application_id: marks the file as a store of this project ("SDWP").
+_APPLICATION_ID = 0x53445750
+# SQLite before 3.32 allows 999 parameters per statement.
+_CHUNK = 500
+_MAX_ID = 2**63 - 1  # SQLite's INTEGER
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+
+
+@dataclass(frozen=True, slots=True)
+class StudyEntry:
+    """An examination, its real study UID and its acquisitions (by acquisition ID)."""
+
+    exam_id: int
+    study_uid: str
+    acquisitions: tuple[SeriesEntry, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """What :meth:`SqliteStore.register` did for one study and its series."""
+
+    exam_id: int
+    new_study: bool
+    series: Mapping[str, int]  # series UID → acquisition ID, for the series registered
+    new_series: int
+    conflicts: tuple[str, ...] = ()  # series left out: they belong to another examination
+
+
+@dataclass(frozen=True, slots=True)
+class ImportRow:
+    """One binding to import: an examination, and optionally one of its acquisitions.
+
+    ``where`` names the row in error messages (``line 7``); ``row N`` when empty.
+    """
+
+    exam_id: int
+    study_uid: str
+    acquisition_id: int | None = None
+    series_uid: str | None = None
+    where: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ImportSummary:
+    """What :meth:`SqliteStore.import_entries` did."""
+
+    rows: int
+    new_studies: int
+    new_series: int
+
+
+class SqliteStore:
+    """The embedded store: one SQLite file (WAL journal, foreign keys on).
+
+    The schema is migrated on open; a file written by a newer version is refused. With
+    ``create=False`` a missing file is an error instead of a new empty store.
+
+    Safe to use from several threads: one connection, every use under one lock. A batch of
+    1000 UIDs is two indexed ``IN (...)`` queries, about 2 ms, mostly spent holding the GIL:
+    50 such batches took 116 ms in turn on one connection, and 170-260 ms spread over 2 to 8
+    threads with a connection each (2 cores). Per-thread connections would also multiply open
+    files and page caches, and could not be closed by the thread that closes the store.
+    """
+
+    def __init__(self, path: str | Path, *, create: bool = True, timeout: float = 10.0) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = _open(self.path, create=create, timeout=timeout)
+
+    def __enter__(self) -> SqliteStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
+
+    def close(self) -> None:
+        """Close the file; later calls raise :class:`StoreError`."""
+        with self._lock:
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                conn.close()
+
+    @property
+    def schema_version(self) -> int:
+        """The file's schema version (``PRAGMA user_version``)."""
+        with self._using() as conn:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+    # --- registration (store sync) ---------------------------------------------------------
+
+    def register_study(self, study_uid: str) -> int:
+        """The examination ID of ``study_uid``, registered with the next ID if it is new."""
+        _check_text("study_uid", study_uid)
+        with self._write() as conn:
+            return _register_study(conn, study_uid)[0]
+
+    def register_series(self, exam_id: int, series_uid: str) -> int:
+        """The acquisition ID of ``series_uid`` in examination ``exam_id``, registered with
+        the next ID if it is new; :class:`StoreConflict` if it belongs to another examination.
+        """
+        _check_text("series_uid", series_uid)
+        with self._write() as conn:
+            return _register_series(conn, exam_id, series_uid)[0]
+
+    def register(self, study_uid: str, series_uids: Iterable[str]) -> Registration:
+        """Register a study and its series in one transaction, in the order given.
+
+        A series already registered under another examination is left out and reported in
+        ``conflicts``; the others are registered.
+        """
+        _check_text("study_uid", study_uid)
+        uids = list(dict.fromkeys(series_uids))
+        for uid in uids:
+            _check_text("series_uid", uid)
+        series: dict[str, int] = {}
+        conflicts: list[str] = []
+        new_series = 0
+        with self._write() as conn:
+            exam_id, new_study = _register_study(conn, study_uid)
+            for uid in uids:
+                try:
+                    series[uid], new = _register_series(conn, exam_id, uid)
+                except StoreConflict as exc:
+                    conflicts.append(f"study {study_uid}: {exc}")
+                    continue
+                new_series += new
+        return Registration(exam_id, new_study, series, new_series, tuple(conflicts))
+
+    # --- import ----------------------------------------------------------------------------
+
+    def import_entries(self, rows: Iterable[ImportRow]) -> ImportSummary:
+        """Bind explicit IDs to UIDs, all rows or none (one transaction).
+
+        A row that repeats what the store holds changes nothing. :class:`StoreConflict`, naming
+        the row and both values, when an ID is bound to another UID, a UID to another ID, a
+        series to another examination, or a row repeats an earlier row of the same import.
+        """
+        count = new_studies = new_series = 0
+        seen: dict[tuple[object, ...], str] = {}
+        origin: dict[tuple[str, object], str] = {}  # what this import bound, and where
+        with self._write() as conn:
+            for count, row in enumerate(rows, 1):
+                where = row.where or f"row {count}"
+                _check_row(row, where)
+                key = (row.exam_id, row.study_uid, row.acquisition_id, row.series_uid)
+                if key in seen:
+                    raise StoreConflict(f"{where}: duplicate of {seen[key]}")
+                seen[key] = where
+                new_studies += _import_study(conn, row, where, origin)
+                if row.acquisition_id is not None:
+                    new_series += _import_series(conn, row, where, origin)
+        return ImportSummary(count, new_studies, new_series)
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def entries(self) -> list[StudyEntry]:
+        """Every examination with its acquisitions, by ID (one consistent snapshot)."""
+        with self._read() as conn:
+            studies = conn.execute(
+                "SELECT exam_id, study_uid FROM examinations ORDER BY exam_id"
+            ).fetchall()
+            series = conn.execute(
+                "SELECT acquisition_id, exam_id, series_uid FROM acquisitions"
+                " ORDER BY exam_id, acquisition_id"
+            ).fetchall()
+        by_exam: dict[int, list[SeriesEntry]] = {}
+        for acquisition_id, exam_id, uid in series:
+            by_exam.setdefault(exam_id, []).append(SeriesEntry(acquisition_id, exam_id, uid))
+        return [StudyEntry(e, uid, tuple(by_exam.get(e, ()))) for e, uid in studies]
+
+    def lookup_studies_by_uid(self, uids: Iterable[str]) -> dict[str, int]:
+        """Real study UID → examination ID, for the UIDs the store knows."""
+        sql = "SELECT study_uid, exam_id FROM examinations WHERE study_uid IN ({})"
+        return dict(self._select(sql, _texts(uids)))
+
+    def lookup_studies_by_id(self, exam_ids: Iterable[int]) -> dict[int, str]:
+        """Examination ID → real study UID, for the IDs the store knows."""
+        sql = "SELECT exam_id, study_uid FROM examinations WHERE exam_id IN ({})"
+        return dict(self._select(sql, _ids(exam_ids)))
+
+    def lookup_series_by_uid(self, uids: Iterable[str]) -> dict[str, SeriesEntry]:
+        """Real series UID → its entry, for the UIDs the store knows."""
+        sql = (
+            "SELECT acquisition_id, exam_id, series_uid FROM acquisitions WHERE series_uid IN ({})"
+        )
+        return {row[2]: SeriesEntry(*row) for row in self._select(sql, _texts(uids))}
+
+    def lookup_series_by_id(self, acquisition_ids: Iterable[int]) -> dict[int, SeriesEntry]:
+        """Acquisition ID → its entry, for the IDs the store knows."""
+        sql = (
+            "SELECT acquisition_id, exam_id, series_uid FROM acquisitions"
+            " WHERE acquisition_id IN ({})"
+        )
+        return {row[0]: SeriesEntry(*row) for row in self._select(sql, _ids(acquisition_ids))}
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    def _select(self, sql: str, keys: list[Any]) -> list[Any]:
+        rows: list[Any] = []
+        with self._using() as conn:
+            for start in range(0, len(keys), _CHUNK):
+                chunk = keys[start : start + _CHUNK]
+                query = sql.format(",".join("?" * len(chunk)))
+                rows += conn.execute(query, chunk).fetchall()
+        return rows
+
+    @contextmanager
+    def _using(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._conn is None:
+                raise StoreError(f"{self.path}: the store is closed")
+            try:
+                yield self._conn
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; IMMEDIATE so that two writers wait instead of failing."""
+        with self._using() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._using() as conn:
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("ROLLBACK")  # nothing was written: just end the snapshot
+
+
+def _open(path: Path, *, create: bool, timeout: float) -> sqlite3.Connection:
+    if not create and not path.exists():
+        raise StoreError(f"{path}: no store there (store sync or store import creates one)")
+    mode = "rwc" if create else "rw"
+    try:
+        # isolation_level=None: transactions are explicit (BEGIN … COMMIT), nothing implicit.
+        conn = sqlite3.connect(
+            f"{path.absolute().as_uri()}?mode={mode}",
+            uri=True,
+            timeout=timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot open the store: {exc}") from exc
+    try:
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA journal_mode = WAL")
+        _migrate(conn, path)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StoreError(f"{path}: cannot open the store: {exc}") from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    version = _check_version(conn, path)
+    if version == SCHEMA_VERSION:
+        return  # the usual case: no write lock taken
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = _check_version(conn, path)  # another process may have migrated meanwhile
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[number - 1]:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+        conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _check_version(conn: sqlite3.Connection, path: Path) -> int:
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    application = int(conn.execute("PRAGMA application_id").fetchone()[0])
+    if application not in (0, _APPLICATION_ID) or (
+        version == 0 and conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone()
+    ):
+        raise StoreError(f"{path}: not a shanoir-dicomweb-proxy store (another database)")
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: the store has schema version {version}, newer than this version of "
+            f"shanoir-dicomweb-proxy understands ({SCHEMA_VERSION}): upgrade "
+            "shanoir-dicomweb-proxy, or point [store] path at another file"
+        )
+    return version
+
+
+def _register_study(conn: sqlite3.Connection, uid: str) -> tuple[int, bool]:
+    row = conn.execute("SELECT exam_id FROM examinations WHERE study_uid = ?", (uid,)).fetchone()
+    if row is not None:
+        return int(row[0]), False
+    cursor = conn.execute("INSERT INTO examinations (study_uid) VALUES (?)", (uid,))
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid, True
+
+
+def _register_series(conn: sqlite3.Connection, exam_id: int, uid: str) -> tuple[int, bool]:
+    row = conn.execute(
+        "SELECT acquisition_id, exam_id FROM acquisitions WHERE series_uid = ?", (uid,)
+    ).fetchone()
+    if row is not None:
+        if row[1] != exam_id:
+            raise StoreConflict(
+                f"series {uid} is acquisition {row[0]} of examination {row[1]}, "
+                f"not of examination {exam_id}"
+            )
+        return int(row[0]), False
+    if not _exists(conn, "examinations", "exam_id", exam_id):
+        raise StoreError(f"examination {exam_id} does not exist")
+    cursor = conn.execute(
+        "INSERT INTO acquisitions (exam_id, series_uid) VALUES (?, ?)", (exam_id, uid)
+    )
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid, True
+
+
+def _exists(conn: sqlite3.Connection, table: str, column: str, value: object) -> bool:
+    sql = f"SELECT 1 FROM {table} WHERE {column} = ?"
+    return conn.execute(sql, (value,)).fetchone() is not None
+
+
+def _import_study(
+    conn: sqlite3.Connection, row: ImportRow, where: str, origin: dict[tuple[str, object], str]
+) -> bool:
+    exam_id, uid = row.exam_id, row.study_uid
+    by_id = conn.execute(
+        "SELECT study_uid FROM examinations WHERE exam_id = ?", (exam_id,)
+    ).fetchone()
+    if by_id is not None and by_id[0] != uid:
+        raise StoreConflict(
+            f"{where}: examination {exam_id} is already study {by_id[0]} "
+            f"({_origin(origin, 'exam', exam_id)}); this row says study {uid}"
+        )
+    by_uid = conn.execute("SELECT exam_id FROM examinations WHERE study_uid = ?", (uid,)).fetchone()
+    if by_uid is not None and by_uid[0] != exam_id:
+        raise StoreConflict(
+            f"{where}: study {uid} is already examination {by_uid[0]} "
+            f"({_origin(origin, 'study', uid)}); this row says examination {exam_id}"
+        )
+    if by_id is not None:
+        return False
+    conn.execute("INSERT INTO examinations (exam_id, study_uid) VALUES (?, ?)", (exam_id, uid))
+    origin["exam", exam_id] = origin["study", uid] = where
+    return True
+
+
+def _import_series(
+    conn: sqlite3.Connection, row: ImportRow, where: str, origin: dict[tuple[str, object], str]
+) -> bool:
+    acquisition_id, uid, exam_id = row.acquisition_id, row.series_uid, row.exam_id
+    by_id = conn.execute(
+        "SELECT series_uid FROM acquisitions WHERE acquisition_id = ?", (acquisition_id,)
+    ).fetchone()
+    if by_id is not None and by_id[0] != uid:
+        raise StoreConflict(
+            f"{where}: acquisition {acquisition_id} is already series {by_id[0]} "
+            f"({_origin(origin, 'acquisition', acquisition_id)}); this row says series {uid}"
+        )
+    by_uid = conn.execute(
+        "SELECT acquisition_id, exam_id FROM acquisitions WHERE series_uid = ?", (uid,)
+    ).fetchone()
+    if by_uid is not None and by_uid[0] != acquisition_id:
+        raise StoreConflict(
+            f"{where}: series {uid} is already acquisition {by_uid[0]} "
+            f"({_origin(origin, 'series', uid)}); this row says acquisition {acquisition_id}"
+        )
+    if by_uid is not None and by_uid[1] != exam_id:
+        raise StoreConflict(
+            f"{where}: acquisition {acquisition_id} belongs to examination {by_uid[1]} "
+            f"({_origin(origin, 'series', uid)}); this row says examination {exam_id}"
+        )
+    if by_uid is not None:
+        return False
+    conn.execute(
+        "INSERT INTO acquisitions (acquisition_id, exam_id, series_uid) VALUES (?, ?, ?)",
+        (acquisition_id, exam_id, uid),
+    )
+    origin["acquisition", acquisition_id] = origin["series", uid] = where
+    return True
+
+
+def _origin(origin: dict[tuple[str, object], str], kind: str, key: object) -> str:
+    where = origin.get((kind, key))
+    return f"by {where}" if where else "in the store"
+
+
+def _check_text(name: str, value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise StoreError(f"{name}: expected a non-empty string, got {value!r}")
+
+
+def _check_row(row: ImportRow, where: str) -> None:
+    _check_id(where, "exam_id", row.exam_id)
+    _check_uid(where, "study_uid", row.study_uid)
+    if (row.acquisition_id is None) != (row.series_uid is None):
+        raise StoreError(
+            f"{where}: acquisition_id and series_uid go together (both, or neither for an "
+            "examination without acquisitions)"
+        )
+    if row.acquisition_id is not None:
+        _check_id(where, "acquisition_id", row.acquisition_id)
+        _check_uid(where, "series_uid", row.series_uid)
+
+
+def _check_id(where: str, name: str, value: object) -> None:
+    if type(value) is not int or not 0 < value <= _MAX_ID:
+        raise StoreError(f"{where}: {name}: expected a positive integer, got {value!r}")
+
+
+def _check_uid(where: str, name: str, value: object) -> None:
+    if not isinstance(value, str) or len(value) > 64 or not _UID.fullmatch(value):
+        raise StoreError(
+            f"{where}: {name}: expected a UID (digits and dots, at most 64 characters), "
+            f"got {value!r}"
+        )
+
+
+def _texts(values: Iterable[str]) -> list[str]:
+    return list({v for v in values if isinstance(v, str)})
+
+
+def _ids(values: Iterable[int]) -> list[int]:
+    # An ID beyond SQLite's INTEGER cannot be stored, so it is not known (rather than an
+    # OverflowError on a public UID of 20 digits).
+    return list({v for v in values if isinstance(v, int) and 0 < v <= _MAX_ID})
+
+
+_T = TypeVar("_T")
+
+
+class SqliteIdentifierMap:
+    """The ``IdentifierMap`` of a :class:`SqliteStore`: each batch is one call in a worker
+    thread (``anyio.to_thread``), one at a time.
+
+    One at a time because the store serializes on its lock anyway: queued tasks wait here, on
+    the event loop, rather than as threads blocked on the lock holding tokens of anyio's
+    shared thread pool (which the upload spooling also uses). The store is not closed here:
+    whoever opened it closes it.
+    """
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.store = store
+        self._limiter = anyio.CapacityLimiter(1)
+
+    def __repr__(self) -> str:
+        return f"SqliteIdentifierMap({self.store!r})"
+
+    async def _run(self, func: Callable[[list[Any]], _T], keys: Collection[Any]) -> _T:
+        return await anyio.to_thread.run_sync(func, list(keys), limiter=self._limiter)
+
+    async def studies_by_uid(self, uids: Collection[str]) -> Mapping[str, int]:
+        """Real study UID → examination ID."""
+        return await self._run(self.store.lookup_studies_by_uid, uids) if uids else {}
+
+    async def studies_by_id(self, exam_ids: Collection[int]) -> Mapping[int, str]:
+        """Examination ID → real study UID."""
+        return await self._run(self.store.lookup_studies_by_id, exam_ids) if exam_ids else {}
+
+    async def series_by_uid(self, uids: Collection[str]) -> Mapping[str, SeriesEntry]:
+        """Real series UID → its entry."""
+        return await self._run(self.store.lookup_series_by_uid, uids) if uids else {}
+
+    async def series_by_id(self, acquisition_ids: Collection[int]) -> Mapping[int, SeriesEntry]:
+        """Acquisition ID → its entry."""
+        if not acquisition_ids:
+            return {}
+        return await self._run(self.store.lookup_series_by_id, acquisition_ids)
