@@ -145,6 +145,8 @@ def parse_media_type(value: str) -> MediaType:
 
 def split_accept(value: str) -> list[MediaType]:
     """Split an ``Accept`` header into media ranges, honouring quoted commas."""
+    if '"' not in value:  # the common case, on every request: no quoted parameter
+        return [parse_media_type(part) for part in value.split(",") if part.strip()]
     parts: list[str] = []
     current: list[str] = []
     quoted = False
