@@ -246,9 +246,11 @@ async def test_principal(keys: KeySet, jwks_file: Path) -> None:
 
 async def test_cached_principal_expires_with_the_token(keys: KeySet, jwks_file: Path) -> None:
     app = build(Upstream(), auth=_auth(jwks_file, leeway=0))
-    token = _sign(keys, _claims(exp=int(time.time()) + 1))
+    # exp is whole seconds: 2 s ahead is at least 1 s of validity, however slow the machine.
+    exp = int(time.time()) + 2
+    token = _sign(keys, _claims(exp=exp))
     assert (await _get(app, token)).status == 200
-    await asyncio.sleep(1.6)
+    await asyncio.sleep(exp - time.time() + 0.2)
     _refused(await _get(app, token))
 
 
