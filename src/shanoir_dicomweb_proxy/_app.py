@@ -5,15 +5,14 @@ from __future__ import annotations
 import logging
 from types import TracebackType
 
-import orjson
 from starlette.middleware.cors import CORSMiddleware
 
 from ._auth import AuthMiddleware, AuthUnavailable, TokenValidator
 from ._config import Settings
-from ._edge import ErrorMiddleware
+from ._edge import ErrorMiddleware, send_json
 from ._errors import ConfigError
 from ._rewrite import RewriteMiddleware
-from ._routing import RoutingMiddleware
+from ._routing import RoutingMiddleware, route_path
 from ._types import ASGIApp, Receive, Scope, Send
 from ._upstream import Upstream, UpstreamProxy
 
@@ -102,16 +101,9 @@ class DicomWebProxy:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
-        if scope["type"] == "http" and _route_path(scope) == "/healthz":
-            body = orjson.dumps({"status": "ok"})
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [(b"content-type", b"application/json")],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+        if scope["type"] == "http" and route_path(scope) == "/healthz":
+            json_type = [(b"content-type", b"application/json")]
+            await send_json(send, 200, {"status": "ok"}, headers=json_type)
             return
         await self.app(scope, receive, send)
 
@@ -125,12 +117,6 @@ class DicomWebProxy:
                 await self.__aexit__(None, None, None)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-
-
-def _route_path(scope: Scope) -> str:
-    path: str = scope["path"]
-    root_path: str = scope.get("root_path", "")
-    return path[len(root_path) :] if root_path and path.startswith(root_path) else path
 
 
 def _check_available(settings: Settings) -> None:

@@ -7,26 +7,29 @@ import logging
 import orjson
 
 from ._errors import ProxyError
-from ._types import ASGIApp, Message, Receive, Scope, Send
+from ._types import ASGIApp, Headers, Message, Receive, Scope, Send
 
-__all__ = ["ErrorMiddleware", "send_problem"]
+__all__ = ["ErrorMiddleware", "send_json", "send_problem"]
 
 logger = logging.getLogger("shanoir_dicomweb_proxy")
 
 
+async def send_json(
+    send: Send, status: int, data: object, *, headers: Headers | None = None
+) -> None:
+    """Answer ``data`` as a small, complete JSON response."""
+    body = orjson.dumps(data)
+    start = [(b"content-length", str(len(body)).encode()), *(headers or [])]
+    await send({"type": "http.response.start", "status": status, "headers": start})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def send_problem(send: Send, error: ProxyError) -> None:
     """Answer ``error`` as ``application/problem+json``."""
-    body = orjson.dumps(
-        {"status": error.status, "code": error.code, "detail": error.detail},
-    )
-    headers = [
-        (b"content-type", b"application/problem+json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-    ]
+    headers = [(b"content-type", b"application/problem+json"), (b"cache-control", b"no-store")]
     headers += [(k.encode(), v.encode()) for k, v in error.headers.items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    data = {"status": error.status, "code": error.code, "detail": error.detail}
+    await send_json(send, error.status, data, headers=headers)
 
 
 class ErrorMiddleware:

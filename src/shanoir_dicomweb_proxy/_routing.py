@@ -239,16 +239,20 @@ def _parse_query(raw: bytes) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def route_path(scope: Scope) -> str:
+    """The request path below the mount point (``root_path``) of this app."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    return path[len(root_path) :] if root_path and path.startswith(root_path) else path
+
+
 def parse_route(scope: Scope, *, base_path: str) -> tuple[DicomWebRequest, tuple[str, ...]]:
     """Parse an HTTP scope into a DICOMweb request and the methods its path allows.
 
     Raises NotFound for a path that is not a Studies Service route below ``base_path``,
     MethodNotAllowed for a method the route does not take, BadRequest for a broken query.
     """
-    path: str = scope["path"]
-    root_path: str = scope.get("root_path", "")
-    if root_path and path.startswith(root_path):
-        path = path[len(root_path) :]
+    path = route_path(scope)
     if not path.startswith(base_path + "/"):
         raise NotFound("not a DICOMweb resource")
     segments = path[len(base_path) + 1 :].split("/")
