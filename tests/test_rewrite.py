@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from shanoir_dicomweb_proxy import UpstreamError
-from shanoir_dicomweb_proxy._multipart import MultipartTransformer
+from shanoir_dicomweb_proxy._multipart import BufferedPart, MultipartRewriter
 from shanoir_dicomweb_proxy._rewrite import LinkRewriter
 
 OLD = b"http://pacs:8042/dicom-web/"
@@ -26,15 +29,15 @@ def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
 def test_stream_equals_whole(pieces: list[bytes], cuts: list[int]) -> None:
     data = b"".join(pieces)
     rewriter = LinkRewriter(OLD, NEW)
-    out = b"".join(rewriter.feed(chunk) for chunk in _chunks(data, cuts)) + rewriter.close()
+    out = b"".join(rewriter.rewrite(chunk) for chunk in _chunks(data, cuts)) + rewriter.flush()
     assert out == data.replace(OLD, NEW)
 
 
 def test_holds_back_at_most_a_partial_link() -> None:
     rewriter = LinkRewriter(OLD, NEW)
-    assert rewriter.feed(b"abc" + OLD[:10]) == b"abc"
-    assert rewriter.feed(OLD[10:] + b"x") == NEW + b"x"
-    assert rewriter.close() == b""
+    assert rewriter.rewrite(b"abc" + OLD[:10]) == b"abc"
+    assert rewriter.rewrite(OLD[10:] + b"x") == NEW + b"x"
+    assert rewriter.flush() == b""
 
 
 def _multipart(bodies: list[bytes], boundary: bytes = b"b0undary") -> bytes:
@@ -45,6 +48,18 @@ def _multipart(bodies: list[bytes], boundary: bytes = b"b0undary") -> bytes:
     return out + b"--" + boundary + b"--\r\n"
 
 
+def _rewriter(transform: Callable[[bytes], bytes], max_bytes: int = 1 << 20) -> MultipartRewriter:
+    async def run(body: bytes) -> bytes:
+        return transform(body)
+
+    return MultipartRewriter(b"b0undary", lambda _: BufferedPart(run, max_bytes=max_bytes))
+
+
+async def _feed(rewriter: MultipartRewriter, chunks: list[bytes], *, close: bool = True) -> bytes:
+    out = b"".join([await rewriter.feed(c) for c in chunks])
+    return out + (await rewriter.close() if close else b"")
+
+
 @given(
     bodies=st.lists(
         st.binary(max_size=200).map(lambda b: b.replace(b"b0undary", b"")), min_size=1, max_size=5
@@ -53,20 +68,27 @@ def _multipart(bodies: list[bytes], boundary: bytes = b"b0undary") -> bytes:
 )
 def test_multipart_parts_keep_their_lengths(bodies: list[bytes], cuts: list[int]) -> None:
     data = _multipart([OLD + b + OLD for b in bodies])
-    transformer = MultipartTransformer(b"b0undary", lambda b: b.replace(OLD, NEW))
-    out = b"".join(transformer.feed(c) for c in _chunks(data, cuts)) + transformer.close()
+    rewriter = _rewriter(lambda b: b.replace(OLD, NEW))
+    out = anyio.run(_feed, rewriter, _chunks(data, cuts))
     assert out == _multipart([NEW + b + NEW for b in bodies])
 
 
-def test_multipart_truncated_is_an_error() -> None:
+async def test_multipart_truncated_is_an_error() -> None:
     data = _multipart([b"<xml/>", b"<xml/>"])
-    transformer = MultipartTransformer(b"b0undary", lambda b: b)
-    transformer.feed(data[:-15])
+    rewriter = _rewriter(lambda b: b)
     with pytest.raises(UpstreamError):
-        transformer.close()
+        await _feed(rewriter, [data[:-15]])
 
 
-def test_multipart_part_size_is_capped() -> None:
-    transformer = MultipartTransformer(b"b0undary", lambda b: b, max_part_bytes=10)
+async def test_multipart_part_size_is_capped() -> None:
     with pytest.raises(UpstreamError):
-        transformer.feed(_multipart([b"x" * 11]))
+        await _feed(_rewriter(lambda b: b, max_bytes=10), [_multipart([b"x" * 11])], close=False)
+
+
+async def test_multipart_dropped_part_leaves_no_trace() -> None:
+    async def drop_second(body: bytes) -> bytes | None:
+        return None if body == b"two" else body
+
+    rewriter = MultipartRewriter(b"b0undary", lambda _: BufferedPart(drop_second))
+    out = await _feed(rewriter, [_multipart([b"one", b"two", b"three"])])
+    assert out == _multipart([b"one", b"three"])

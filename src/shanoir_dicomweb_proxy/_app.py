@@ -8,11 +8,14 @@ from types import TracebackType
 from starlette.middleware.cors import CORSMiddleware
 
 from ._auth import AuthMiddleware, AuthUnavailable, TokenValidator
+from ._backends import ManagedIdentifierMap, build_identifier_map
 from ._config import Settings
 from ._edge import ErrorMiddleware, send_json
 from ._errors import ConfigError
+from ._identifiers import IdentifierMap, UidFormatter
 from ._rewrite import RewriteMiddleware
 from ._routing import RoutingMiddleware, route_path
+from ._translating import IdentifierTranslator, TranslationMiddleware
 from ._types import ASGIApp, Receive, Scope, Send
 from ._upstream import Upstream, UpstreamProxy
 
@@ -27,6 +30,9 @@ class DicomWebProxy:
     Serves the DICOMweb service under ``[server] base_path`` and ``/healthz`` at its root. The
     upstream client is opened by the ASGI lifespan; a host app that mounts this one (Starlette
     runs no lifespan for mounted apps) enters it in its own lifespan with ``async with proxy:``.
+
+    ``identifiers`` replaces the identifier map ``[mapping] backend`` would build (a host app's
+    own :class:`IdentifierMap`); the caller then closes it.
     """
 
     def __init__(
@@ -35,19 +41,34 @@ class DicomWebProxy:
         *,
         upstream: Upstream | None = None,
         validator: TokenValidator | None = None,
+        identifiers: IdentifierMap | None = None,
     ) -> None:
         _check_available(settings)
         self.settings = settings
         self.upstream = upstream or Upstream(settings.upstream)
         self.validator: TokenValidator | None = None
         server = settings.server
+        mapping = settings.mapping
         app: ASGIApp = UpstreamProxy(self.upstream, max_upload_bytes=server.max_upload_bytes)
-        app = RewriteMiddleware(
-            app,
-            upstream_url=settings.upstream.url,
-            public_url=server.public_url,
-            base_path=server.base_path,
-        )
+        links = {
+            "upstream_url": settings.upstream.url,
+            "public_url": server.public_url,
+            "base_path": server.base_path,
+        }
+        self._owned_map: ManagedIdentifierMap | None = None
+        if mapping.backend == "identity" and identifiers is None:
+            app = RewriteMiddleware(app, **links)
+        else:
+            if identifiers is None:
+                identifiers = self._owned_map = build_identifier_map(settings)
+            assert identifiers is not None
+            translator = IdentifierTranslator(
+                identifiers,
+                UidFormatter(mapping.study_root, mapping.series_root),
+                expose_unmapped=mapping.unmapped_series == "expose",
+            )
+            app = TranslationMiddleware(app, translator=translator, **links)
+        self.identifiers = identifiers
         app = RoutingMiddleware(app, base_path=server.base_path)
         auth = settings.auth
         if auth.enabled:
@@ -94,6 +115,8 @@ class DicomWebProxy:
         tb: TracebackType | None,
     ) -> None:
         await self.upstream.aclose()
+        if self._owned_map is not None:
+            await self._owned_map.aclose()
         if self.validator is not None:
             await self.validator.aclose()
 
@@ -122,11 +145,6 @@ class DicomWebProxy:
 def _check_available(settings: Settings) -> None:
     """Refuse settings this version cannot honour, rather than serving with less protection."""
     source = settings.source
-    if settings.mapping.backend != "identity":
-        raise ConfigError(
-            f"{source}: [mapping] backend: {settings.mapping.backend!r} is not available in "
-            'this version; use "identity"'
-        )
     if settings.access.backend != "allow_all":
         raise ConfigError(
             f"{source}: [access] backend: {settings.access.backend!r} is not available in "

@@ -6,10 +6,8 @@ own base URL; they are rewritten to the proxy's public base, as a stream, chunk 
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from ._headers import parse_media_type, public_base_url
-from ._multipart import MultipartTransformer
+from ._multipart import BodyRewriter, BufferedPart, MultipartRewriter
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["LinkRewriter", "RewriteMiddleware"]
@@ -19,17 +17,12 @@ _LINK_TYPES = frozenset({"application/dicom+json", "application/json", "applicat
 _LINK_HEADERS = frozenset({b"content-location", b"location"})
 
 
-class _BodyRewriter(Protocol):
-    def feed(self, chunk: bytes) -> bytes: ...
-    def close(self) -> bytes: ...
-
-
 def _may_carry_links(content_type: bytes | None) -> bool:
     # A cheap test first: most answers (frames, bulk data, Part 10) are not JSON or XML.
     return content_type is not None and (b"json" in content_type or b"xml" in content_type)
 
 
-def _link_rewriter(content_type: bytes | None, old: bytes, new: bytes) -> _BodyRewriter | None:
+def _link_rewriter(content_type: bytes | None, old: bytes, new: bytes) -> BodyRewriter | None:
     """The rewriter for a body of this type, or None when it carries no links."""
     if content_type is None:
         return None
@@ -39,7 +32,10 @@ def _link_rewriter(content_type: bytes | None, old: bytes, new: bytes) -> _BodyR
     boundary = media.params.get("boundary")
     if media.type == "multipart/related" and media.related_type in _LINK_TYPES and boundary:
         # Parts carry their own Content-Length: rewrite part by part, not as a byte stream.
-        return MultipartTransformer(boundary.encode("latin-1"), lambda b: b.replace(old, new))
+        async def replace(body: bytes) -> bytes:
+            return body.replace(old, new)
+
+        return MultipartRewriter(boundary.encode("latin-1"), lambda _: BufferedPart(replace))
     return None
 
 
@@ -57,7 +53,14 @@ class LinkRewriter:
         self.new = new
         self._pending = b""
 
-    def feed(self, chunk: bytes) -> bytes:
+    async def feed(self, chunk: bytes) -> bytes:
+        return self.rewrite(chunk)
+
+    async def close(self) -> bytes:
+        return self.flush()
+
+    def rewrite(self, chunk: bytes) -> bytes:
+        """The output for ``chunk``: all but the bytes that may start a match."""
         data = self._pending + chunk if self._pending else chunk
         start = data.rfind(self.old)
         tail_from = start + len(self.old) if start >= 0 else 0
@@ -73,7 +76,8 @@ class LinkRewriter:
             self._pending = b""
         return data.replace(self.old, self.new) if start >= 0 else data
 
-    def close(self) -> bytes:
+    def flush(self) -> bytes:
+        """The bytes held back, at the end of input."""
         data, self._pending = self._pending, b""
         return data
 
@@ -112,7 +116,7 @@ class _LinkResponder:
         self._scope = scope
         self._send = send
         self._middleware = middleware
-        self._rewriter: _BodyRewriter | None = None
+        self._rewriter: BodyRewriter | None = None
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -137,8 +141,8 @@ class _LinkResponder:
                 self._rewriter = rewriter if self._scope["method"] != "HEAD" else None
             message = {**message, "headers": headers}
         elif message["type"] == "http.response.body" and self._rewriter is not None:
-            body = self._rewriter.feed(message.get("body", b""))
+            body = await self._rewriter.feed(message.get("body", b""))
             if not message.get("more_body", False):
-                body += self._rewriter.close()
+                body += await self._rewriter.close()
             message = {**message, "body": body}
         await self._send(message)

@@ -1,0 +1,197 @@
+"""The rules of identifier translation, whatever the representation (DESIGN §3).
+
+Every representation (DICOM JSON, DICOM XML, Part 10) offers its datasets through the small
+:class:`DatasetView` interface; the rules live here, once:
+
+- (0020,000D) Study Instance UID and (0020,000E) Series Instance UID are translated at every
+  depth, and so is (0008,1155) inside (0008,1110) Referenced Study Sequence items (where it
+  holds a study UID).
+- A study the map does not know is never shown: a top-level dataset (a search row, an
+  instance) of an unknown study is dropped; a nested reference to one is emptied.
+- A series the map does not know is shown as it is (``unmapped_series = "expose"``) inside a
+  study the map knows, and treated like an unknown study otherwise.
+- Links (RetrieveURL, BulkDataURI) name studies and series in their paths: those are
+  translated the same way, and a link to something unknown is removed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = [
+    "DatasetView",
+    "Translation",
+    "UidCollector",
+    "apply_translation",
+    "collect_uids",
+]
+
+STUDY_INSTANCE_UID = 0x0020000D
+SERIES_INSTANCE_UID = 0x0020000E
+REFERENCED_STUDY_SEQUENCE = 0x00081110
+REFERENCED_SOP_INSTANCE_UID = 0x00081155
+RETRIEVE_URL = 0x00081190
+
+#: The tags whose values this module may change; a representation may skip everything else.
+TRANSLATED_TAGS = frozenset(
+    {STUDY_INSTANCE_UID, SERIES_INSTANCE_UID, REFERENCED_SOP_INSTANCE_UID, RETRIEVE_URL}
+)
+
+
+class DatasetView(Protocol):
+    """One dataset (a top-level one or a sequence item) of some representation."""
+
+    def get(self, tag: int) -> list[str] | None:
+        """The values of a string element at this level (padding stripped), or None."""
+        ...
+
+    def put(self, tag: int, values: list[str] | None) -> None:
+        """Replace the values of an element :meth:`get` returned; None empties it."""
+        ...
+
+    def sequences(self) -> Iterable[tuple[int, Iterable[DatasetView]]]:
+        """Every sequence element at this level, as (tag, its items)."""
+        ...
+
+    def map_links(self, rewrite: Callable[[str], str | None]) -> None:
+        """Apply ``rewrite`` to the links held at this level other than RetrieveURL (JSON's
+        BulkDataURI attributes, XML's BulkData elements); None removes the link."""
+        ...
+
+
+@dataclass(slots=True)
+class UidCollector:
+    """Real UIDs met in datasets, gathered to be looked up in one batch."""
+
+    studies: set[str] = field(default_factory=set)
+    series: set[str] = field(default_factory=set)
+
+    def add_link(self, url: str) -> None:
+        for kind, uid in _LINK_UID.findall(url):
+            (self.studies if kind == "studies" else self.series).add(uid)
+
+
+@dataclass(frozen=True, slots=True)
+class Translation:
+    """What a batch lookup found: real UID → public UID, for the known ones only.
+
+    ``upstream_base`` and ``public_base`` are the link prefixes to swap; ``expose_unmapped``
+    is ``[mapping] unmapped_series == "expose"``.
+    """
+
+    studies: Mapping[str, str]
+    series: Mapping[str, str]
+    expose_unmapped: bool = True
+    upstream_base: str = ""
+    public_base: str = ""
+
+    def study(self, uid: str) -> str | None:
+        return self.studies.get(uid)
+
+    def series_uid(self, uid: str, *, study_known: bool) -> str | None:
+        public = self.series.get(uid)
+        if public is not None:
+            return public
+        return uid if study_known and self.expose_unmapped else None
+
+    def link(self, url: str, *, study_known: bool) -> str | None:
+        """The public form of an upstream link, or None when it names something unknown."""
+        unknown = False
+
+        def swap(match: re.Match[str]) -> str:
+            nonlocal unknown
+            kind, uid = match.group(1), match.group(2)
+            if kind == "studies":
+                public = self.study(uid)
+            else:
+                public = self.series_uid(uid, study_known=study_known)
+            if public is None:
+                unknown = True
+                return match.group(0)
+            return f"/{kind}/{public}"
+
+        rewritten = _LINK_UID.sub(swap, url)
+        if unknown:
+            return None
+        if self.upstream_base and rewritten.startswith(self.upstream_base):
+            rewritten = self.public_base + rewritten[len(self.upstream_base) :]
+        return rewritten
+
+
+_LINK_UID = re.compile(r"/(studies|series)/([0-9.]+)")
+
+
+def collect_uids(dataset: DatasetView, into: UidCollector) -> None:
+    """Gather the study and series UIDs of ``dataset`` at every depth, links included."""
+    values = dataset.get(STUDY_INSTANCE_UID)
+    if values:
+        into.studies.update(values)
+    values = dataset.get(SERIES_INSTANCE_UID)
+    if values:
+        into.series.update(values)
+    values = dataset.get(RETRIEVE_URL)
+    if values:
+        for url in values:
+            into.add_link(url)
+
+    def keep(url: str) -> str:
+        into.add_link(url)
+        return url
+
+    dataset.map_links(keep)
+    for tag, items in dataset.sequences():
+        for item in items:
+            if tag == REFERENCED_STUDY_SEQUENCE:
+                values = item.get(REFERENCED_SOP_INSTANCE_UID)
+                if values:
+                    into.studies.update(values)
+            collect_uids(item, into)
+
+
+def apply_translation(
+    dataset: DatasetView, translation: Translation, *, study_known: bool = False
+) -> bool:
+    """Rewrite ``dataset`` in place to public UIDs; False when it must be dropped whole.
+
+    ``study_known`` says whether the enclosing context (the study of the route, or of the
+    enclosing dataset) is known; a dataset's own (0020,000D) overrides it. A dataset is to be
+    dropped when its own study or series is unknown (and not exposed): callers drop top-level
+    ones and keep nested ones, whose references are then empty.
+    """
+    keep = True
+    studies = dataset.get(STUDY_INSTANCE_UID)
+    if studies is not None:
+        public = [translation.study(uid) for uid in studies]
+        if studies and all(p is not None for p in public):
+            dataset.put(STUDY_INSTANCE_UID, [p for p in public if p is not None])
+            study_known = True
+        else:
+            dataset.put(STUDY_INSTANCE_UID, None)
+            study_known = keep = False
+    series = dataset.get(SERIES_INSTANCE_UID)
+    if series is not None:
+        mapped = [translation.series_uid(uid, study_known=study_known) for uid in series]
+        if series and all(p is not None for p in mapped):
+            dataset.put(SERIES_INSTANCE_UID, [p for p in mapped if p is not None])
+        else:
+            dataset.put(SERIES_INSTANCE_UID, None)
+            keep = False
+    urls = dataset.get(RETRIEVE_URL)
+    if urls is not None:
+        links = [translation.link(url, study_known=study_known) for url in urls]
+        dataset.put(RETRIEVE_URL, [u for u in links if u is not None] or None)
+    dataset.map_links(lambda url: translation.link(url, study_known=study_known))
+    for tag, items in dataset.sequences():
+        for item in items:
+            if tag == REFERENCED_STUDY_SEQUENCE:
+                refs = item.get(REFERENCED_SOP_INSTANCE_UID)
+                if refs is not None:
+                    public = [translation.study(uid) for uid in refs]
+                    known = [p for p in public if p is not None]
+                    ok = bool(refs) and len(known) == len(refs)
+                    item.put(REFERENCED_SOP_INSTANCE_UID, known if ok else None)
+            apply_translation(item, translation, study_known=study_known)
+    return keep

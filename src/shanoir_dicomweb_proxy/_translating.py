@@ -1,0 +1,342 @@
+"""The translation layer: public identifiers in, real UIDs upstream, public identifiers out.
+
+On the way in, the study and series of the path and the UID keys of a search are turned into
+the PACS's UIDs; a public UID that the map does not know (or a real UID passed as if it were
+public) is a 404, or an empty search. On the way out every body and header is translated back
+(:mod:`._translate` holds the rules): DICOM JSON and XML, each Part 10 instance of a retrieve,
+links, Content-Location, Location and Warning.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, replace
+
+from ._bodies import JsonRewriter, Resolve, translate_xml
+from ._edge import send_json
+from ._errors import NotFound, UpstreamError
+from ._headers import header, parse_media_type, public_base_url, split_accept
+from ._identifiers import IdentifierMap, UidFormatter
+from ._multipart import BodyRewriter, BufferedPart, MultipartRewriter, PartRewriter, PassPart
+from ._routing import DicomWebRequest, Resource, get_dicomweb_request, set_dicomweb_request
+from ._translate import Translation, UidCollector
+from ._types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["IdentifierTranslator", "TranslationMiddleware"]
+
+_STUDY_KEYS = frozenset({"studyinstanceuid", "0020000d"})
+_SERIES_KEYS = frozenset({"seriesinstanceuid", "0020000e"})
+_UID_LIST = re.compile(r"[,\\]")
+_UID_LIKE = re.compile(r"\b[0-9]+(?:\.[0-9]+){2,}\b")
+_LINK_HEADERS = frozenset({b"content-location", b"location"})
+
+
+class _NothingMatches(Exception):
+    """A search for identifiers none of which exist: the answer is empty."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """Real ↔ public pairs learned while translating one request."""
+
+    studies: dict[str, str]
+    series: dict[str, str]
+
+
+class IdentifierTranslator:
+    """Public UIDs ↔ real UIDs through an :class:`IdentifierMap` and a :class:`UidFormatter`."""
+
+    def __init__(
+        self, identifiers: IdentifierMap, formatter: UidFormatter, *, expose_unmapped: bool
+    ) -> None:
+        self.identifiers = identifiers
+        self.formatter = formatter
+        self.expose_unmapped = expose_unmapped
+
+    async def real_studies(self, public: Iterable[str]) -> dict[str, str]:
+        """Public study UID → real study UID, for the known ones."""
+        ids = {uid: self.formatter.exam_id(uid) for uid in public}
+        wanted = {i for i in ids.values() if i is not None}
+        found = await self.identifiers.studies_by_id(wanted) if wanted else {}
+        return {uid: found[i] for uid, i in ids.items() if i is not None and i in found}
+
+    async def real_series(self, public: Iterable[str], *, exam_id: int | None) -> dict[str, str]:
+        """Public series UID → real series UID, for the known ones (in ``exam_id`` if given).
+
+        With ``unmapped_series = "expose"``, a value that is not a public UID stands for
+        itself when the map does not know it as a real series UID either.
+        """
+        values = set(public)
+        ids = {uid: self.formatter.acquisition_id(uid) for uid in values}
+        wanted = {i for i in ids.values() if i is not None}
+        entries = await self.identifiers.series_by_id(wanted) if wanted else {}
+        result: dict[str, str] = {}
+        for uid, i in ids.items():
+            entry = entries.get(i) if i is not None else None
+            if entry is not None and (exam_id is None or entry.exam_id == exam_id):
+                result[uid] = entry.series_uid
+        if self.expose_unmapped:
+            others = {uid for uid, i in ids.items() if i is None}
+            mapped = await self.identifiers.series_by_uid(others) if others else {}
+            result.update((uid, uid) for uid in others if uid not in mapped)
+        return result
+
+    async def public(self, collector: UidCollector, known: _Known) -> None:
+        """Learn the public UIDs of what ``collector`` holds into ``known``."""
+        studies = collector.studies - known.studies.keys()
+        if studies:
+            found = await self.identifiers.studies_by_uid(studies)
+            for uid, exam_id in found.items():
+                known.studies[uid] = self.formatter.study_uid(exam_id)
+        series = collector.series - known.series.keys()
+        if series:
+            entries = await self.identifiers.series_by_uid(series)
+            for uid, entry in entries.items():
+                known.series[uid] = self.formatter.series_uid(entry.acquisition_id)
+
+    async def translate_request(self, request: DicomWebRequest) -> tuple[DicomWebRequest, _Known]:
+        """The request with real UIDs; raises NotFound, or _NothingMatches for a search."""
+        known = _Known({}, {})
+        study = series = None
+        exam_id = None
+        if request.study is not None:
+            found = await self.real_studies([request.study])
+            study = found.get(request.study)
+            if study is None:
+                raise NotFound("no such study")
+            exam_id = self.formatter.exam_id(request.study)
+            known.studies[study] = request.study
+        if request.series is not None:
+            found = await self.real_series([request.series], exam_id=exam_id)
+            series = found.get(request.series)
+            if series is None:
+                raise NotFound("no such series")
+            known.series[series] = request.series
+        query = request.query
+        if request.resource is Resource.SEARCH:
+            query = await self._translate_query(query, exam_id, known)
+        return replace(request, study=study, series=series, query=query), known
+
+    async def _translate_query(
+        self, query: tuple[tuple[str, str], ...], exam_id: int | None, known: _Known
+    ) -> tuple[tuple[str, str], ...]:
+        result: list[tuple[str, str]] = []
+        for key, value in query:
+            attribute = key.rpartition(".")[2].lower()
+            if attribute in _STUDY_KEYS:
+                values = [v for v in _UID_LIST.split(value) if v]
+                found = await self.real_studies(values)
+                pairs = [(found[v], v) for v in values if v in found]
+                known.studies.update(pairs)
+            elif attribute in _SERIES_KEYS:
+                values = [v for v in _UID_LIST.split(value) if v]
+                found = await self.real_series(values, exam_id=exam_id)
+                pairs = [(found[v], v) for v in values if v in found]
+                known.series.update(pairs)
+            else:
+                result.append((key, value))
+                continue
+            if not pairs:
+                raise _NothingMatches
+            result.append((key, ",".join(real for real, _ in pairs)))
+        return tuple(result)
+
+
+class TranslationMiddleware:
+    """Translate identifiers in both directions around the upstream (DESIGN §2, §3).
+
+    Takes the place of :class:`~shanoir_dicomweb_proxy.RewriteMiddleware` when a mapping is
+    configured: links are rewritten to the public base as part of the translation.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        translator: IdentifierTranslator,
+        upstream_url: str,
+        public_url: str = "",
+        base_path: str = "",
+    ) -> None:
+        self.app = app
+        self.translator = translator
+        self.upstream_url = upstream_url.rstrip("/")
+        self.public_url = public_url
+        self.base_path = base_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = get_dicomweb_request(scope)
+        try:
+            translated, known = await self.translator.translate_request(request)
+        except _NothingMatches:
+            await _empty_search(scope, send)
+            return
+        set_dicomweb_request(scope, translated)
+        public_base = public_base_url(scope, public_url=self.public_url, base_path=self.base_path)
+        responder = _Responder(
+            self.translator,
+            known,
+            upstream_base=self.upstream_url,
+            public_base=public_base,
+            study_known=request.study is not None,
+            head=request.method == "HEAD",
+            send=send,
+        )
+        await self.app(scope, receive, responder.send)
+
+
+async def _empty_search(scope: Scope, send: Send) -> None:
+    """The answer to a search that cannot match: 204 for XML, else 200 with ``[]``."""
+    accept = header(scope, b"accept") or b""
+    types = [m.type for m in split_accept(accept.decode("latin-1"))]
+    if types and types[0] == "application/dicom+xml":
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    await send_json(send, 200, [], headers=[(b"content-type", b"application/dicom+json")])
+
+
+class _Responder:
+    """Wraps ``send``: translates the head and the body of the upstream's answer.
+
+    The head is held until the body's first output, so that a body that cannot be
+    translated (a deflated instance first in a retrieve) still gets a clean error status.
+    """
+
+    def __init__(
+        self,
+        translator: IdentifierTranslator,
+        known: _Known,
+        *,
+        upstream_base: str,
+        public_base: str,
+        study_known: bool,
+        head: bool,
+        send: Send,
+    ) -> None:
+        self._translator = translator
+        self._known = known
+        self._upstream_base = upstream_base
+        self._public_base = public_base
+        self._study_known = study_known
+        self._head = head
+        self._send = send
+        self._start: Message | None = None
+        self._rewriter: BodyRewriter | None = None
+
+    async def resolve(self, collector: UidCollector) -> Translation:
+        await self._translator.public(collector, self._known)
+        return Translation(
+            studies=self._known.studies,
+            series=self._known.series,
+            expose_unmapped=self._translator.expose_unmapped,
+            upstream_base=self._upstream_base,
+            public_base=self._public_base,
+        )
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            await self._on_start(message)
+            return
+        if message["type"] != "http.response.body":
+            await self._send(message)
+            return
+        more = message.get("more_body", False)
+        body = message.get("body", b"")
+        if self._rewriter is not None:
+            body = await self._rewriter.feed(body)
+            if not more:
+                body += await self._rewriter.close()
+        if self._start is not None and (body or not more):
+            start, self._start = self._start, None
+            await self._send(start)
+        if body or not more:
+            await self._send({**message, "body": body})
+
+    async def _on_start(self, message: Message) -> None:
+        headers: list[tuple[bytes, bytes]] = []
+        content_type = encoding = None
+        for name, value in message.get("headers", []):
+            if name == b"content-type":
+                content_type = value
+            elif name == b"content-encoding":
+                encoding = value
+            elif name in _LINK_HEADERS:
+                link = await self._link(value.decode("latin-1"))
+                if link is None:
+                    continue
+                value = link.encode("latin-1")
+            elif name == b"warning":
+                value = (await self._scrub(value.decode("latin-1"))).encode("latin-1")
+            headers.append((name, value))
+        rewriter = self._body_rewriter(content_type)
+        if rewriter is not None and message["status"] not in (204, 304):
+            if encoding not in (None, b"identity"):
+                raise UpstreamError("the upstream sent an encoded body that must be translated")
+            headers = [(n, v) for n, v in headers if n != b"content-length"]
+            self._rewriter = None if self._head else rewriter
+        self._start = {**message, "headers": headers}
+
+    def _body_rewriter(self, content_type: bytes | None) -> BodyRewriter | None:
+        if content_type is None:
+            return None
+        from ._part10 import Part10Rewriter  # TODO: top level once the module exists
+
+        media = parse_media_type(content_type.decode("latin-1"))
+        resolve: Resolve = self.resolve
+        known = self._study_known
+        if media.type in ("application/dicom+json", "application/json"):
+            return JsonRewriter(resolve, study_known=known)
+        if media.type == "application/dicom+xml":
+            return BufferedPart(self._xml)
+        if media.type == "application/dicom":
+            return Part10Rewriter(resolve, study_known=known)
+        boundary = media.params.get("boundary")
+        if media.type != "multipart/related" or not boundary:
+            return None
+        related = media.related_type
+        new_part: Callable[[list[tuple[bytes, bytes]]], PartRewriter]
+        if related == "application/dicom+xml":
+            new_part = lambda _: BufferedPart(self._xml)  # noqa: E731
+        elif related == "application/dicom":
+            new_part = lambda _: Part10Rewriter(resolve, study_known=known)  # noqa: E731
+        else:
+            new_part = lambda _: PassPart()  # noqa: E731
+        return MultipartRewriter(
+            boundary.encode("latin-1"), new_part, rewrite_header=self._part_header
+        )
+
+    async def _xml(self, body: bytes) -> bytes | None:
+        return await translate_xml(body, self.resolve, study_known=self._study_known)
+
+    async def _part_header(self, name: bytes, value: bytes) -> bytes | None:
+        if name.lower() == b"content-location":
+            link = await self._link(value.decode("latin-1"))
+            return None if link is None else link.encode("latin-1")
+        return value
+
+    async def _link(self, url: str) -> str | None:
+        collector = UidCollector()
+        collector.add_link(url)
+        translation = await self.resolve(collector)
+        return translation.link(url, study_known=self._study_known)
+
+    async def _scrub(self, text: str) -> str:
+        """A Warning text with the UIDs it quotes translated, or masked when unknown."""
+        uids = set(_UID_LIKE.findall(text))
+        if not uids:
+            return text
+        translation = await self.resolve(UidCollector(studies=uids, series=set(uids)))
+
+        def swap(match: re.Match[str]) -> str:
+            uid = match.group(0)
+            return translation.study(uid) or translation.series.get(uid) or "<uid>"
+
+        return _UID_LIKE.sub(swap, text)
+
+
+_Transform = Callable[[bytes], Awaitable[bytes | None]]

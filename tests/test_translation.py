@@ -1,0 +1,426 @@
+"""Identifier translation end to end: a real Orthanc, a synced store, and clients that must
+only ever see public UIDs (issue 4's "done when").
+
+The archive is the session's samples plus a SEG whose nested references point at another
+series, pydicom's SR test file, and an instance stored deflated.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pydicom
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+from shanoir_dicomweb_proxy._config import UpstreamSettings
+from shanoir_dicomweb_proxy._store import SqliteStore, sync_store
+from shanoir_dicomweb_proxy._upstream import Upstream
+from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, SampleSet
+
+from .conftest import ProxyFactory
+from .dicomweb import DICOM, OCTET, XML, parts
+
+STUDY_ROOT = "1.4.9.12.34.1.8527"
+SERIES_ROOT = "1.4.9.12.34.2.8527"
+MAPPING = {"backend": "sqlite", "study_root": STUDY_ROOT, "series_root": SERIES_ROOT}
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+PUBLIC = re.compile(rf"^(?:{re.escape(STUDY_ROOT)}|{re.escape(SERIES_ROOT)})\.[1-9][0-9]*$")
+
+
+def _testdata(name: str) -> Path:
+    path = get_testdata_file(name)
+    assert isinstance(path, str), name
+    return Path(path)
+
+
+def _seg(samples: SampleSet, folder: Path) -> Path:
+    """A SEG in the KOS study that refers to one of its MR series at three depths, and to
+    its own study through a Referenced Study Sequence."""
+    study = samples.small_studies[0]
+    source = study.series[0]
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = UID(SEG_CLASS)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID("1.2.826.0.1.3680043.8.498.4242.3")
+    ds.SOPClassUID = SEG_CLASS
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study.uid
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.4242.2"
+    ds.Modality = "SEG"
+    ds.PatientID = study.patient_id
+    ds.PatientName = study.patient_name
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ref.ReferencedSOPInstanceUID = source.instances[0]
+    series_ref = Dataset()
+    series_ref.SeriesInstanceUID = source.uid
+    series_ref.ReferencedInstanceSequence = Sequence([ref])
+    ds.ReferencedSeriesSequence = Sequence([series_ref])
+    study_ref = Dataset()
+    study_ref.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+    study_ref.ReferencedSOPInstanceUID = study.uid
+    ds.ReferencedStudySequence = Sequence([study_ref])
+    derivation = Dataset()
+    derivation.SourceImageSequence = Sequence([ref])
+    frame = Dataset()
+    frame.DerivationImageSequence = Sequence([derivation])
+    evidence = Dataset()
+    evidence.StudyInstanceUID = study.uid
+    evidence.ReferencedSeriesSequence = Sequence([series_ref])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([frame])
+    ds.CurrentRequestedProcedureEvidenceSequence = Sequence([evidence])
+    ds.Rows = ds.Columns = 8
+    ds.BitsAllocated = ds.BitsStored = 1
+    ds.HighBit = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelRepresentation = 0
+    ds.NumberOfFrames = 1
+    ds.PixelData = b"\xff" * 8
+    path = folder / "seg.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _deflated(folder: Path) -> Path:
+    ds = pydicom.dcmread(_testdata("CT_small.dcm"))
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.4343.1"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.4343.2"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(
+        "1.2.826.0.1.3680043.8.498.4343.3"
+    )
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = folder / "deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+DEFLATED_STUDY = "1.2.826.0.1.3680043.8.498.4343.1"
+
+
+@pytest.fixture(scope="module")
+def archive(
+    tmp_path_factory: pytest.TempPathFactory, samples: SampleSet
+) -> Iterator[OrthancServer]:
+    folder = tmp_path_factory.mktemp("translation")
+    extra = [_seg(samples, folder), _testdata("test-SR.dcm"), _deflated(folder)]
+    with OrthancServer(folder / "orthanc") as server:
+        small = [p for p in samples.files if p != samples.large.path]
+        assert server.load([*small, *extra]) == len(small) + len(extra)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory: pytest.TempPathFactory, archive: OrthancServer) -> Path:
+    path = tmp_path_factory.mktemp("store") / "store.sqlite3"
+    upstream = Upstream(UpstreamSettings(url=archive.dicomweb_url, transport="httpx"))
+
+    async def sync() -> None:
+        with SqliteStore(path) as store:
+            await sync_store(store, upstream)
+        await upstream.aclose()
+
+    anyio.run(sync)
+    return path
+
+
+@pytest.fixture(scope="module")
+def real_uids(archive: OrthancServer) -> set[str]:
+    """Every study and series UID the archive holds, from Orthanc's own REST API."""
+    base = archive.dicomweb_url.rsplit("/dicom-web", 1)[0]
+    uids: set[str] = set()
+    with httpx.Client(base_url=base) as http:
+        for level, tag in (("studies", "StudyInstanceUID"), ("series", "SeriesInstanceUID")):
+            for entry in http.get(f"/{level}", params={"expand": ""}).json():
+                uids.add(entry["MainDicomTags"][tag])
+    return uids
+
+
+@pytest.fixture(scope="module")
+def mapped(archive: OrthancServer, store_path: Path, proxy_factory: ProxyFactory) -> ProxyServer:
+    return proxy_factory(archive.dicomweb_url, mapping=MAPPING, store={"path": str(store_path)})
+
+
+@pytest.fixture(scope="module")
+def client(mapped: ProxyServer) -> DICOMwebClient:
+    return DICOMwebClient(mapped.dicomweb_url)
+
+
+def _public(uid: str) -> bool:
+    return PUBLIC.match(uid) is not None
+
+
+def _walk(value: Any) -> Iterator[tuple[str, Any]]:
+    """(tag, element) at every depth of DICOM JSON."""
+    if isinstance(value, list):
+        for item in value:
+            yield from _walk(item)
+    elif isinstance(value, dict):
+        for tag, element in value.items():
+            if isinstance(element, dict):
+                yield tag, element
+                if element.get("vr") == "SQ":
+                    yield from _walk(element.get("Value", []))
+
+
+def _study_uids(rows: list[dict[str, Any]]) -> list[str]:
+    return [row["0020000D"]["Value"][0] for row in rows]
+
+
+# --- searches ----------------------------------------------------------------------------
+
+
+def test_studies_are_listed_with_public_uids(client: DICOMwebClient, real_uids: set[str]) -> None:
+    rows = client.search_for_studies()
+    uids = _study_uids(rows)
+    assert len(uids) == 14  # 12 small studies (one with the SEG), the SR file, the deflated one
+    assert all(_public(uid) for uid in uids), uids
+    for row in rows:
+        url = row["00081190"]["Value"][0]
+        assert url.endswith("/studies/" + row["0020000D"]["Value"][0])
+
+
+def test_search_by_public_uid_keyword_and_tag(client: DICOMwebClient) -> None:
+    first, second = _study_uids(client.search_for_studies(limit=2))
+    for key in ("StudyInstanceUID", "0020000D", "0020000d"):
+        found = client.search_for_studies(search_filters={key: first})
+        assert _study_uids(found) == [first]
+    both = client.search_for_studies(search_filters={"StudyInstanceUID": f"{first},{second}"})
+    assert sorted(_study_uids(both)) == sorted([first, second])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("real", id="a real UID passed as public"),
+        pytest.param(f"{STUDY_ROOT}.999999", id="unknown public UID"),
+        pytest.param(f"{STUDY_ROOT}.007", id="leading zero"),
+        pytest.param(f"{SERIES_ROOT}.1", id="a series UID as a study"),
+        pytest.param("1.2.*", id="wildcard"),
+    ],
+)
+def test_search_for_what_does_not_exist_is_empty(
+    mapped: ProxyServer, samples: SampleSet, value: str
+) -> None:
+    if value == "real":
+        value = samples.small_studies[0].uid
+    response = httpx.get(mapped.dicomweb_url + "/studies", params={"StudyInstanceUID": value})
+    assert response.status_code == 200
+    assert response.json() == []
+
+
+def test_series_search_by_public_series_uid(client: DICOMwebClient) -> None:
+    study = _study_uids(client.search_for_studies(limit=1))[0]
+    series = client.search_for_series(study)
+    assert series and all(_public(r["0020000E"]["Value"][0]) for r in series)
+    one = series[0]["0020000E"]["Value"][0]
+    for key in ("SeriesInstanceUID", "0020000E"):
+        found = client.search_for_series(search_filters={key: one})
+        assert [r["0020000E"]["Value"][0] for r in found] == [one]
+        assert found[0]["0020000D"]["Value"][0] == study
+
+
+def test_every_level_of_search_shows_only_public_uids(
+    client: DICOMwebClient, real_uids: set[str]
+) -> None:
+    for rows in (client.search_for_series(), client.search_for_instances()):
+        assert rows
+        for tag, element in _walk(rows):
+            if tag in ("0020000D", "0020000E"):
+                assert all(_public(v) for v in element["Value"]), (tag, element)
+
+
+# --- paths ---------------------------------------------------------------------------------
+
+
+def test_real_uids_in_paths_are_not_found(mapped: ProxyServer, samples: SampleSet) -> None:
+    study = samples.small_studies[0]
+    base = mapped.dicomweb_url
+    for path in (
+        f"/studies/{study.uid}/metadata",
+        f"/studies/{study.uid}/series",
+        f"/studies/{STUDY_ROOT}.99999/metadata",
+        f"/studies/{STUDY_ROOT}.1/series/{study.series[0].uid}/metadata",
+    ):
+        response = httpx.get(base + path)
+        assert response.status_code == 404, path
+        assert study.uid not in response.text
+        assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_series_of_another_study_is_not_found(client: DICOMwebClient, mapped: ProxyServer) -> None:
+    first, second = _study_uids(client.search_for_studies(limit=2))
+    other_series = client.search_for_series(second)[0]["0020000E"]["Value"][0]
+    response = httpx.get(f"{mapped.dicomweb_url}/studies/{first}/series/{other_series}/metadata")
+    assert response.status_code == 404
+
+
+# --- nested references and representations -------------------------------------------------
+
+
+def _seg_study(client: DICOMwebClient) -> str:
+    rows = client.search_for_series(search_filters={"Modality": "SEG"})
+    assert len(rows) == 1
+    return str(rows[0]["0020000D"]["Value"][0])
+
+
+def test_metadata_nested_references_are_public(client: DICOMwebClient, real_uids: set[str]) -> None:
+    study = _seg_study(client)
+    metadata = client.retrieve_study_metadata(study)
+    seg = next(m for m in metadata if m["00080060"]["Value"] == ["SEG"])
+    series_uids = {m["0020000E"]["Value"][0] for m in metadata}
+    referenced = seg["00081115"]["Value"][0]["0020000E"]["Value"][0]
+    assert referenced in series_uids and _public(referenced)
+    evidence = seg["0040A375"]["Value"][0]
+    assert evidence["0020000D"]["Value"] == [study]
+    assert evidence["00081115"]["Value"][0]["0020000E"]["Value"] == [referenced]
+    assert seg["00081110"]["Value"][0]["00081155"]["Value"] == [study]
+    for _, element in _walk(metadata):
+        uri = element.get("BulkDataURI")
+        if uri:
+            assert f"/studies/{study}/series/" in uri
+
+
+def test_kos_and_sr_references_are_public(client: DICOMwebClient, samples: SampleSet) -> None:
+    for sample in (samples.kos, samples.sr):
+        rows = client.search_for_instances(search_filters={"SOPInstanceUID": sample.sop_uid})
+        assert len(rows) == 1
+        study, series = rows[0]["0020000D"]["Value"][0], rows[0]["0020000E"]["Value"][0]
+        metadata = client.retrieve_instance_metadata(study, series, sample.sop_uid)
+        evidence = metadata["0040A375"]["Value"]
+        assert evidence and all(item["0020000D"]["Value"] == [study] for item in evidence)
+        for item in evidence:
+            for ref in item["00081115"]["Value"]:
+                assert _public(ref["0020000E"]["Value"][0])
+
+
+def test_xml_search_and_metadata_are_public(
+    client: DICOMwebClient, mapped: ProxyServer, real_uids: set[str]
+) -> None:
+    study = _seg_study(client)
+    base = mapped.dicomweb_url
+    search = httpx.get(f"{base}/studies", headers={"Accept": "application/dicom+xml"})
+    metadata = httpx.get(f"{base}/studies/{study}/metadata", headers={"Accept": XML})
+    for response in (search, metadata):
+        assert response.status_code == 200
+        bodies = [body for _, body in parts(response)]
+        assert bodies and all(b.startswith(b"<?xml") for b in bodies)
+        text = b"".join(bodies).decode()
+        assert not [uid for uid in real_uids if uid in text]
+        assert study in text
+    assert len(parts(search)) == 14
+
+
+def test_retrieve_part10_with_public_uids(client: DICOMwebClient, samples: SampleSet) -> None:
+    study = _seg_study(client)
+    instances = client.retrieve_study(study)
+    kos_study = samples.small_studies[0]
+    assert len(instances) == sum(len(s.instances) for s in kos_study.series) + 1
+    for ds in instances:
+        assert ds.StudyInstanceUID == study
+        assert _public(ds.SeriesInstanceUID)
+    seg = next(ds for ds in instances if ds.Modality == "SEG")
+    referenced = seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+    assert referenced in {ds.SeriesInstanceUID for ds in instances}
+    assert seg.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID == study
+    assert seg.ReferencedStudySequence[0].ReferencedSOPInstanceUID == study
+    mr = next(ds for ds in instances if ds.SOPInstanceUID == kos_study.series[0].instances[0])
+    original = pydicom.dcmread(next(p for p in samples.files if p.stem == mr.SOPInstanceUID))
+    assert mr.PixelData == original.PixelData
+
+
+def test_implicit_vr_instances_are_translated(client: DICOMwebClient, samples: SampleSet) -> None:
+    study = samples.small_studies[1]
+    implicit = study.series[1]
+    rows = client.search_for_instances(search_filters={"SOPInstanceUID": implicit.instances[0]})
+    public_study, public_series = rows[0]["0020000D"]["Value"][0], rows[0]["0020000E"]["Value"][0]
+    ds = client.retrieve_instance(
+        public_study,
+        public_series,
+        implicit.instances[0],
+        media_types=(("application/dicom", "*"),),
+    )
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    assert (ds.StudyInstanceUID, ds.SeriesInstanceUID) == (public_study, public_series)
+
+
+def test_deflated_instance_is_refused_cleanly(client: DICOMwebClient, mapped: ProxyServer) -> None:
+    rows = client.search_for_series(search_filters={"Modality": "CT"})
+    studies = {r["0020000D"]["Value"][0] for r in rows}
+    response = None
+    for study in studies:
+        response = httpx.get(
+            f"{mapped.dicomweb_url}/studies/{study}",
+            headers={"Accept": f"{DICOM}; transfer-syntax=*"},
+        )
+        if response.status_code != 200:
+            break
+    assert response is not None and response.status_code == 502
+    assert "deflate" in response.json()["detail"]
+    assert DEFLATED_STUDY not in response.text
+
+
+# --- the leak test -------------------------------------------------------------------------
+
+
+def _routes(client: DICOMwebClient, mapped: ProxyServer) -> Iterator[tuple[str, dict[str, str]]]:
+    """(path with query, headers) for every route the proxy serves, for every study."""
+    json_, xml = {"Accept": "application/dicom+json"}, {"Accept": XML}
+    yield "/studies", json_
+    yield "/studies", {"Accept": "application/dicom+xml"}
+    yield "/series", json_
+    yield "/instances?limit=1000", json_
+    for study_row in client.search_for_studies():
+        study = study_row["0020000D"]["Value"][0]
+        s = f"/studies/{study}"
+        yield s + "/series", json_
+        yield s + "/instances", json_
+        yield s + "/metadata", json_
+        yield s + "/metadata", xml
+        yield s, {"Accept": DICOM}
+        for series_row in client.search_for_series(study):
+            series = series_row["0020000E"]["Value"][0]
+            e = f"{s}/series/{series}"
+            yield e + "/instances", json_
+            yield e + "/metadata", json_
+            yield e + "/metadata", xml
+            yield e, {"Accept": DICOM}
+            yield e + "/rendered", {"Accept": "image/jpeg"}
+            for instance_row in client.search_for_instances(study, series):
+                sop = instance_row["00080018"]["Value"][0]
+                i = f"{e}/instances/{sop}"
+                yield i, {"Accept": DICOM}
+                yield i + "/metadata", json_
+                yield i + "/metadata", xml
+                if "00280008" in instance_row or "00280010" in instance_row:
+                    yield i + "/frames/1", {"Accept": OCTET}
+                    yield i + "/rendered", {"Accept": "image/png"}
+                yield i + "/bulk/7fe00010", {"Accept": "application/octet-stream"}
+
+
+def test_no_real_uid_in_any_byte_of_any_response(
+    client: DICOMwebClient, mapped: ProxyServer, real_uids: set[str]
+) -> None:
+    pattern = re.compile("|".join(re.escape(u) for u in sorted(real_uids, key=len, reverse=True)))
+    pattern_bytes = re.compile(pattern.pattern.encode())
+    statuses: dict[int, int] = {}
+    with httpx.Client(base_url=mapped.dicomweb_url, timeout=60) as http:
+        for path, headers in _routes(client, mapped):
+            response = http.get(path, headers=headers)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            head = "\n".join(f"{k}: {v}" for k, v in response.headers.items())
+            assert not pattern.search(head), (path, head)
+            hit = pattern_bytes.search(response.content)
+            assert hit is None, (path, headers, hit and hit.group(0))
+    assert statuses.get(200, 0) > 300, statuses  # the scan really read answers
