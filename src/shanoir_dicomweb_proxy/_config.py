@@ -67,6 +67,7 @@ _HOSTNAME = re.compile(
 _PORT = re.compile(r"[0-9]{1,5}")
 _PATH_SEGMENT = re.compile(r"[A-Za-z0-9._~-]+")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: header and method names
+_BEARER = re.compile(r"[\x21-\x7e]+")  # what an Authorization header can carry
 
 
 class _Mismatch(Exception):
@@ -368,6 +369,8 @@ class MappingSettings(_Section):
     unmapped_series: Literal["expose", "hide"] = "expose"
     file: str = field(default="", metadata=_PATH)
     url: str = ""
+    token: str = field(default="", repr=False, metadata=_SECRET)
+    cache_ttl: float = 60
 
     def _validate(self) -> None:
         self._check("study_root", _uid_root)
@@ -379,6 +382,16 @@ class MappingSettings(_Section):
                 'roots make examination and acquisition IDs collide (unless backend = "identity")',
             )
         _check_backend_source(self)
+        if self.token and self.backend != "http":
+            raise self._error(
+                "token", f'only used with backend = "http" (backend is "{self.backend}")'
+            )
+        self._require(
+            not self.token or bool(_BEARER.fullmatch(self.token)),
+            "token",
+            "expected a token of printable ASCII characters without spaces",
+        )
+        self._require(self.cache_ttl >= 0, "cache_ttl", "must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, repr=False)

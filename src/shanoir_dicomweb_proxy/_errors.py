@@ -15,6 +15,7 @@ from __future__ import annotations
 __all__ = [
     "BadRequest",
     "ConfigError",
+    "MappingUnavailable",
     "MethodNotAllowed",
     "NotAcceptable",
     "NotFound",
@@ -102,6 +103,15 @@ class UpstreamTimeout(UpstreamError):
 
     status = 504
     code = "upstream_timeout"
+
+
+class MappingUnavailable(ProxyError):
+    """The identifier mapping cannot answer now (its platform is unreachable, slow, failing or
+    answered nonsense): 503, and nothing is served rather than served unmapped.
+    """
+
+    status = 503
+    code = "mapping_unavailable"
 
 
 class ConfigError(Exception):
