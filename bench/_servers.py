@@ -12,12 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from shanoir_dicomweb_proxy.testing import ProxyServer, free_port
 
-__all__ = ["PROXY_VARIANTS", "NginxServer", "ProxyVariant", "start_proxy"]
+__all__ = ["MAPPING", "PROXY_VARIANTS", "NginxServer", "ProxyVariant", "start_proxy"]
 
 _TUNE_DIR = Path(__file__).resolve().parent / "_tune"
 
@@ -34,6 +35,7 @@ class ProxyVariant:
     transport: str
     patches: Mapping[str, str] = field(default_factory=dict)
     note: str = ""
+    mapped: bool = False  # identifiers translated through the embedded store
 
 
 PROXY_VARIANTS: dict[str, ProxyVariant] = {
@@ -53,18 +55,41 @@ PROXY_VARIANTS: dict[str, ProxyVariant] = {
             "httpcore READ_NUM_BYTES = 1 MiB",
         ),
         ProxyVariant("aiohttp", "aiohttp", note="the proxy's aiohttp transport, reads up to 1 MiB"),
+        ProxyVariant(
+            "mapped",
+            "aiohttp",
+            note="aiohttp, public UIDs translated through the embedded SQLite store",
+            mapped=True,
+        ),
     )
 }
 
 
-def start_proxy(variant: ProxyVariant, workdir: Path, upstream_url: str) -> ProxyServer:
-    """Start ``serve -c FILE`` for ``variant`` and check that its patches took effect."""
-    settings = {
+#: ``[mapping]`` of the mapped variant; bench/run.py builds public paths with the same roots.
+MAPPING = {
+    "backend": "sqlite",
+    "study_root": "1.4.9.12.34.1.8527",
+    "series_root": "1.4.9.12.34.2.8527",
+}
+
+
+def start_proxy(
+    variant: ProxyVariant, workdir: Path, upstream_url: str, *, store: Path | None = None
+) -> ProxyServer:
+    """Start ``serve -c FILE`` for ``variant`` and check that its patches took effect.
+
+    A mapped variant needs ``store``, a store synced from the upstream.
+    """
+    settings: dict[str, Any] = {
         "auth": {"enabled": False},
         "mapping": {"backend": "identity"},
         "access": {"backend": "allow_all"},
         "upstream": {"url": upstream_url, "transport": variant.transport},
     }
+    if variant.mapped:
+        assert store is not None, "a mapped proxy needs a synced store"
+        settings["mapping"] = MAPPING
+        settings["store"] = {"path": str(store)}
     env: dict[str, str] = {}
     if variant.patches:
         path = os.pathsep.join(p for p in (str(_TUNE_DIR), os.environ.get("PYTHONPATH")) if p)

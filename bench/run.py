@@ -9,10 +9,12 @@ measured: a MISS is a figure, not a failure.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -40,7 +42,9 @@ from _clients import (  # noqa: E402
 from _data import BenchData, prepare  # noqa: E402
 from _profile import py_spy, top_frames  # noqa: E402
 from _report import Report  # noqa: E402
-from _servers import PROXY_VARIANTS, NginxServer, start_proxy, versions  # noqa: E402
+from _servers import MAPPING, PROXY_VARIANTS, NginxServer, start_proxy, versions  # noqa: E402
+from shanoir_dicomweb_proxy import Upstream, UpstreamSettings  # noqa: E402
+from shanoir_dicomweb_proxy._store import SqliteStore, sync_store  # noqa: E402
 from shanoir_dicomweb_proxy.testing import OrthancServer  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -114,6 +118,41 @@ class Target:
     meters: dict[str, CpuMeter] = field(default_factory=dict)
     pid: int | None = None
     note: str = ""
+    public: dict[str, str] = field(default_factory=dict)  # real UID → public UID (mapped)
+
+    def url(self, path: str) -> str:
+        """The URL of ``path`` (written with real UIDs) on this target."""
+        if self.public:
+            path = _UID_SEGMENT.sub(lambda m: m[1] + self.public.get(m[2], m[2]), path)
+        return self.base + path
+
+
+_UID_SEGMENT = re.compile(r"(/(?:studies|series)/)([0-9.]+)")
+
+
+def _public_uids(store_path: Path) -> dict[str, str]:
+    """Real → public UIDs of everything in a synced store, with bench/_servers.py's roots."""
+    with SqliteStore(store_path) as store:
+        entries = store.entries()
+    study_root, series_root = MAPPING["study_root"], MAPPING["series_root"]
+    public = {e.study_uid: f"{study_root}.{e.exam_id}" for e in entries}
+    for entry in entries:
+        for a in entry.acquisitions:
+            public[a.series_uid] = f"{series_root}.{a.acquisition_id}"
+    return public
+
+
+def _sync(orthanc: OrthancServer, store_path: Path) -> None:
+    upstream = Upstream(UpstreamSettings(url=orthanc.dicomweb_url, transport="httpx"))
+
+    async def sync() -> None:
+        try:
+            with SqliteStore(store_path) as store:
+                await sync_store(store, upstream)
+        finally:
+            await upstream.aclose()
+
+    asyncio.run(sync())
 
 
 WORKLOAD_NAMES = (
@@ -284,17 +323,23 @@ class Bench:
             if nginx is not None:
                 meters = {"self": CpuMeter([nginx.pid]), "orthanc": orthanc_meter}
                 targets.append(Target("nginx", "nginx", nginx.dicomweb_url, meters, nginx.pid))
-        variants = list(PROXY_VARIANTS) if args.transport == "all" else [args.transport]
+        variants = args.transport
+        store, public = workdir / "store.sqlite3", {}
+        if any(PROXY_VARIANTS[name].mapped for name in variants):
+            self.log("store sync for the mapped proxy")
+            _sync(orthanc, store)
+            public = _public_uids(store)
         for name in variants:
             variant = PROXY_VARIANTS[name]
-            proxy = start_proxy(variant, workdir / "proxies", orthanc.dicomweb_url)
+            proxy = start_proxy(variant, workdir / "proxies", orthanc.dicomweb_url, store=store)
             stack.callback(proxy.stop)
             meters = {"self": CpuMeter([proxy.pid]), "orthanc": orthanc_meter}
-            targets.append(
-                Target(
-                    f"proxy[{name}]", "proxy", proxy.dicomweb_url, meters, proxy.pid, variant.note
-                )
+            target = Target(
+                f"proxy[{name}]", "proxy", proxy.dicomweb_url, meters, proxy.pid, variant.note
             )
+            if variant.mapped:
+                target.public = public
+            targets.append(target)
             self.log(f"proxy[{name}] on {proxy.url} ({variant.note})")
 
         self.report.header(
@@ -361,7 +406,7 @@ class Bench:
                 for path in workload.paths[:3]:
                     lengths = {}
                     for target in targets:
-                        response = client.get(target.base + path, headers=_headers(workload.accept))
+                        response = client.get(target.url(path), headers=_headers(workload.accept))
                         if response.status_code != 200:
                             raise RuntimeError(
                                 f"{target.name} {path}: status {response.status_code} "
@@ -380,7 +425,7 @@ class Bench:
         reps = {"series-c1": s.series_reps, "series-c4": s.series_c4_reps}.get(
             workload.name, s.large_reps
         )
-        urls = {t.name: [t.base + workload.paths[0]] * workload.concurrency for t in targets}
+        urls = {t.name: [t.url(workload.paths[0])] * workload.concurrency for t in targets}
         rounds = bulk_rounds(
             self.clients["bulk"],
             urls,
@@ -398,7 +443,7 @@ class Bench:
         s = self.sizing
         stats = request_rates(
             self.clients["requests"],
-            {t.name: [t.base + p for p in workload.paths] for t in targets},
+            {t.name: [t.url(p) for p in workload.paths] for t in targets},
             _headers(workload.accept),
             concurrency=workload.concurrency,
             slices=s.slices,
@@ -419,7 +464,7 @@ class Bench:
         out = {}
         for target in proxies:
             assert target.pid is not None
-            url = target.base + workload.paths[0]
+            url = target.url(workload.paths[0])
             with httpx.Client(timeout=60, trust_env=False) as client:  # warm the process up
                 for _ in range(3):
                     client.get(target.base + "/studies?limit=5", headers=_headers(JSON))
@@ -493,8 +538,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--transport",
         default="aiohttp",
-        choices=[*PROXY_VARIANTS, "all"],
-        help="proxy variant(s) to measure (default: aiohttp, the proxy's default)",
+        type=_variants,
+        help="proxy variant(s) to measure, comma-separated, or all (default: aiohttp, the "
+        f"proxy's default); variants: {', '.join(PROXY_VARIANTS)}",
     )
     parser.add_argument(
         "--client",
@@ -539,6 +585,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.write_text(json.dumps({"args": vars(args), "results": bench.results}, indent=1))
     print(f"raw figures: {out.relative_to(BENCH_DIR.parent)}")
     return 0
+
+
+def _variants(value: str) -> list[str]:
+    if value == "all":
+        return list(PROXY_VARIANTS)
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in PROXY_VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown}; see --help")
+    return names
 
 
 def _rmtree(path: Path) -> None:

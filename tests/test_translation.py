@@ -424,3 +424,64 @@ def test_no_real_uid_in_any_byte_of_any_response(
             hit = pattern_bytes.search(response.content)
             assert hit is None, (path, headers, hit and hit.group(0))
     assert statuses.get(200, 0) > 300, statuses  # the scan really read answers
+
+
+# --- series the map does not know --------------------------------------------------------
+
+SEG_SERIES = "1.2.826.0.1.3680043.8.498.4242.2"
+
+
+@pytest.fixture(scope="module")
+def partial_store(tmp_path_factory: pytest.TempPathFactory, store_path: Path) -> Path:
+    """The synced store without the SEG's series."""
+    path = tmp_path_factory.mktemp("partial") / "store.sqlite3"
+    with SqliteStore(store_path) as full, SqliteStore(path) as partial:
+        for entry in full.entries():
+            series = [a.series_uid for a in entry.acquisitions if a.series_uid != SEG_SERIES]
+            partial.register(entry.study_uid, series)
+    return path
+
+
+def _partial_proxy(
+    factory: ProxyFactory, archive: OrthancServer, store: Path, unmapped: str
+) -> ProxyServer:
+    mapping = {**MAPPING, "unmapped_series": unmapped}
+    return factory(archive.dicomweb_url, mapping=mapping, store={"path": str(store)})
+
+
+def test_unmapped_series_exposed(
+    proxy_factory: ProxyFactory, archive: OrthancServer, partial_store: Path
+) -> None:
+    proxy = _partial_proxy(proxy_factory, archive, partial_store, "expose")
+    client = DICOMwebClient(proxy.dicomweb_url)
+    study = _seg_study(client)
+    series = [r["0020000E"]["Value"][0] for r in client.search_for_series(study)]
+    assert SEG_SERIES in series
+    assert all(_public(uid) for uid in series if uid != SEG_SERIES)
+    (seg,) = client.retrieve_series(study, SEG_SERIES)
+    assert (seg.StudyInstanceUID, seg.SeriesInstanceUID) == (study, SEG_SERIES)
+    assert _public(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+    # A real UID of a mapped series is no way in, even with "expose".
+    with SqliteStore(partial_store) as store:
+        real = next(a.series_uid for e in store.entries() for a in e.acquisitions)
+    response = httpx.get(f"{proxy.dicomweb_url}/studies/{study}/series/{real}/metadata")
+    assert response.status_code == 404
+
+
+def test_unmapped_series_hidden(
+    proxy_factory: ProxyFactory, archive: OrthancServer, partial_store: Path
+) -> None:
+    proxy = _partial_proxy(proxy_factory, archive, partial_store, "hide")
+    client = DICOMwebClient(proxy.dicomweb_url)
+    rows = client.search_for_studies(search_filters={"ModalitiesInStudy": "SEG"})
+    study = rows[0]["0020000D"]["Value"][0]
+    series = [r["0020000E"]["Value"][0] for r in client.search_for_series(study)]
+    assert SEG_SERIES not in series and all(_public(uid) for uid in series)
+    assert not client.search_for_series(search_filters={"Modality": "SEG"})
+    metadata = client.retrieve_study_metadata(study)
+    assert metadata and all(m["00080060"]["Value"] != ["SEG"] for m in metadata)
+    instances = client.retrieve_study(study)
+    assert len(instances) == len(metadata)
+    assert all(ds.Modality != "SEG" for ds in instances)
+    response = httpx.get(f"{proxy.dicomweb_url}/studies/{study}/series/{SEG_SERIES}/metadata")
+    assert response.status_code == 404

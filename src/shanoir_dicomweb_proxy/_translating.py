@@ -10,7 +10,7 @@ links, Content-Location, Location and Warning.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from ._bodies import JsonRewriter, Resolve, translate_xml
@@ -19,6 +19,7 @@ from ._errors import NotFound, UpstreamError
 from ._headers import header, parse_media_type, public_base_url, split_accept
 from ._identifiers import IdentifierMap, UidFormatter
 from ._multipart import BodyRewriter, BufferedPart, MultipartRewriter, PartRewriter, PassPart
+from ._part10 import Part10Rewriter
 from ._routing import DicomWebRequest, Resource, get_dicomweb_request, set_dicomweb_request
 from ._translate import Translation, UidCollector
 from ._types import ASGIApp, Message, Receive, Scope, Send
@@ -284,8 +285,6 @@ class _Responder:
     def _body_rewriter(self, content_type: bytes | None) -> BodyRewriter | None:
         if content_type is None:
             return None
-        from ._part10 import Part10Rewriter  # TODO: top level once the module exists
-
         media = parse_media_type(content_type.decode("latin-1"))
         resolve: Resolve = self.resolve
         known = self._study_known
@@ -337,6 +336,3 @@ class _Responder:
             return translation.study(uid) or translation.series.get(uid) or "<uid>"
 
         return _UID_LIKE.sub(swap, text)
-
-
-_Transform = Callable[[bytes], Awaitable[bytes | None]]
