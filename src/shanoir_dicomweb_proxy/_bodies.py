@@ -36,27 +36,26 @@ _NO_TRANSLATION = Translation(studies={}, series={})
 class _JsonDataset:
     """A DICOM JSON object (PS3.18 Annex F) as a :class:`DatasetView`."""
 
-    __slots__ = ("_data", "_sequences", "_bulk")
+    __slots__ = ("data", "_sequences", "_bulk")
 
-    def __init__(self, data: dict[str, Any]) -> None:
-        self._data = data
-        sequences: list[tuple[int, list[_JsonDataset]]] = []
-        bulk: list[dict[str, Any]] = []
-        for key, element in data.items():
-            if type(element) is not dict:
-                continue
-            if element.get("vr") == "SQ":
-                items = element.get("Value")
-                if items:
-                    views = [_JsonDataset(i) for i in items if type(i) is dict]
-                    sequences.append((int(key, 16), views))
-            elif "BulkDataURI" in element:
-                bulk.append(element)
-        self._sequences = sequences
-        self._bulk = bulk
+    def __init__(self, data: dict[str, Any], *, sequences: bool = True, bulk: bool = True) -> None:
+        """``sequences`` and ``bulk`` may say, from a look at the raw bytes, that the object
+        holds no sequence or no BulkDataURI: its elements are then not looked through."""
+        self.data = data
+        self._sequences: list[tuple[int, list[_JsonDataset]]] = []
+        if sequences:
+            for key, element in data.items():
+                if type(element) is dict and element.get("vr") == "SQ" and element.get("Value"):
+                    items = [
+                        _JsonDataset(i, bulk=bulk) for i in element["Value"] if type(i) is dict
+                    ]
+                    self._sequences.append((int(key, 16), items))
+        self._bulk = (
+            [e for e in data.values() if type(e) is dict and "BulkDataURI" in e] if bulk else []
+        )
 
     def get(self, tag: int) -> list[str] | None:
-        element = self._data.get(f"{tag:08X}")
+        element = self.data.get(f"{tag:08X}")
         if type(element) is not dict:
             return None
         values = element.get("Value")
@@ -65,7 +64,7 @@ class _JsonDataset:
         return [v for v in values if type(v) is str]
 
     def put(self, tag: int, values: list[str] | None) -> None:
-        element = self._data[f"{tag:08X}"]
+        element = self.data[f"{tag:08X}"]
         if values is None:
             element.pop("Value", None)
         else:
@@ -104,6 +103,7 @@ class JsonRewriter:
         self._array: bool | None = None  # None until the first byte tells
         self._first = True
         self._done = False
+        self._hint = 0  # the size of the last object
 
     async def feed(self, chunk: bytes) -> bytes:
         self._buffer += chunk
@@ -136,16 +136,16 @@ class JsonRewriter:
                 translation = await self._translate([view])
                 apply_translation(view, translation, study_known=self._study_known)
             return orjson.dumps(value)
-        out = await self._objects()
+        out = await self._objects(final=True)
         if not self._done or _skip_space(self._buffer, self._pos) != len(self._buffer):
             raise UpstreamError("the upstream's DICOM JSON answer ended early")
         return out
 
-    async def _objects(self) -> bytes:
+    async def _objects(self, *, final: bool = False) -> bytes:
         """Translate every complete object in the buffer; keep the incomplete rest."""
-        if self._done or len(self._buffer) < self._retry_at:
+        if self._done or (len(self._buffer) < self._retry_at and not final):
             return b""
-        objects: list[dict[str, Any]] = []
+        objects: list[_JsonDataset] = []
         buffer = self._buffer
         view = memoryview(buffer)
         pos = self._pos
@@ -162,13 +162,16 @@ class JsonRewriter:
                     self._done = True
                     pos += 1
                     break
-                end = _object_end(view, pos)
-                if end is None:
+                found = _next_value(view, pos, self._hint)
+                if found is None:
                     break
-                value = orjson.loads(view[pos:end])
+                value, end = found
                 if type(value) is not dict:
                     raise UpstreamError("the upstream's DICOM JSON array holds a non-object")
-                objects.append(value)
+                has_sequences = buffer.find(b'"SQ"', pos, end) >= 0
+                has_bulk = buffer.find(b'"BulkDataURI"', pos, end) >= 0
+                objects.append(_JsonDataset(value, sequences=has_sequences, bulk=has_bulk))
+                self._hint = end - pos
                 pos = end
         finally:
             view.release()
@@ -191,15 +194,14 @@ class JsonRewriter:
             return _NO_TRANSLATION
         return await self._resolve(collector)
 
-    async def _translate_rows(self, objects: list[dict[str, Any]]) -> bytes:
-        if not objects:
+    async def _translate_rows(self, views: list[_JsonDataset]) -> bytes:
+        if not views:
             return b""
-        views = [_JsonDataset(o) for o in objects]
         translation = await self._translate(views)
         out: list[bytes] = []
-        for value, view in zip(objects, views, strict=True):
+        for view in views:
             if apply_translation(view, translation, study_known=self._study_known):
-                out.append(orjson.dumps(value))
+                out.append(orjson.dumps(view.data))
         if not out:
             return b""
         body = b",".join(out)
@@ -216,22 +218,35 @@ def _skip_space(buffer: bytearray, pos: int) -> int:
     return pos
 
 
-def _object_end(view: memoryview, start: int) -> int | None:
-    """Where the JSON value starting at ``start`` ends, or None when it is not complete yet."""
-    try:
-        orjson.loads(view[start:])
-    except orjson.JSONDecodeError as exc:
-        end = start + exc.pos
+def _next_value(view: memoryview, start: int, hint: int) -> tuple[Any, int] | None:
+    """The JSON value starting at ``start`` and where it ends; None when it is not complete.
+
+    orjson parses a window of the buffer and, when the value ends inside it, reports where
+    ("unexpected content after document"): that slice, parsed again, is the value. Windows
+    start at twice the previous value's size and double, so that a value costs about two
+    parses of itself whatever the size of the buffer behind it.
+    """
+    size = len(view)
+    window = max(2 * hint, 16384)
+    while True:
+        stop = min(start + window, size)
+        try:
+            return orjson.loads(view[start:stop]), stop
+        except orjson.JSONDecodeError as exc:
+            # The position counts characters: bytes differ once the text is not ASCII.
+            doc = exc.doc
+            ascii_only = len(doc) == stop - start
+            end = start + (exc.pos if ascii_only else len(doc[: exc.pos].encode()))
         while end > start and view[end - 1] in _WHITESPACE:
             end -= 1
-        if end > start:
+        if start < end < stop:
             try:
-                orjson.loads(view[start:end])
+                return orjson.loads(view[start:end]), end
             except orjson.JSONDecodeError:
-                return None  # cut in the middle, or malformed (close() tells which)
-            return end
-        return None
-    return len(view)
+                pass  # the window cut the value: a larger one
+        if stop == size:
+            return None  # cut in the middle, or malformed (close() tells which)
+        window *= 2
 
 
 # DICOM XML (PS3.19 Native DICOM Model), one dataset per multipart part. Its namespace is

@@ -1,0 +1,167 @@
+"""DICOM JSON and XML translation as streams, in process: any chunking gives the same answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shanoir_dicomweb_proxy import UpstreamError
+from shanoir_dicomweb_proxy._bodies import JsonRewriter, translate_xml
+from shanoir_dicomweb_proxy._translate import Translation, UidCollector
+
+REAL_STUDY, REAL_SERIES, OTHER_STUDY = "1.2.3.4", "1.2.3.4.5", "9.8.7"
+UPSTREAM, PUBLIC = "http://pacs:8042/dicom-web", "https://gw.example.org/dicomweb"
+TRANSLATION = Translation(
+    studies={REAL_STUDY: "1.4.9.42"},
+    series={REAL_SERIES: "1.4.8.7"},
+    upstream_base=UPSTREAM,
+    public_base=PUBLIC,
+)
+
+
+def _row(study: str, series: str, text: str = "x", nested: bool = False) -> dict[str, Any]:
+    link = f"{UPSTREAM}/studies/{study}/series/{series}"
+    row: dict[str, Any] = {
+        "00080018": {"vr": "UI", "Value": ["1.2.3.4.5.6"]},
+        "0008103E": {"vr": "LO", "Value": [text]},
+        "00081190": {"vr": "UR", "Value": [link]},
+        "0020000D": {"vr": "UI", "Value": [study]},
+        "0020000E": {"vr": "UI", "Value": [series]},
+        "7FE00010": {"vr": "OW", "BulkDataURI": link + "/instances/1.2/bulk/7fe00010"},
+    }
+    if nested:
+        ref = {"0020000E": {"vr": "UI", "Value": [series]}}
+        other = {
+            "0020000D": {"vr": "UI", "Value": [OTHER_STUDY]},
+            "00081115": {"vr": "SQ", "Value": [{"0020000E": {"vr": "UI", "Value": ["9.8.7.6"]}}]},
+        }
+        row["00081115"] = {"vr": "SQ", "Value": [ref]}
+        row["0040A375"] = {"vr": "SQ", "Value": [other]}
+    return row
+
+
+async def _resolve(collector: UidCollector) -> Translation:
+    return TRANSLATION
+
+
+async def _rewrite(chunks: list[bytes], *, study_known: bool = False) -> bytes:
+    rewriter = JsonRewriter(_resolve, study_known=study_known)
+    out = b"".join([await rewriter.feed(chunk) for chunk in chunks])
+    return out + await rewriter.close()
+
+
+def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(c, len(data)) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+_TEXT = st.text(alphabet='{}[],:"\\ \n\tab\u00e9', max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.booleans(), _TEXT, st.booleans()).map(
+            lambda t: _row(REAL_STUDY if t[0] else OTHER_STUDY, REAL_SERIES, t[1], t[2])
+        ),
+        max_size=6,
+    ),
+    indent=st.booleans(),
+    cuts=st.lists(st.integers(min_value=0, max_value=8000), max_size=12),
+)
+def test_any_chunking_gives_the_same_translation(
+    rows: list[dict[str, Any]], indent: bool, cuts: list[int]
+) -> None:
+    data = orjson.dumps(rows, option=orjson.OPT_INDENT_2 if indent else 0)
+    whole = anyio.run(_rewrite, [data])
+    assert anyio.run(_rewrite, _chunks(data, cuts)) == whole
+    kept = orjson.loads(whole)
+    # Rows of the unknown study are gone; the others are public, links included.
+    assert len(kept) == sum(r["0020000D"]["Value"] == [REAL_STUDY] for r in rows)
+    text = whole.decode()
+    assert REAL_STUDY + '"' not in text and "/" + REAL_STUDY not in text
+    assert OTHER_STUDY not in text and UPSTREAM not in text
+    for row in kept:
+        assert row["0020000D"]["Value"] == ["1.4.9.42"]
+        assert row["00081190"]["Value"] == [f"{PUBLIC}/studies/1.4.9.42/series/1.4.8.7"]
+        assert row["7FE00010"]["BulkDataURI"].startswith(f"{PUBLIC}/studies/1.4.9.42/series/")
+        if "0040A375" in row:
+            # A reference to an unknown study is emptied, and the series inside it too.
+            other = row["0040A375"]["Value"][0]
+            assert "Value" not in other["0020000D"]
+            assert "Value" not in other["00081115"]["Value"][0]["0020000E"]
+            assert row["00081115"]["Value"][0]["0020000E"]["Value"] == ["1.4.8.7"]
+
+
+async def test_rows_without_a_study_belong_to_the_route() -> None:
+    row = {"0020000E": {"vr": "UI", "Value": [REAL_SERIES]}}
+    data = orjson.dumps([row])
+    assert orjson.loads(await _rewrite([data], study_known=True)) == [
+        {"0020000E": {"vr": "UI", "Value": ["1.4.8.7"]}}
+    ]
+    unknown = {"0020000E": {"vr": "UI", "Value": ["5.5.5"]}}
+    assert await _rewrite([orjson.dumps([unknown])], study_known=False) == b"[]"
+    # expose_unmapped: an unknown series of a known study stays as it is.
+    assert orjson.loads(await _rewrite([orjson.dumps([unknown])], study_known=True)) == [unknown]
+
+
+async def test_single_object_and_empty_bodies() -> None:
+    stow = {"00081190": {"vr": "UR", "Value": [f"{UPSTREAM}/studies/{REAL_STUDY}"]}}
+    out = orjson.loads(await _rewrite([orjson.dumps(stow)]))
+    assert out == {"00081190": {"vr": "UR", "Value": [f"{PUBLIC}/studies/1.4.9.42"]}}
+    assert await _rewrite([b""]) == b""
+    assert await _rewrite([b" [ ", b"] "]) == b"[]"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'[{"0020000D": {"vr": "UI"', b"[1, 2]", b'[{"a": 1}', b"[{]", b'{"a": '],
+)
+async def test_malformed_or_truncated_is_an_error(body: bytes) -> None:
+    with pytest.raises(UpstreamError):
+        await _rewrite([body])
+
+
+async def test_large_object_in_small_chunks() -> None:
+    row = _row(REAL_STUDY, REAL_SERIES, "y" * 3_000_000)
+    data = orjson.dumps([row, row])
+    out = await _rewrite(_chunks(data, list(range(0, len(data), 4096))))
+    assert [r["0020000D"]["Value"] for r in orjson.loads(out)] == [["1.4.9.42"]] * 2
+
+
+XML = f"""<?xml version="1.0" encoding="utf-8"?>
+<NativeDicomModel xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM">
+  <DicomAttribute tag="0020000D" vr="UI" keyword="StudyInstanceUID">
+    <Value number="1">{{study}}</Value>
+  </DicomAttribute>
+  <DicomAttribute tag="00081115" vr="SQ" keyword="ReferencedSeriesSequence">
+    <Item number="1">
+      <DicomAttribute tag="0020000E" vr="UI">
+        <Value number="1">{REAL_SERIES}</Value>
+      </DicomAttribute>
+    </Item>
+  </DicomAttribute>
+  <DicomAttribute tag="7FE00010" vr="OW">
+    <BulkData URI="{UPSTREAM}/studies/{{study}}/series/{REAL_SERIES}/instances/1/bulk/7fe00010"/>
+  </DicomAttribute>
+</NativeDicomModel>"""
+
+
+async def test_xml_dataset() -> None:
+    out = await translate_xml(XML.format(study=REAL_STUDY).encode(), _resolve, study_known=False)
+    assert out is not None
+    text = out.decode()
+    assert REAL_STUDY not in text and REAL_SERIES not in text and UPSTREAM not in text
+    assert '<Value number="1">1.4.9.42</Value>' in text
+    assert '<Value number="1">1.4.8.7</Value>' in text
+    assert f'URI="{PUBLIC}/studies/1.4.9.42/series/1.4.8.7/instances/1/bulk/7fe00010"' in text
+    assert text.count("ns0:") == 0
+    unknown = XML.format(study=OTHER_STUDY).encode()
+    assert await translate_xml(unknown, _resolve, study_known=False) is None
+    with pytest.raises(UpstreamError):
+        await translate_xml(b"<NativeDicomModel>", _resolve, study_known=False)
