@@ -7,7 +7,7 @@ own base URL; they are rewritten to the proxy's public base, as a stream, chunk 
 from __future__ import annotations
 
 from ._headers import parse_media_type, public_base_url
-from ._multipart import BodyRewriter, BufferedPart, MultipartRewriter
+from ._multipart import BodyRewriter, BufferedPart, MultipartRewriter, PassPart
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["LinkRewriter", "RewriteMiddleware"]
@@ -18,8 +18,10 @@ _LINK_HEADERS = frozenset({b"content-location", b"location"})
 
 
 def _may_carry_links(content_type: bytes | None) -> bool:
-    # A cheap test first: most answers (frames, bulk data, Part 10) are not JSON or XML.
-    return content_type is not None and (b"json" in content_type or b"xml" in content_type)
+    # A cheap test first: single-part frames, bulk data and rendered images carry none.
+    return content_type is not None and (
+        b"json" in content_type or b"xml" in content_type or b"multipart" in content_type
+    )
 
 
 def _link_rewriter(content_type: bytes | None, old: bytes, new: bytes) -> BodyRewriter | None:
@@ -36,6 +38,16 @@ def _link_rewriter(content_type: bytes | None, old: bytes, new: bytes) -> BodyRe
             return body.replace(old, new)
 
         return MultipartRewriter(boundary.encode("latin-1"), lambda _: BufferedPart(replace))
+    if media.type == "multipart/related" and media.related_type != "application/dicom" and boundary:
+        # Frames and bulk data: Orthanc names each part's own URL in a Content-Location.
+        async def relink(name: bytes, value: bytes) -> bytes:
+            if name.lower() == b"content-location" and value.startswith(old):
+                return new + value[len(old) :]
+            return value
+
+        return MultipartRewriter(
+            boundary.encode("latin-1"), lambda _: PassPart(), rewrite_header=relink
+        )
     return None
 
 
