@@ -22,9 +22,17 @@ import httpx
 from dicomweb_client.api import DICOMwebClient
 from joserfc.jwk import RSAKey
 
-from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, generate_samples
+from shanoir_dicomweb_proxy._store import SqliteStore
+from shanoir_dicomweb_proxy.testing import (
+    OrthancServer,
+    ProxyServer,
+    SampleStudy,
+    dump_toml,
+    generate_samples,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
+ROOTS = {"study_root": "1.4.9.12.34.1.8527", "series_root": "1.4.9.12.34.2.8527"}
 
 
 def main() -> int:
@@ -44,15 +52,21 @@ def main() -> int:
         settings = {
             # Tokens are checked against a local key: `dev-token` signs with it, no IdP needed.
             "auth": {"jwks_file": str(_signing_key(args.dir)), "audience": ["dicomweb-proxy"]},
-            "mapping": {"backend": "identity"},
+            # Clients see examination and acquisition IDs, assigned by `store sync` below.
+            "mapping": {"backend": "sqlite", **ROOTS},
+            "store": {"path": str(args.dir / "store.sqlite3")},
             "access": {"backend": "allow_all"},
             "upstream": {"url": orthanc.dicomweb_url},
         }
-        with ProxyServer(args.dir / "proxy", settings, port=args.port) as proxy:
+        proxy = ProxyServer(args.dir / "proxy", settings, port=args.port)
+        proxy.config_path.write_text(dump_toml(proxy.settings))
+        cli = Path(sys.executable).parent / "shanoir-dicomweb-proxy"
+        sync = [str(cli), "store", "sync", "-c", str(proxy.config_path)]
+        print(f"$ {shlex.join(sync)}", flush=True)
+        subprocess.run(sync, check=True)
+        study, series = _public_uids(args.dir / "store.sqlite3", samples.small_studies[0])
+        with proxy:
             base = proxy.dicomweb_url
-            study = samples.small_studies[0]
-            series = study.series[0]
-            cli = Path(sys.executable).parent / "shanoir-dicomweb-proxy"
             mint = f"{cli} dev-token -c {proxy.config_path} --sub alice --claim userId=1"
             curl = (
                 'curl -s -H "Authorization: Bearer $TOKEN" '
@@ -62,19 +76,20 @@ def main() -> int:
                 f'{sys.executable} -c "import os; from dicomweb_client.api import DICOMwebClient; '
                 f"c = DICOMwebClient('{base}', "
                 "headers={'Authorization': 'Bearer ' + os.environ['TOKEN']}); "
-                f"print([ds.SOPInstanceUID for ds in c.retrieve_series('{study.uid}', "
-                f"'{series.uid}')])\""
+                f"print([(ds.StudyInstanceUID, ds.SeriesInstanceUID) for ds in "
+                f"c.retrieve_series('{study}', '{series}')])\""
             )
             print(f"\nThe proxy serves DICOMweb at {base} (config: {proxy.config_path})")
             print("Every request needs a bearer token; get one signed with the demo's key:")
             print(f"  export TOKEN=$({mint})\n")
             print("Search studies:")
             print(f"  {curl}\n")
-            print("Retrieve a series with dicomweb-client:")
+            print("Retrieve a series with dicomweb-client: every UID it shows is public")
             print(f"  {python}\n")
             print(f"Without a token: curl -si {base}/studies  (401)")
             print(f"Logs: {proxy.log_path}, {orthanc.log_path}")
-            _try_examples(base, mint, curl, study.uid, series.uid, len(series.instances))
+            instances = len(samples.small_studies[0].series[0].instances)
+            _try_examples(base, mint, curl, study, series, instances)
             if args.once:
                 return 0
             print("\nServing; press Ctrl-C to stop.", flush=True)
@@ -85,6 +100,17 @@ def main() -> int:
             except KeyboardInterrupt:
                 pass
     return 0
+
+
+def _public_uids(store_path: Path, study: SampleStudy) -> tuple[str, str]:
+    """The public UIDs of a sample study and of its first series, from the synced store."""
+    with SqliteStore(store_path) as store:
+        entry = next(e for e in store.entries() if e.study_uid == study.uid)
+    acquisition = next(a for a in entry.acquisitions if a.series_uid == study.series[0].uid)
+    return (
+        f"{ROOTS['study_root']}.{entry.exam_id}",
+        f"{ROOTS['series_root']}.{acquisition.acquisition_id}",
+    )
 
 
 def _signing_key(directory: Path) -> Path:
@@ -111,9 +137,12 @@ def _try_examples(base: str, mint: str, curl: str, study: str, series: str, inst
     datasets = DICOMwebClient(base, headers=headers).retrieve_series(study, series)
     if len(datasets) != instances:
         raise SystemExit(f"retrieve_series gave {len(datasets)} instances, not {instances}")
+    shown = {(ds.StudyInstanceUID, ds.SeriesInstanceUID) for ds in datasets}
+    if shown != {(study, series)}:
+        raise SystemExit(f"retrieve_series showed other UIDs than the public ones: {shown}")
     print(
         f"(checked: no token gets 401; with one, the search answers and the series retrieves "
-        f"{instances} instances)"
+        f"{instances} instances, with public UIDs only)"
     )
 
 
