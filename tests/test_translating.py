@@ -1,0 +1,137 @@
+"""The translation layer in process, in front of a scripted upstream: what reaches the PACS,
+headers, empty searches and a failing map."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from shanoir_dicomweb_proxy import DicomWebProxy, Settings, Upstream
+from shanoir_dicomweb_proxy._backends import StaticIdentifierMap
+from shanoir_dicomweb_proxy._errors import MappingUnavailable
+from shanoir_dicomweb_proxy._identifiers import IdentifierMap, SeriesEntry
+from shanoir_dicomweb_proxy._store import ImportRow
+
+from .asgi import CORE, call
+
+STUDY, SERIES, OTHER_STUDY = "1.2.840.99.1", "1.2.840.99.1.1", "1.2.840.77.1"
+MAPPING = {"backend": "static", "study_root": "1.4.1", "series_root": "1.4.2", "file": "x"}
+PUBLIC_STUDY, PUBLIC_SERIES = "1.4.1.42", "1.4.2.7"
+ROWS = [ImportRow(42, STUDY, 7, SERIES), ImportRow(43, "1.2.840.99.2")]
+
+
+def _build(handler: Any, identifiers: IdentifierMap | None = None) -> DicomWebProxy:
+    data: dict[str, Any] = {**CORE, "mapping": {**MAPPING}}
+    data["upstream"] = {"url": "http://pacs.invalid/dicom-web"}
+    settings = Settings.from_dict(data)
+    upstream = Upstream(settings.upstream, transport=httpx.MockTransport(handler))
+    return DicomWebProxy(
+        settings, upstream=upstream, identifiers=identifiers or StaticIdentifierMap(ROWS)
+    )
+
+
+class _Recorder:
+    """The upstream: records requests, answers ``status``, ``content`` and ``headers``."""
+
+    def __init__(
+        self,
+        content: bytes = b"[]",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.requests: list[httpx.Request] = []
+        self.content = content
+        self.headers = {"content-type": "application/dicom+json", **(headers or {})}
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return httpx.Response(200, stream=httpx.ByteStream(self.content), headers=self.headers)
+
+
+async def test_upstream_gets_real_uids_in_path_and_query() -> None:
+    upstream = _Recorder()
+    app = _build(upstream)
+    query = f"SeriesInstanceUID={PUBLIC_SERIES}\\1.4.2.999,{SERIES}&Modality=MR".encode()
+    answer = await call(app, "GET", f"/dicomweb/studies/{PUBLIC_STUDY}/series".encode(), query)
+    assert answer.status == 200
+    (sent,) = upstream.requests
+    assert sent.url.path == f"/dicom-web/studies/{STUDY}/series"
+    # Only the known public value goes on; the unknown and the real one are dropped.
+    assert sent.url.query == f"SeriesInstanceUID={SERIES}&Modality=MR".encode()
+
+
+@pytest.mark.parametrize(
+    ("accept", "status", "body"),
+    [
+        (b"application/dicom+json", 200, b"[]"),
+        (b"application/dicom+xml", 204, b""),
+    ],
+)
+async def test_search_that_cannot_match_never_reaches_the_pacs(
+    accept: bytes, status: int, body: bytes
+) -> None:
+    upstream = _Recorder()
+    app = _build(upstream)
+    answer = await call(
+        app,
+        "GET",
+        b"/dicomweb/studies",
+        b"StudyInstanceUID=" + STUDY.encode(),
+        [(b"accept", accept)],
+    )
+    assert (answer.status, answer.body) == (status, body)
+    assert upstream.requests == []
+
+
+async def test_headers_are_translated() -> None:
+    location = f"http://pacs.invalid/dicom-web/studies/{STUDY}/series/{SERIES}"
+    headers = {
+        "content-location": location,
+        "warning": f'299 pacs "series {SERIES} of {STUDY}, see {OTHER_STUDY}"',
+    }
+    app = _build(_Recorder(headers=headers))
+    answer = await call(app, "GET", f"/dicomweb/studies/{PUBLIC_STUDY}/series".encode())
+    assert answer.headers[b"content-location"] == (
+        f"http://proxy.test:8080/dicomweb/studies/{PUBLIC_STUDY}/series/{PUBLIC_SERIES}".encode()
+    )
+    assert answer.headers[b"warning"] == (
+        f'299 pacs "series {PUBLIC_SERIES} of {PUBLIC_STUDY}, see <uid>"'.encode()
+    )
+
+
+async def test_encoded_body_is_refused() -> None:
+    upstream = _Recorder(gzip.compress(b"[]"), {"content-encoding": "gzip"})
+    answer = await call(_build(upstream), "GET", b"/dicomweb/studies")
+    assert answer.status == 502
+    assert orjson.loads(answer.body)["status"] == 502
+
+
+class _Down:
+    """A map whose platform is down."""
+
+    async def studies_by_uid(self, uids: Collection[str]) -> Mapping[str, int]:
+        raise MappingUnavailable("the platform is down")
+
+    async def studies_by_id(self, exam_ids: Collection[int]) -> Mapping[int, str]:
+        raise MappingUnavailable("the platform is down")
+
+    async def series_by_uid(self, uids: Collection[str]) -> Mapping[str, SeriesEntry]:
+        raise MappingUnavailable("the platform is down")
+
+    async def series_by_id(self, acquisition_ids: Collection[int]) -> Mapping[int, SeriesEntry]:
+        raise MappingUnavailable("the platform is down")
+
+
+@pytest.mark.parametrize(
+    "path", [b"/dicomweb/studies", f"/dicomweb/studies/{PUBLIC_STUDY}/metadata".encode()]
+)
+async def test_map_down_is_503_never_unmapped(path: bytes) -> None:
+    rows = orjson.dumps([{"0020000D": {"vr": "UI", "Value": [STUDY]}}])
+    answer = await call(_build(_Recorder(rows), _Down()), "GET", path)
+    assert answer.status == 503
+    assert answer.headers[b"content-type"] == b"application/problem+json"
+    assert STUDY.encode() not in answer.body
