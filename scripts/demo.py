@@ -59,6 +59,7 @@ def main() -> int:
             "upstream": {"url": orthanc.dicomweb_url},
         }
         proxy = ProxyServer(args.dir / "proxy", settings, port=args.port)
+        proxy.config_path.parent.mkdir(parents=True, exist_ok=True)
         proxy.config_path.write_text(dump_toml(proxy.settings))
         cli = Path(sys.executable).parent / "shanoir-dicomweb-proxy"
         sync = [str(cli), "store", "sync", "-c", str(proxy.config_path)]

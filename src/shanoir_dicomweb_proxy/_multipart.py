@@ -14,7 +14,15 @@ from python_multipart.multipart import MultipartParser
 
 from ._errors import UpstreamError
 
-__all__ = ["BodyRewriter", "BufferedPart", "MultipartRewriter", "PartRewriter", "PassPart"]
+__all__ = [
+    "BodyRewriter",
+    "BufferedPart",
+    "Chunk",
+    "MultipartRewriter",
+    "PartRewriter",
+    "PassPart",
+    "WholeBody",
+]
 
 PartHeaders = list[tuple[bytes, bytes]]
 
@@ -29,12 +37,20 @@ class BodyRewriter(Protocol):
         ...
 
 
-class PartRewriter(BodyRewriter, Protocol):
+#: A part's bytes: slices of the upstream's chunks are passed on without a copy.
+Chunk = bytes | memoryview
+
+
+class PartRewriter(Protocol):
     """The rewriter of one part. ``dropped`` turns true, before any output, when the part must
     not be shown; ``keeps_length`` says the body keeps its size (its Content-Length stays)."""
 
     dropped: bool
     keeps_length: bool
+
+    async def feed(self, chunk: Chunk) -> Chunk: ...
+
+    async def close(self) -> Chunk: ...
 
 
 class PassPart:
@@ -43,7 +59,7 @@ class PassPart:
     dropped = False
     keeps_length = True
 
-    async def feed(self, chunk: bytes) -> bytes:
+    async def feed(self, chunk: Chunk) -> Chunk:
         return chunk
 
     async def close(self) -> bytes:
@@ -65,10 +81,10 @@ class BufferedPart:
         self.dropped = False
         self._transform = transform
         self._max = max_bytes
-        self._chunks: list[bytes] = []
+        self._chunks: list[Chunk] = []
         self._size = 0
 
-    async def feed(self, chunk: bytes) -> bytes:
+    async def feed(self, chunk: Chunk) -> bytes:
         self._size += len(chunk)
         if self._size > self._max:
             raise UpstreamError(f"a multipart part exceeds {self._max} bytes")
@@ -82,6 +98,19 @@ class BufferedPart:
             self.dropped = True
             return b""
         return body
+
+
+class WholeBody:
+    """A part rewriter applied to a whole single-part body."""
+
+    def __init__(self, part: PartRewriter) -> None:
+        self._part = part
+
+    async def feed(self, chunk: bytes) -> bytes:
+        return bytes(await self._part.feed(chunk))
+
+    async def close(self) -> bytes:
+        return bytes(await self._part.close())
 
 
 class MultipartRewriter:
@@ -103,7 +132,7 @@ class MultipartRewriter:
         self._boundary = boundary
         self._new_part = new_part
         self._rewrite_header = rewrite_header
-        self._events: list[tuple[str, bytes]] = []
+        self._events: list[tuple[str, Chunk]] = []
         self._field = b""
         self._value = b""
         self._headers: PartHeaders = []
@@ -136,7 +165,7 @@ class MultipartRewriter:
         self._field = self._value = b""
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
-        self._events.append(("data", data[start:end]))
+        self._events.append(("data", memoryview(data)[start:end]))
 
     async def feed(self, chunk: bytes) -> bytes:
         """Parse ``chunk``; return the output it made ready."""
@@ -145,12 +174,12 @@ class MultipartRewriter:
         except Exception as exc:  # python-multipart raises its own MultipartParseError
             raise UpstreamError("the upstream sent a malformed multipart body") from exc
         events, self._events = self._events, []
-        out: list[bytes] = []
+        out: list[Chunk] = []
         for kind, data in events:
             if kind == "begin":
                 self._headers = []
             elif kind == "header":
-                name, _, value = data.partition(b":")
+                name, _, value = bytes(data).partition(b":")
                 self._headers.append((name, value))
             elif kind == "headers":
                 self._part = self._new_part(self._headers)
@@ -167,7 +196,7 @@ class MultipartRewriter:
                 self._ended = True
         return b"".join(out)
 
-    async def _emit(self, out: list[bytes], body: bytes, *, whole: bool) -> None:
+    async def _emit(self, out: list[Chunk], body: Chunk, *, whole: bool) -> None:
         part = self._part
         assert part is not None
         if part.dropped or (not body and not whole):

@@ -23,6 +23,7 @@ from typing import Final
 from pydicom.datadict import dictionary_VR
 
 from ._errors import UpstreamError
+from ._multipart import Chunk
 from ._translate import (
     STUDY_INSTANCE_UID,
     TRANSLATED_TAGS,
@@ -247,9 +248,9 @@ class _Frame:
 _Chunk = bytes | bytearray | memoryview
 
 
-def _join(out: list[_Chunk]) -> bytes:
-    if len(out) == 1 and isinstance(out[0], bytes):
-        return out[0]
+def _join(out: list[_Chunk]) -> Chunk:
+    if len(out) == 1 and not isinstance(out[0], bytearray):
+        return out[0]  # a slice of the input, passed on without a copy
     return b"".join(out)
 
 
@@ -307,7 +308,7 @@ class Part10Rewriter:
         """Bytes of input held (for tests and metrics)."""
         return len(self._buf) + len(self._item_header)
 
-    async def feed(self, chunk: bytes) -> bytes:
+    async def feed(self, chunk: Chunk) -> Chunk:
         """Take the next bytes of the file; return the rewritten bytes ready so far."""
         if self.dropped or not chunk:
             return b""
@@ -315,7 +316,7 @@ class Part10Rewriter:
         await self._consume(chunk, out)
         return b"" if self.dropped else _join(out)
 
-    async def close(self) -> bytes:
+    async def close(self) -> Chunk:
         """End of the file: return the rest; raise :class:`UpstreamError` if it was cut short."""
         if self.dropped:
             return b""

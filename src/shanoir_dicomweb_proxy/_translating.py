@@ -18,7 +18,14 @@ from ._edge import send_json
 from ._errors import NotFound, UpstreamError
 from ._headers import header, parse_media_type, public_base_url, split_accept
 from ._identifiers import IdentifierMap, UidFormatter
-from ._multipart import BodyRewriter, BufferedPart, MultipartRewriter, PartRewriter, PassPart
+from ._multipart import (
+    BodyRewriter,
+    BufferedPart,
+    MultipartRewriter,
+    PartRewriter,
+    PassPart,
+    WholeBody,
+)
 from ._part10 import Part10Rewriter
 from ._routing import DicomWebRequest, Resource, get_dicomweb_request, set_dicomweb_request
 from ._translate import Translation, UidCollector
@@ -293,7 +300,7 @@ class _Responder:
         if media.type == "application/dicom+xml":
             return BufferedPart(self._xml)
         if media.type == "application/dicom":
-            return Part10Rewriter(resolve, study_known=known)
+            return WholeBody(Part10Rewriter(resolve, study_known=known))
         boundary = media.params.get("boundary")
         if media.type != "multipart/related" or not boundary:
             return None
