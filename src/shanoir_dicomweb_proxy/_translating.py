@@ -40,6 +40,16 @@ _UID_LIKE = re.compile(r"\b[0-9]+(?:\.[0-9]+){2,}\b")
 _LINK_HEADERS = frozenset({b"content-location", b"location"})
 
 
+def is_study_key(key: str) -> bool:
+    """Whether a query key matches on Study Instance UID (by keyword or tag, maybe nested)."""
+    return key.rpartition(".")[2].lower() in _STUDY_KEYS
+
+
+def split_uid_list(value: str) -> list[str]:
+    """The UIDs of a UID list match value (comma or backslash separated)."""
+    return [v for v in _UID_LIST.split(value) if v]
+
+
 class _NothingMatches(Exception):
     """A search for identifiers none of which exist: the answer is empty."""
 
@@ -133,12 +143,12 @@ class IdentifierTranslator:
         for key, value in query:
             attribute = key.rpartition(".")[2].lower()
             if attribute in _STUDY_KEYS:
-                values = [v for v in _UID_LIST.split(value) if v]
+                values = split_uid_list(value)
                 found = await self.real_studies(values)
                 pairs = [(found[v], v) for v in values if v in found]
                 known.studies.update(pairs)
             elif attribute in _SERIES_KEYS:
-                values = [v for v in _UID_LIST.split(value) if v]
+                values = split_uid_list(value)
                 found = await self.real_series(values, exam_id=exam_id)
                 pairs = [(found[v], v) for v in values if v in found]
                 known.series.update(pairs)
@@ -181,7 +191,7 @@ class TranslationMiddleware:
         try:
             translated, known = await self.translator.translate_request(request)
         except _NothingMatches:
-            await _empty_search(scope, send)
+            await empty_search(scope, send)
             return
         set_dicomweb_request(scope, translated)
         public_base = public_base_url(scope, public_url=self.public_url, base_path=self.base_path)
@@ -197,7 +207,7 @@ class TranslationMiddleware:
         await self.app(scope, receive, responder.send)
 
 
-async def _empty_search(scope: Scope, send: Send) -> None:
+async def empty_search(scope: Scope, send: Send) -> None:
     """The answer to a search that cannot match: 204 for XML, else 200 with ``[]``."""
     accept = header(scope, b"accept") or b""
     types = [m.type for m in split_accept(accept.decode("latin-1"))]
