@@ -7,6 +7,7 @@ from types import TracebackType
 
 from starlette.middleware.cors import CORSMiddleware
 
+from ._access import AccessMiddleware, AccessPolicy, AllowAll, AuditLog
 from ._auth import AuthMiddleware, AuthUnavailable, TokenValidator
 from ._backends import ManagedIdentifierMap, build_identifier_map
 from ._config import Settings
@@ -32,7 +33,8 @@ class DicomWebProxy:
     runs no lifespan for mounted apps) enters it in its own lifespan with ``async with proxy:``.
 
     ``identifiers`` replaces the identifier map ``[mapping] backend`` would build (a host app's
-    own :class:`IdentifierMap`); the caller then closes it.
+    own :class:`IdentifierMap`), and ``access`` the access policy of ``[access] backend``; the
+    caller then closes them.
     """
 
     def __init__(
@@ -42,8 +44,10 @@ class DicomWebProxy:
         upstream: Upstream | None = None,
         validator: TokenValidator | None = None,
         identifiers: IdentifierMap | None = None,
+        access: AccessPolicy | None = None,
     ) -> None:
-        _check_available(settings)
+        if access is None:
+            _check_available(settings)
         self.settings = settings
         self.upstream = upstream or Upstream(settings.upstream)
         self.validator: TokenValidator | None = None
@@ -56,7 +60,13 @@ class DicomWebProxy:
             "base_path": server.base_path,
         }
         self._owned_map: ManagedIdentifierMap | None = None
+        self.audit: AuditLog | None = None
         if mapping.backend == "identity" and identifiers is None:
+            if access is not None or settings.access.backend != "allow_all":
+                raise ConfigError(
+                    f"{settings.source}: [access] backend: decisions are made per examination, "
+                    'which needs a [mapping] backend other than "identity"'
+                )
             app = RewriteMiddleware(app, **links)
         else:
             if identifiers is None:
@@ -68,6 +78,19 @@ class DicomWebProxy:
                 expose_unmapped=mapping.unmapped_series == "expose",
             )
             app = TranslationMiddleware(app, translator=translator, **links)
+            if access is None and settings.access.backend == "allow_all":
+                access = AllowAll()
+            assert access is not None
+            log = settings.logging.audit_log
+            self.audit = AuditLog(log) if log else None
+            app = AccessMiddleware(
+                app,
+                policy=access,
+                formatter=translator.formatter,
+                retrieve_action=settings.access.retrieve_action,
+                deny_status=settings.access.deny_status,
+                audit=self.audit,
+            )
         self.identifiers = identifiers
         app = RoutingMiddleware(app, base_path=server.base_path)
         auth = settings.auth
@@ -101,6 +124,8 @@ class DicomWebProxy:
 
     async def __aenter__(self) -> DicomWebProxy:
         _ = self.upstream.client
+        if self.audit is not None:
+            self.audit.start()
         if self.validator is not None:
             try:
                 await self.validator.keys.keys(None)  # fetch the issuer's keys early
@@ -115,6 +140,8 @@ class DicomWebProxy:
         tb: TracebackType | None,
     ) -> None:
         await self.upstream.aclose()
+        if self.audit is not None:
+            self.audit.close()
         if self._owned_map is not None:
             await self._owned_map.aclose()
         if self.validator is not None:

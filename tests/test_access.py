@@ -1,0 +1,245 @@
+"""Access decisions in process, with a scripted policy and upstream: paths, searches narrowed
+or filtered with exact paging, the audit log, admins, and a policy that is down."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import httpx
+import orjson
+import pytest
+
+from shanoir_dicomweb_proxy import DicomWebProxy, Principal, Settings, Upstream
+from shanoir_dicomweb_proxy._access import ALL, FILTER_PAGE, INJECT_MAX, Action, Visible
+from shanoir_dicomweb_proxy._auth import SCOPE_KEY
+from shanoir_dicomweb_proxy._backends import StaticIdentifierMap
+from shanoir_dicomweb_proxy._errors import ProxyError
+from shanoir_dicomweb_proxy._store import ImportRow
+
+from .asgi import CORE, Answer, call
+
+EXAMS = 1200  # more than FILTER_PAGE and INJECT_MAX: both strategies are exercised
+ROOT = "1.4.1"
+
+
+def _real(exam: int) -> str:
+    return f"2.25.{exam}"
+
+
+def _public(exam: int) -> str:
+    return f"{ROOT}.{exam}"
+
+
+class _Pacs:
+    """Studies 2.25.1 … 2.25.1200 in a fixed order; honours StudyInstanceUID lists, limit and
+    offset like Orthanc; records every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+        # A shuffled but fixed order, as an archive's own index would give.
+        self.order = sorted(range(1, EXAMS + 1), key=lambda e: (e * 7919) % EXAMS)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        query = dict(parse_qsl(request.url.query.decode(), keep_blank_values=True))
+        exams = self.order
+        if "StudyInstanceUID" in query:
+            wanted = set(query["StudyInstanceUID"].split(","))
+            exams = [e for e in exams if _real(e) in wanted]
+        offset, limit = int(query.get("offset", 0)), int(query.get("limit", 0))
+        exams = exams[offset : offset + limit if limit else None]
+        rows = [{"0020000D": {"vr": "UI", "Value": [_real(e)]}} for e in exams]
+        body = orjson.dumps(rows)
+        return httpx.Response(
+            200, stream=httpx.ByteStream(body), headers={"content-type": "application/dicom+json"}
+        )
+
+
+class _Policy:
+    def __init__(self, grants: dict[str, set[int]] | None = None, *, down: bool = False) -> None:
+        self.grants = grants or {}
+        self.down = down
+        self.calls = 0
+
+    async def visible(self, principal: Principal, action: Action) -> Visible:
+        self.calls += 1
+        if self.down:
+            raise _Down("the policy cannot be reached")
+        exams = self.grants.get(principal.subject, set())
+        return ALL if exams == {0} else frozenset(exams)
+
+    async def allowed(
+        self, principal: Principal, action: Action, exam_ids: Collection[int]
+    ) -> frozenset[int]:
+        visible = await self.visible(principal, action)
+        return frozenset(exam_ids) if visible is ALL else frozenset(exam_ids) & visible
+
+
+class _Down(ProxyError):
+    status = 503
+    code = "access_unavailable"
+
+
+def _principal(subject: str, *, admin: bool = False) -> Principal:
+    return Principal(
+        subject=subject,
+        user_id=subject,
+        username=subject,
+        roles=frozenset({"ROLE_ADMIN"} if admin else ()),
+        claims={},
+        expires_at=None,
+        is_admin=admin,
+        token_id="t",
+    )
+
+
+class _As:
+    """The app with a principal already in the scope, as AuthMiddleware leaves it."""
+
+    def __init__(self, app: DicomWebProxy, principal: Principal | None) -> None:
+        self.app, self.principal = app, principal
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.principal is not None:
+            scope[SCOPE_KEY] = self.principal
+        await self.app(scope, receive, send)
+
+
+def _build(pacs: _Pacs, policy: _Policy, tmp_path: Path, **access: Any) -> DicomWebProxy:
+    data: dict[str, Any] = {
+        **CORE,
+        "mapping": {"backend": "static", "study_root": ROOT, "series_root": "1.4.2", "file": "x"},
+        "access": {"backend": "static", "file": "x", **access},
+        "logging": {"audit_log": str(tmp_path / "audit.jsonl")},
+        "upstream": {"url": "http://pacs.invalid/dicom-web"},
+    }
+    settings = Settings.from_dict(data)
+    upstream = Upstream(settings.upstream, transport=httpx.MockTransport(pacs))
+    rows = [ImportRow(e, _real(e)) for e in range(1, EXAMS + 1)]
+    return DicomWebProxy(
+        settings, upstream=upstream, identifiers=StaticIdentifierMap(rows), access=policy
+    )
+
+
+async def _get(app: DicomWebProxy, who: Principal | None, path: str, query: str = "") -> Answer:
+    return await call(_As(app, who), "GET", path.encode(), query.encode())
+
+
+def _exams(answer: Answer) -> list[int]:
+    return [int(r["0020000D"]["Value"][0].rsplit(".", 1)[1]) for r in orjson.loads(answer.body)]
+
+
+GRANTS = {"alice": {3, 5}, "bob": set(range(1, 1001)), "admin": set(), "everyone": {0}}
+
+
+async def test_paths_are_decided_before_the_upstream(tmp_path: Path) -> None:
+    pacs = _Pacs()
+    app = _build(pacs, _Policy(GRANTS), tmp_path)
+    alice = _principal("alice")
+    granted = await _get(app, alice, f"/dicomweb/studies/{_public(3)}/metadata")
+    assert granted.status == 200
+    denied = await _get(app, alice, f"/dicomweb/studies/{_public(4)}/metadata")
+    missing = await _get(app, alice, f"/dicomweb/studies/{_public(99999)}/metadata")
+    real = await _get(app, alice, f"/dicomweb/studies/{_real(4)}/series")
+    assert denied.status == missing.status == real.status == 404
+    assert denied.body == missing.body == real.body
+    assert len(pacs.requests) == 1  # only the granted one reached the PACS
+    admin = await _get(app, _principal("admin", admin=True), f"/dicomweb/studies/{_public(4)}")
+    assert admin.status == 200
+
+
+async def test_deny_status_403_is_the_same_for_missing(tmp_path: Path) -> None:
+    app = _build(_Pacs(), _Policy(GRANTS), tmp_path, deny_status=403)
+    alice = _principal("alice")
+    denied = await _get(app, alice, f"/dicomweb/studies/{_public(4)}/metadata")
+    missing = await _get(app, alice, f"/dicomweb/studies/{_public(99999)}/metadata")
+    assert denied.status == missing.status == 403 and denied.body == missing.body
+
+
+async def test_small_visible_set_is_injected(tmp_path: Path) -> None:
+    pacs = _Pacs()
+    app = _build(pacs, _Policy(GRANTS), tmp_path)
+    answer = await _get(app, _principal("alice"), "/dicomweb/studies")
+    assert sorted(_exams(answer)) == [3, 5]
+    (sent,) = pacs.requests
+    assert dict(parse_qsl(sent.url.query.decode()))["StudyInstanceUID"] == "2.25.3,2.25.5"
+    # A query naming studies is narrowed to the visible ones.
+    both = f"StudyInstanceUID={_public(3)},{_public(4)}"
+    assert _exams(await _get(app, _principal("alice"), "/dicomweb/studies", both)) == [3]
+    none = f"StudyInstanceUID={_public(4)}"
+    nothing = await _get(app, _principal("alice"), "/dicomweb/studies", none)
+    assert (nothing.status, nothing.body) == (200, b"[]")
+    assert len(pacs.requests) == 2
+
+
+@pytest.mark.parametrize("limit", [37, 100, 333])
+async def test_filtered_search_pages_exactly(tmp_path: Path, limit: int) -> None:
+    pacs = _Pacs()
+    app = _build(pacs, _Policy(GRANTS), tmp_path)
+    bob = _principal("bob")
+    expected = [e for e in pacs.order if e <= 1000]  # bob's 1000 > INJECT_MAX: filtered
+    assert len(expected) > INJECT_MAX
+    pages: list[int] = []
+    offset = 0
+    while True:
+        answer = await _get(app, bob, "/dicomweb/studies", f"limit={limit}&offset={offset}")
+        page = _exams(answer)
+        more = b"warning" in answer.headers
+        assert len(page) == limit or not more  # full pages while more exist
+        pages += page
+        offset += limit
+        if not more:
+            break
+    assert pages == expected  # no gap, no duplicate, the upstream's order
+    assert all(b"StudyInstanceUID" not in r.url.query for r in pacs.requests)
+    whole = await _get(app, bob, "/dicomweb/studies")
+    assert _exams(whole) == expected and b"warning" not in whole.headers
+    assert all(
+        int(dict(parse_qsl(r.url.query.decode()))["limit"]) == FILTER_PAGE for r in pacs.requests
+    )
+
+
+async def test_everyone_and_nobody(tmp_path: Path) -> None:
+    pacs = _Pacs()
+    app = _build(pacs, _Policy(GRANTS), tmp_path)
+    everything = await _get(app, _principal("everyone"), "/dicomweb/studies", "limit=5")
+    assert _exams(everything) == pacs.order[:5]
+    nobody = await _get(app, _principal("mallory"), "/dicomweb/studies")
+    assert (nobody.status, nobody.body) == (200, b"[]")
+    assert len(pacs.requests) == 1
+
+
+async def test_policy_down_is_503_and_nothing_reaches_the_pacs(tmp_path: Path) -> None:
+    pacs = _Pacs()
+    app = _build(pacs, _Policy(GRANTS, down=True), tmp_path)
+    for path in ("/dicomweb/studies", f"/dicomweb/studies/{_public(3)}/metadata"):
+        answer = await _get(app, _principal("alice"), path)
+        assert answer.status == 503
+    assert pacs.requests == []
+
+
+async def test_no_principal_is_401(tmp_path: Path) -> None:
+    app = _build(_Pacs(), _Policy(GRANTS), tmp_path)
+    assert (await _get(app, None, "/dicomweb/studies")).status == 401
+
+
+async def test_every_decision_is_audited(tmp_path: Path) -> None:
+    app = _build(_Pacs(), _Policy(GRANTS), tmp_path)
+    async with app:
+        await _get(app, _principal("alice"), f"/dicomweb/studies/{_public(3)}/metadata")
+        await _get(app, _principal("alice"), f"/dicomweb/studies/{_public(4)}/metadata")
+        await _get(app, _principal("admin", admin=True), f"/dicomweb/studies/{_public(4)}")
+        await _get(app, _principal("alice"), "/dicomweb/studies")
+    lines = [orjson.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    summary = [(e["subject"], e["decision"], e["examinations"], e["status"]) for e in lines]
+    assert summary == [
+        ("alice", "allow", [3], 200),
+        ("alice", "deny", [4], 404),
+        ("admin", "admin", [4], 200),
+        ("alice", "filter", [3, 5], 200),
+    ]
+    assert lines[0]["route"] == "wado.metadata.study" and lines[0]["bytes"] > 0
+    assert lines[2]["action"] == "read" and len(lines[0]["request_id"]) == 32
