@@ -7,6 +7,7 @@ of ``download`` also allows ``read``; ``write`` allows nothing else.
 
 from __future__ import annotations
 
+import functools
 import logging
 import logging.handlers
 import queue
@@ -24,7 +25,13 @@ from ._errors import BadRequest, NotFound, ProxyError, UpstreamError
 from ._headers import header
 from ._identifiers import UidFormatter
 from ._routing import DicomWebRequest, Resource, get_dicomweb_request, set_dicomweb_request
-from ._translating import empty_search, is_study_key, split_uid_list
+from ._translating import (
+    count_upstream_rows,
+    empty_search,
+    is_study_key,
+    set_visibility,
+    split_uid_list,
+)
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
@@ -199,6 +206,9 @@ class AccessMiddleware:
                 record.exams = [e for e in [self.formatter.exam_id(request.study)] if e]
             await self.app(scope, receive, send)
             return
+        # What the answer shows of other examinations (nested references, rows of a foreign
+        # study the PACS would send) is cut to what this principal may read, whatever the PACS.
+        set_visibility(scope, functools.partial(self.policy.allowed, principal, "read"))
         if request.study is not None:
             exam = self.formatter.exam_id(request.study)
             record.exams = [exam] if exam is not None else []
@@ -293,7 +303,7 @@ async def _filtered_search(
     upstream_offset = 0
     while not more:
         page_query = (*query, ("limit", str(FILTER_PAGE)), ("offset", str(upstream_offset)))
-        rows = await _json_rows(app, scope, receive, replace(request, query=page_query))
+        rows, seen = await _json_rows(app, scope, receive, replace(request, query=page_query))
         for row in rows:
             study = row.get("0020000D", {}).get("Value", [None])[0]
             exam = formatter.exam_id(study) if isinstance(study, str) else None
@@ -306,7 +316,7 @@ async def _filtered_search(
             else:
                 more = True
                 break
-        if len(rows) < FILTER_PAGE:
+        if seen < FILTER_PAGE:  # the upstream's own count: rows dropped on the way count too
             break
         upstream_offset += FILTER_PAGE
     headers = [(b"content-type", b"application/dicom+json")]
@@ -339,10 +349,12 @@ def _paging(
 
 async def _json_rows(
     app: ASGIApp, scope: Scope, receive: Receive, request: DicomWebRequest
-) -> list[dict[str, Any]]:
-    """Run one search through the inner stack and collect its JSON rows."""
+) -> tuple[list[dict[str, Any]], int]:
+    """Run one search through the inner stack: its JSON rows, and how many rows the upstream
+    sent (the translation layer drops those of unknown or hidden examinations)."""
     inner = {**scope, "headers": [*_without_accept(scope), (b"accept", b"application/dicom+json")]}
     set_dicomweb_request(inner, request)
+    seen = count_upstream_rows(inner)
     status = 0
     chunks: list[bytes] = []
 
@@ -355,13 +367,13 @@ async def _json_rows(
 
     await app(inner, receive, collect)
     if status == 204:
-        return []
+        return [], 0
     if status != 200:
         raise UpstreamError(f"the upstream answered a search page with status {status}")
     rows = orjson.loads(b"".join(chunks) or b"[]")
     if not isinstance(rows, list):
         raise UpstreamError("the upstream answered a search with something else than a list")
-    return [r for r in rows if isinstance(r, dict)]
+    return [r for r in rows if isinstance(r, dict)], seen[0]
 
 
 def _without_accept(scope: Scope) -> list[tuple[bytes, bytes]]:

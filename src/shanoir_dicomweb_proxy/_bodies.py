@@ -88,13 +88,20 @@ class JsonRewriter:
 
     Top-level datasets of unknown studies (or hidden series) are left out of the array.
     ``study_known`` says whether the route's own study is known (rows without (0020,000D)
-    then belong to it). An object larger than ``max_object`` bytes is an error.
+    then belong to it). An object larger than ``max_object`` bytes is an error. ``rows``, when
+    given, counts the objects of the array in its first item.
     """
 
     def __init__(
-        self, resolve: Resolve, *, study_known: bool, max_object: int = 256 * 1024 * 1024
+        self,
+        resolve: Resolve,
+        *,
+        study_known: bool,
+        max_object: int = 256 * 1024 * 1024,
+        rows: list[int] | None = None,
     ) -> None:
         self._resolve = resolve
+        self._rows = rows  # rows[0] counts the array's objects, kept or dropped
         self._study_known = study_known
         self._max = max_object
         self._buffer = bytearray()
@@ -197,6 +204,8 @@ class JsonRewriter:
     async def _translate_rows(self, views: list[_JsonDataset]) -> bytes:
         if not views:
             return b""
+        if self._rows is not None:
+            self._rows[0] += len(views)
         translation = await self._translate(views)
         out: list[bytes] = []
         for view in views:

@@ -10,8 +10,8 @@ links, Content-Location, Location and Warning.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from dataclasses import dataclass, field, replace
 
 from ._bodies import JsonRewriter, Resolve, translate_xml
 from ._edge import send_json
@@ -31,7 +31,13 @@ from ._routing import DicomWebRequest, Resource, get_dicomweb_request, set_dicom
 from ._translate import Translation, UidCollector
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["IdentifierTranslator", "TranslationMiddleware"]
+__all__ = [
+    "IdentifierTranslator",
+    "TranslationMiddleware",
+    "Visibility",
+    "count_upstream_rows",
+    "set_visibility",
+]
 
 _STUDY_KEYS = frozenset({"studyinstanceuid", "0020000d"})
 _SERIES_KEYS = frozenset({"seriesinstanceuid", "0020000e"})
@@ -56,10 +62,34 @@ class _NothingMatches(Exception):
 
 @dataclass(frozen=True, slots=True)
 class _Known:
-    """Real ↔ public pairs learned while translating one request."""
+    """Real ↔ public pairs learned while translating one request, and the examination of
+    each real study and series UID."""
 
     studies: dict[str, str]
     series: dict[str, str]
+    exams: dict[str, int] = field(default_factory=dict)
+
+
+#: Which examinations the caller may see: given examination IDs, the visible ones.
+Visibility = Callable[[frozenset[int]], Awaitable[Collection[int]]]
+_VISIBILITY_KEY = "shanoir_dicomweb_proxy.visibility"
+
+
+_ROWS_KEY = "shanoir_dicomweb_proxy.upstream_rows"
+
+
+def count_upstream_rows(scope: Scope) -> list[int]:
+    """A counter of the rows of the upstream's JSON answer to this request, dropped or not
+    (``counter[0]``), for a caller that pages through the upstream itself."""
+    counter = [0]
+    scope[_ROWS_KEY] = counter
+    return counter
+
+
+def set_visibility(scope: Scope, visibility: Visibility) -> None:
+    """Restrict what the translation layer shows in this request to visible examinations: a
+    dataset or reference of any other is treated like one of an unknown study."""
+    scope[_VISIBILITY_KEY] = visibility
 
 
 class IdentifierTranslator:
@@ -107,11 +137,13 @@ class IdentifierTranslator:
             found = await self.identifiers.studies_by_uid(studies)
             for uid, exam_id in found.items():
                 known.studies[uid] = self.formatter.study_uid(exam_id)
+                known.exams[uid] = exam_id
         series = collector.series - known.series.keys()
         if series:
             entries = await self.identifiers.series_by_uid(series)
             for uid, entry in entries.items():
                 known.series[uid] = self.formatter.series_uid(entry.acquisition_id)
+                known.exams[uid] = entry.exam_id
 
     async def translate_request(self, request: DicomWebRequest) -> tuple[DicomWebRequest, _Known]:
         """The request with real UIDs; raises NotFound, or _NothingMatches for a search."""
@@ -124,20 +156,24 @@ class IdentifierTranslator:
             if study is None:
                 raise NotFound("no such study")
             exam_id = self.formatter.exam_id(request.study)
+            assert exam_id is not None
             known.studies[study] = request.study
+            known.exams[study] = exam_id
         if request.series is not None:
             found = await self.real_series([request.series], exam_id=exam_id)
             series = found.get(request.series)
             if series is None:
                 raise NotFound("no such series")
             known.series[series] = request.series
+            if exam_id is not None:
+                known.exams[series] = exam_id
         query = request.query
         if request.resource is Resource.SEARCH:
-            query = await self._translate_query(query, exam_id, known)
+            query = await self._translate_query(query, exam_id)
         return replace(request, study=study, series=series, query=query), known
 
     async def _translate_query(
-        self, query: tuple[tuple[str, str], ...], exam_id: int | None, known: _Known
+        self, query: tuple[tuple[str, str], ...], exam_id: int | None
     ) -> tuple[tuple[str, str], ...]:
         result: list[tuple[str, str]] = []
         for key, value in query:
@@ -146,12 +182,10 @@ class IdentifierTranslator:
                 values = split_uid_list(value)
                 found = await self.real_studies(values)
                 pairs = [(found[v], v) for v in values if v in found]
-                known.studies.update(pairs)
             elif attribute in _SERIES_KEYS:
                 values = split_uid_list(value)
                 found = await self.real_series(values, exam_id=exam_id)
                 pairs = [(found[v], v) for v in values if v in found]
-                known.series.update(pairs)
             else:
                 result.append((key, value))
                 continue
@@ -203,6 +237,8 @@ class TranslationMiddleware:
             study_known=request.study is not None,
             head=request.method == "HEAD",
             send=send,
+            visibility=scope.get(_VISIBILITY_KEY),
+            rows=scope.get(_ROWS_KEY),
         )
         await self.app(scope, receive, responder.send)
 
@@ -235,8 +271,14 @@ class _Responder:
         study_known: bool,
         head: bool,
         send: Send,
+        visibility: Visibility | None = None,
+        rows: list[int] | None = None,
     ) -> None:
         self._translator = translator
+        self._rows = rows
+        self._visibility = visibility
+        self._visible: set[int] = set()
+        self._hidden: set[int] = set()
         self._known = known
         self._upstream_base = upstream_base
         self._public_base = public_base
@@ -247,10 +289,21 @@ class _Responder:
         self._rewriter: BodyRewriter | None = None
 
     async def resolve(self, collector: UidCollector) -> Translation:
-        await self._translator.public(collector, self._known)
+        known = self._known
+        await self._translator.public(collector, known)
+        studies, series = known.studies, known.series
+        if self._visibility is not None:
+            exams = {known.exams[uid] for uid in (*studies, *series) if uid in known.exams}
+            unsure = exams - self._visible - self._hidden
+            if unsure:
+                visible = set(await self._visibility(frozenset(unsure))) & unsure
+                self._visible |= visible
+                self._hidden |= unsure - visible
+            studies = {u: p for u, p in studies.items() if known.exams.get(u) in self._visible}
+            series = {u: p for u, p in series.items() if known.exams.get(u) in self._visible}
         return Translation(
-            studies=self._known.studies,
-            series=self._known.series,
+            studies=studies,
+            series=series,
             expose_unmapped=self._translator.expose_unmapped,
             upstream_base=self._upstream_base,
             public_base=self._public_base,
@@ -306,7 +359,7 @@ class _Responder:
         resolve: Resolve = self.resolve
         known = self._study_known
         if media.type in ("application/dicom+json", "application/json"):
-            return JsonRewriter(resolve, study_known=known)
+            return JsonRewriter(resolve, study_known=known, rows=self._rows)
         if media.type == "application/dicom+xml":
             return BufferedPart(self._xml)
         if media.type == "application/dicom":
