@@ -10,6 +10,10 @@ import pytest
 
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, SampleSet, generate_samples
 
+from .archive import archive, real_uids, store_path
+
+__all__ = ["archive", "real_uids", "store_path"]  # session fixtures of the second archive
+
 # Identity mapping, no authentication: the gateway core on its own.
 CORE_SETTINGS: dict[str, Any] = {
     "auth": {"enabled": False},
