@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,8 @@ from shanoir_dicomweb_proxy._store import (
     StoreError,
 )
 from shanoir_dicomweb_proxy.testing import free_port
+
+from .loopback_http import FakePlatform, LoopbackServer, serving
 
 STUDY_42 = "1.2.840.113619.2.1.42"
 STUDY_43 = "1.2.840.113619.2.1.43"
@@ -305,19 +305,16 @@ def test_static_unreadable(tmp_path: Path) -> None:
 
 
 @dataclass
-class Platform:
+class Platform(FakePlatform):
     """What the loopback platform knows, how it misbehaves, and what it was asked."""
+
+    paths = frozenset({"/api/studies/lookup", "/api/series/lookup"})
 
     studies: dict[int, str] = field(default_factory=lambda: {42: STUDY_42, 43: STUDY_43})
     series: dict[int, SeriesEntry] = field(
         default_factory=lambda: {7: ENTRY_7, 8: ENTRY_8, 9: ENTRY_9}
     )
-    status: int = 200
-    delay: float = 0.0
-    raw: bytes | None = None  # answered as is, instead of the lookup
     extra: list[dict[str, Any]] = field(default_factory=list)  # added to every answer
-    requests: list[tuple[str, dict[str, Any], dict[str, str]]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def answer(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         if path == "/api/studies/lookup":
@@ -339,65 +336,19 @@ class Platform:
         return {"series": rows + self.extra}
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, platform: Platform) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.platform = platform
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/api"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-        platform = self.server.platform
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-        with platform.lock:
-            headers = {k.lower(): v for k, v in self.headers.items()}
-            platform.requests.append((self.path, body, headers))
-        if platform.delay:
-            time.sleep(platform.delay)
-        if self.path not in ("/api/studies/lookup", "/api/series/lookup"):
-            self._send(404, b"{}")
-        elif platform.raw is not None:
-            self._send(platform.status, platform.raw)
-        else:
-            self._send(platform.status, json.dumps(platform.answer(self.path, body)).encode())
-
-    def _send(self, status: int, content: bytes) -> None:
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(content)))
-        self.end_headers()
-        self.wfile.write(content)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def platform() -> Platform:
     return Platform()
 
 
 @pytest.fixture
-def server(platform: Platform) -> Iterator[_Server]:
-    server = _Server(platform)
-    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
+def server(platform: Platform) -> Iterator[LoopbackServer]:
+    with serving(platform) as server:
+        yield server
 
 
 @pytest.fixture
-async def http_map(server: _Server) -> AsyncIterator[HttpIdentifierMap]:
+async def http_map(server: LoopbackServer) -> AsyncIterator[HttpIdentifierMap]:
     identifiers = HttpIdentifierMap(server.url, timeout=httpx.Timeout(2.0))
     yield identifiers
     await identifiers.aclose()
@@ -450,7 +401,7 @@ async def test_http_ignores_answers_it_did_not_ask_for(
     assert await http_map.studies_by_id([43]) == {43: STUDY_43}
 
 
-async def test_http_sends_the_bearer_token(server: _Server, platform: Platform) -> None:
+async def test_http_sends_the_bearer_token(server: LoopbackServer, platform: Platform) -> None:
     identifiers = HttpIdentifierMap(server.url, token="s3cr3t-T0ken")
     try:
         assert await identifiers.series_by_uid([SERIES_8]) == {SERIES_8: ENTRY_8}
@@ -459,7 +410,7 @@ async def test_http_sends_the_bearer_token(server: _Server, platform: Platform) 
     assert platform.requests[0][2]["authorization"] == "Bearer s3cr3t-T0ken"
 
 
-async def test_http_client_is_lazy_and_closed(server: _Server) -> None:
+async def test_http_client_is_lazy_and_closed(server: LoopbackServer) -> None:
     identifiers = HttpIdentifierMap(server.url + "/")
     assert identifiers._client is None
     assert await identifiers.studies_by_id([42]) == {42: STUDY_42}
@@ -500,7 +451,7 @@ async def test_http_error_status(
 
 
 async def test_http_timeout(
-    server: _Server, platform: Platform, caplog: pytest.LogCaptureFixture
+    server: LoopbackServer, platform: Platform, caplog: pytest.LogCaptureFixture
 ) -> None:
     platform.delay = 1.0
     identifiers = HttpIdentifierMap(server.url, timeout=httpx.Timeout(0.2))
@@ -666,7 +617,9 @@ def test_build_static_bad_file(tmp_path: Path) -> None:
     )
 
 
-async def test_build_http_caches(tmp_path: Path, server: _Server, platform: Platform) -> None:
+async def test_build_http_caches(
+    tmp_path: Path, server: LoopbackServer, platform: Platform
+) -> None:
     config = settings(tmp_path, backend="http", url=server.url, token="abc", cache_ttl=30)
     identifiers = build_identifier_map(config)
     assert identifiers is not None and identifiers.ttl == 30

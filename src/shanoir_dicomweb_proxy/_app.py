@@ -14,8 +14,10 @@ from ._config import Settings
 from ._edge import ErrorMiddleware, send_json
 from ._errors import ConfigError
 from ._identifiers import IdentifierMap, UidFormatter
+from ._policies import ManagedAccessPolicy, build_access_policy
 from ._rewrite import RewriteMiddleware
 from ._routing import RoutingMiddleware, route_path
+from ._store import SqliteStore, StoreError
 from ._translating import IdentifierTranslator, TranslationMiddleware
 from ._types import ASGIApp, Receive, Scope, Send
 from ._upstream import Upstream, UpstreamProxy
@@ -46,8 +48,6 @@ class DicomWebProxy:
         identifiers: IdentifierMap | None = None,
         access: AccessPolicy | None = None,
     ) -> None:
-        if access is None:
-            _check_available(settings)
         self.settings = settings
         self.upstream = upstream or Upstream(settings.upstream)
         self.validator: TokenValidator | None = None
@@ -59,7 +59,8 @@ class DicomWebProxy:
             "public_url": server.public_url,
             "base_path": server.base_path,
         }
-        self._owned_map: ManagedIdentifierMap | None = None
+        self._owned: list[ManagedIdentifierMap | ManagedAccessPolicy] = []
+        self._store: SqliteStore | None = None
         self.audit: AuditLog | None = None
         if mapping.backend == "identity" and identifiers is None:
             if access is not None or settings.access.backend != "allow_all":
@@ -69,9 +70,16 @@ class DicomWebProxy:
                 )
             app = RewriteMiddleware(app, **links)
         else:
+            wants_store = (identifiers is None and mapping.backend == "sqlite") or (
+                access is None and settings.access.backend == "sqlite"
+            )
+            if wants_store:  # one store for the map and the policy
+                self._store = _open_store(settings)
             if identifiers is None:
-                identifiers = self._owned_map = build_identifier_map(settings)
-            assert identifiers is not None
+                managed_map = build_identifier_map(settings, store=self._store)
+                assert managed_map is not None
+                self._owned.append(managed_map)
+                identifiers = managed_map
             translator = IdentifierTranslator(
                 identifiers,
                 UidFormatter(mapping.study_root, mapping.series_root),
@@ -80,7 +88,10 @@ class DicomWebProxy:
             app = TranslationMiddleware(app, translator=translator, **links)
             if access is None and settings.access.backend == "allow_all":
                 access = AllowAll()
-            assert access is not None
+            elif access is None:
+                managed_policy = build_access_policy(settings, store=self._store)
+                self._owned.append(managed_policy)
+                access = managed_policy
             log = settings.logging.audit_log
             self.audit = AuditLog(log) if log else None
             app = AccessMiddleware(
@@ -142,8 +153,10 @@ class DicomWebProxy:
         await self.upstream.aclose()
         if self.audit is not None:
             self.audit.close()
-        if self._owned_map is not None:
-            await self._owned_map.aclose()
+        for owned in self._owned:
+            await owned.aclose()
+        if self._store is not None:
+            self._store.close()
         if self.validator is not None:
             await self.validator.aclose()
 
@@ -169,14 +182,11 @@ class DicomWebProxy:
                 return
 
 
-def _check_available(settings: Settings) -> None:
-    """Refuse settings this version cannot honour, rather than serving with less protection."""
-    source = settings.source
-    if settings.access.backend != "allow_all":
-        raise ConfigError(
-            f"{source}: [access] backend: {settings.access.backend!r} is not available in "
-            'this version; use "allow_all"'
-        )
+def _open_store(settings: Settings) -> SqliteStore:
+    try:
+        return SqliteStore(settings.store.path)
+    except StoreError as exc:
+        raise ConfigError(f"{settings.source}: [store] path: {exc}") from None
 
 
 def create_app(settings: Settings) -> DicomWebProxy:

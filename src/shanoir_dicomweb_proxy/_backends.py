@@ -8,6 +8,10 @@ builds the configured one.
 
 :func:`build_identifier_map` puts a :class:`~shanoir_dicomweb_proxy._store.CachingIdentifierMap`
 in front of each.
+
+The helpers the access policies share with these (``_policies``) live here too: reading a
+TOML/JSON file (:func:`_read_document`), a platform's JSON API (:class:`_PlatformClient`), what
+a built backend must close (:class:`_Owning`).
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ import json
 import logging
 import tomllib
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import httpx
 
 from ._config import Settings
-from ._errors import ConfigError, MappingUnavailable
+from ._errors import ConfigError, MappingUnavailable, ProxyError
 from ._identifiers import IdentifierMap, SeriesEntry
 from ._store import CachingIdentifierMap, SqliteIdentifierMap, SqliteStore, load_import_file
 from ._store._importing import _check_keys
@@ -50,7 +55,6 @@ _V = TypeVar("_V")
 
 # --- static ----------------------------------------------------------------------------------
 
-_FILE_KEYS = frozenset({"examinations"})
 _EXAM_KEYS = frozenset({"id", "study_uid", "acquisitions"})
 _ACQUISITION_KEYS = frozenset({"id", "series_uid"})
 
@@ -79,11 +83,11 @@ class StaticIdentifierMap:
         file ``store import`` reads (a JSON array, or CSV).
         """
         path = Path(path)
-        try:
+        with _file_errors(path):
             if path.suffix.lower() == ".toml":
                 data = _read_toml(path)
             else:
-                text = path.read_bytes().decode("utf-8-sig")
+                text = _read_text(path)
                 if not text.lstrip().startswith("{"):
                     try:
                         rows = load_import_file(path)  # its messages name the file
@@ -91,12 +95,6 @@ class StaticIdentifierMap:
                         raise ConfigError(str(exc)) from None
                     return cls(rows, source=str(path))
                 data = _read_json_object(text)
-        except StoreError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
         return cls(_table_rows(data), source=str(path))
 
     def __repr__(self) -> str:
@@ -175,6 +173,19 @@ def _pick(table: Mapping[_K, _V], keys: Collection[_K]) -> dict[_K, _V]:
     return {key: table[key] for key in keys if key in table}
 
 
+def _read_document(path: Path) -> Any:
+    """A TOML file (by its ``.toml`` suffix) or a JSON one, parsed; every problem is a
+    :class:`ConfigError` naming the file."""
+    with _file_errors(path):
+        if path.suffix.lower() == ".toml":
+            return _read_toml(path)
+        return _read_json_object(_read_text(path))
+
+
+def _read_text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8-sig")
+
+
 def _read_toml(path: Path) -> Any:
     try:
         with path.open("rb") as fh:
@@ -190,19 +201,43 @@ def _read_json_object(text: str) -> Any:
         raise StoreError(f"line {exc.lineno} column {exc.colno}: {exc.msg}") from None
 
 
+@contextmanager
+def _file_errors(path: Path) -> Iterator[None]:
+    """Reading ``path``: its errors (and :class:`StoreError` from checks) as ConfigError."""
+    try:
+        yield
+    except StoreError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _file_items(
+    data: Any, key: str, keys: frozenset[str], what: str
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The objects of the array ``data[key]``, the one key of a file, each with where it is
+    (``item 2``) and its keys checked: ``what`` describes one in errors (StoreError)."""
+    article = "an" if key[0] in "aeiou" else "a"
+    if not isinstance(data, dict):
+        raise StoreError(f"expected an object with {article} '{key}' array")
+    _check_keys("top level", data, frozenset({key}))
+    items = data.get(key)
+    if not isinstance(items, list):
+        raise StoreError(f"{key}: expected an array of {key}")
+    for index, item in enumerate(items, 1):
+        where = f"item {index}"
+        if not isinstance(item, dict):
+            raise StoreError(f"{where}: expected {what}")
+        _check_keys(where, item, keys)
+        yield where, item
+
+
 def _table_rows(data: Any) -> Iterator[ImportRow]:
     """The rows of ``{"examinations": [{"id", "study_uid", "acquisitions": [...]}]}``."""
-    if not isinstance(data, dict):
-        raise StoreError("expected an object with an 'examinations' array")
-    _check_keys("top level", data, _FILE_KEYS)
-    examinations = data.get("examinations")
-    if not isinstance(examinations, list):
-        raise StoreError("examinations: expected an array of examinations")
-    for index, exam in enumerate(examinations, 1):
-        where = f"item {index}"
-        if not isinstance(exam, dict):
-            raise StoreError(f"{where}: expected an examination (id, study_uid, acquisitions)")
-        _check_keys(where, exam, _EXAM_KEYS)
+    what = "an examination (id, study_uid, acquisitions)"
+    for where, exam in _file_items(data, "examinations", _EXAM_KEYS, what):
         exam_id: Any = exam.get("id")
         study_uid: Any = exam.get("study_uid")
         _check_id(where, "id", exam_id)
@@ -234,15 +269,19 @@ class _Malformed(Exception):
     """The platform's answer breaks the contract; the message names where, never a value."""
 
 
-class HttpIdentifierMap:
-    """The identifier map of a platform that implements the lookup contract of
-    ``docs/backends.md``: ``POST {url}/studies/lookup`` and ``POST {url}/series/lookup``, one
-    request per batch of at most 1000 keys.
+class _PlatformClient:
+    """The client of a platform's JSON API (``POST {url}{path}``), failing closed.
 
-    Fails closed: a platform that cannot be reached, times out, answers anything but 200 or
-    answers something the contract does not allow raises :class:`MappingUnavailable` (503).
-    Uses one ``httpx.AsyncClient``, opened on first use, closed by :meth:`aclose`.
+    A platform that cannot be reached, times out, answers anything but 200, or answers what is
+    not JSON or what the contract does not allow (:class:`_Malformed`) raises
+    :meth:`_unavailable` (a 503) and logs a warning naming the URL and why, never a value. One
+    ``httpx.AsyncClient``, opened on first use, closed by :meth:`aclose`: no cookies, no
+    redirects, no ``HTTP_PROXY``; ``Authorization: Bearer`` when a token is set. Requests carry
+    at most ``batch_size`` keys.
     """
+
+    _section: ClassVar[str]  # whose settings: "mapping" names "[mapping] token" in hints
+    _logger: ClassVar[logging.Logger]
 
     def __init__(
         self,
@@ -263,7 +302,10 @@ class HttpIdentifierMap:
         self._client: httpx.AsyncClient | None = None
 
     def __repr__(self) -> str:
-        return f"HttpIdentifierMap({self.url!r})"
+        return f"{type(self).__name__}({self.url!r})"
+
+    def _unavailable(self) -> ProxyError:
+        raise NotImplementedError
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -273,10 +315,53 @@ class HttpIdentifierMap:
         return self._client
 
     async def aclose(self) -> None:
-        """Close the HTTP client (a later lookup would open a new one)."""
+        """Close the HTTP client (a later call would open a new one)."""
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
+
+    async def _post(self, path: str, body: Mapping[str, Any], parse: Callable[[Any], _V]) -> _V:
+        """POST ``body`` as JSON; ``parse`` the decoded answer (raising :class:`_Malformed`)."""
+        what = f"{self._section} platform: POST {self.url}{path}"
+        log = self._logger
+        try:
+            response = await self._http().post(self.url + path, json=body, headers=self._headers)
+        except httpx.TimeoutException:
+            log.warning("%s: no answer in time", what)
+            raise self._unavailable() from None
+        except httpx.HTTPError as exc:
+            log.warning("%s: %s: %s", what, type(exc).__name__, exc)
+            raise self._unavailable() from None
+        if response.status_code != 200:
+            hint = f" (check [{self._section}] token)" if response.status_code in (401, 403) else ""
+            log.warning("%s: answered %d%s", what, response.status_code, hint)
+            raise self._unavailable()
+        try:
+            try:
+                data = json.loads(response.content)
+            except ValueError:
+                raise _Malformed("not JSON") from None
+            return parse(data)
+        except _Malformed as exc:
+            log.warning("%s: malformed answer: %s", what, exc)
+            raise self._unavailable() from None
+
+
+class HttpIdentifierMap(_PlatformClient):
+    """The identifier map of a platform that implements the lookup contract of
+    ``docs/backends.md``: ``POST {url}/studies/lookup`` and ``POST {url}/series/lookup``, one
+    request per batch of at most 1000 keys.
+
+    Fails closed: a platform that cannot be reached, times out, answers anything but 200 or
+    answers something the contract does not allow raises :class:`MappingUnavailable` (503).
+    Uses one ``httpx.AsyncClient``, opened on first use, closed by :meth:`aclose`.
+    """
+
+    _section = "mapping"
+    _logger = logger
+
+    def _unavailable(self) -> ProxyError:
+        return MappingUnavailable(_UNAVAILABLE)
 
     async def studies_by_uid(self, uids: Collection[str]) -> Mapping[str, int]:
         """Real study UID → examination ID."""
@@ -340,36 +425,15 @@ class HttpIdentifierMap:
         parse: Callable[[Any, str], _V],
         key: Callable[[_V], tuple[int, str]],
     ) -> list[_V]:
-        what = f"mapping platform: POST {self.url}{path}"
-        try:
-            response = await self._http().post(self.url + path, json=body, headers=self._headers)
-        except httpx.TimeoutException:
-            logger.warning("%s: no answer in time", what)
-            raise MappingUnavailable(_UNAVAILABLE) from None
-        except httpx.HTTPError as exc:
-            logger.warning("%s: %s: %s", what, type(exc).__name__, exc)
-            raise MappingUnavailable(_UNAVAILABLE) from None
-        if response.status_code != 200:
-            hint = " (check [mapping] token)" if response.status_code in (401, 403) else ""
-            logger.warning("%s: answered %d%s", what, response.status_code, hint)
-            raise MappingUnavailable(_UNAVAILABLE)
-        try:
-            return _parse_answer(response.content, kind, parse, key)
-        except _Malformed as exc:
-            logger.warning("%s: malformed answer: %s", what, exc)
-            raise MappingUnavailable(_UNAVAILABLE) from None
+        return await self._post(path, body, lambda data: _parse_answer(data, kind, parse, key))
 
 
 def _parse_answer(
-    content: bytes,
+    data: Any,
     kind: str,
     parse: Callable[[Any, str], _V],
     key: Callable[[_V], tuple[int, str]],
 ) -> list[_V]:
-    try:
-        data = json.loads(content)
-    except ValueError:
-        raise _Malformed("not JSON") from None
     if not isinstance(data, dict) or not isinstance(data.get(kind), list):
         raise _Malformed(f"expected an object with a {kind!r} array")
     entries = [parse(item, f"{kind}[{index}]") for index, item in enumerate(data[kind])]
@@ -418,6 +482,13 @@ def _answer_uid(item: Mapping[str, Any], key: str, where: str) -> str:
     return str(value)
 
 
+def _answer_ids(values: Any, where: str) -> list[int]:
+    """A JSON array of IDs in an answer."""
+    if not isinstance(values, list) or not all(_is_id(value) for value in values):
+        raise _Malformed(f"{where}: expected an array of positive integers")
+    return values
+
+
 def _is_id(value: object) -> bool:
     return type(value) is int and 0 < value <= _MAX_ID
 
@@ -445,23 +516,16 @@ def _batches(keys: list[_K], size: int) -> Iterator[list[_K]]:
 _MAXSIZE = 100_000
 
 
-class ManagedIdentifierMap(CachingIdentifierMap):
-    """The configured backend behind its cache, owning what the backend opened: call
-    :meth:`aclose` (or use ``async with``) when done.
-    """
+Closer = Callable[[], Awaitable[None]]
 
-    def __init__(
-        self,
-        inner: IdentifierMap,
-        *,
-        ttl: float,
-        maxsize: int,
-        closers: Iterable[Callable[[], Awaitable[None]]] = (),
-    ) -> None:
-        super().__init__(inner, ttl=ttl, maxsize=maxsize)
-        self._closers = list(closers)
 
-    async def __aenter__(self) -> ManagedIdentifierMap:
+class _Owning:
+    """Owns what a backend opened (its store, its HTTP client): call :meth:`aclose` (or use
+    ``async with``) when done."""
+
+    _closers: list[Closer]
+
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -472,6 +536,18 @@ class ManagedIdentifierMap(CachingIdentifierMap):
         closers, self._closers = self._closers, []
         for close in closers:
             await close()
+
+
+class ManagedIdentifierMap(CachingIdentifierMap, _Owning):
+    """The configured backend behind its cache, owning what the backend opened: call
+    :meth:`aclose` (or use ``async with``) when done.
+    """
+
+    def __init__(
+        self, inner: IdentifierMap, *, ttl: float, maxsize: int, closers: Iterable[Closer] = ()
+    ) -> None:
+        super().__init__(inner, ttl=ttl, maxsize=maxsize)
+        self._closers = list(closers)
 
 
 def build_identifier_map(
@@ -485,17 +561,12 @@ def build_identifier_map(
     file is a :class:`ConfigError`.
     """
     mapping = settings.mapping
-    closers: list[Callable[[], Awaitable[None]]] = []
+    closers: list[Closer] = []
     inner: IdentifierMap
     if mapping.backend == "identity":
         return None
     if mapping.backend == "sqlite":
-        if store is None:
-            try:
-                store = SqliteStore(settings.store.path)
-            except StoreError as exc:
-                raise ConfigError(f"[store] path: {exc}") from None
-            closers.append(_closer(store))
+        store = store if store is not None else _open_store(settings, closers)
         inner = SqliteIdentifierMap(store)
     elif mapping.backend == "static":
         try:
@@ -509,8 +580,15 @@ def build_identifier_map(
     return ManagedIdentifierMap(inner, ttl=mapping.cache_ttl, maxsize=_MAXSIZE, closers=closers)
 
 
-def _closer(store: SqliteStore) -> Callable[[], Awaitable[None]]:
+def _open_store(settings: Settings, closers: list[Closer]) -> SqliteStore:
+    """Open ``[store] path`` (created if missing); its closer joins ``closers``."""
+    try:
+        store = SqliteStore(settings.store.path)
+    except StoreError as exc:
+        raise ConfigError(f"[store] path: {exc}") from None
+
     async def close() -> None:
         store.close()
 
-    return close
+    closers.append(close)
+    return store

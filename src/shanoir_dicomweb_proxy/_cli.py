@@ -12,12 +12,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ._access import ACTIONS, Action
 from ._app import DicomWebProxy, create_app
 from ._auth import dev_token
 from ._config import Settings
 from ._errors import ConfigError, ProxyError
 from ._identifiers import UidFormatter
-from ._store import SqliteStore, StoreError, SyncProgress, load_import_file, sync_store
+from ._store import SqliteStore, StoreError, SyncProgress, load_import, sync_store
 from ._upstream import Upstream
 
 __all__ = ["main"]
@@ -73,7 +74,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     load.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML settings")
     load.add_argument("path", metavar="PATH", help="a JSON array or a CSV file (docs/store.md)")
+    for name, text in (
+        ("grant", "let a user read, download or write an examination (docs/access.md)"),
+        ("revoke", "remove a grant that store grant gave"),
+    ):
+        rights = store_commands.add_parser(name, help=text)
+        rights.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML settings")
+        rights.add_argument(
+            "--user",
+            required=True,
+            metavar="USER",
+            help="the user ID ([auth] user_claim), else subject",
+        )
+        rights.add_argument(
+            "--study", required=True, type=_exam_id, metavar="EXAM_ID", help="the examination ID"
+        )
+        rights.add_argument("--action", required=True, choices=ACTIONS, help="what the user may do")
     return parser
+
+
+def _exam_id(text: str) -> int:
+    """An examination ID on the command line: a positive integer."""
+    if not text.isascii() or not text.isdigit() or not 0 < int(text) < 2**63:
+        raise argparse.ArgumentTypeError(
+            f"expected an examination ID (a positive integer), got {text!r}"
+        )
+    return int(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,16 +244,39 @@ def _store(settings: Settings, args: argparse.Namespace) -> int:
     if args.store_command == "list":
         with SqliteStore(path, create=False) as store:
             return _store_list(settings, store, as_json=args.json)
-    rows = load_import_file(args.path)  # read it all before the store is touched
+    if args.store_command in ("grant", "revoke"):
+        with SqliteStore(path, create=False) as store:
+            return _store_rights(store, args.store_command, args.user, args.study, args.action)
+    data = load_import(args.path)  # read it all before the store is touched
     with SqliteStore(path) as store:
         try:
-            summary = store.import_entries(rows)
+            summary = store.import_entries(data.rows, data.grants)
         except StoreError as exc:
             raise StoreError(f"{args.path}: {exc}; nothing was imported") from None
+    grants = f", {summary.new_grants} new grants" if data.grants else ""
     print(
         f"{summary.rows} rows: {summary.new_studies} new examinations, "
-        f"{summary.new_series} new acquisitions"
+        f"{summary.new_series} new acquisitions{grants}"
     )
+    return 0
+
+
+def _store_rights(store: SqliteStore, command: str, user: str, exam_id: int, action: Action) -> int:
+    """``store grant`` and ``store revoke``: one line on stdout says what changed."""
+    if command == "grant":
+        if store.grant(user, exam_id, action):
+            print(f"granted: user {user} may {action} examination {exam_id}")
+        else:
+            print(f"unchanged: user {user} may already {action} examination {exam_id}")
+        return 0
+    if store.revoke(user, exam_id, action):
+        print(f"revoked: user {user} may no longer {action} examination {exam_id}", end="")
+    else:
+        print(f"unchanged: user {user} has no {action} grant on examination {exam_id}", end="")
+    if exam_id in store.visible_exams(user, action):
+        print(" (but a download grant still lets them read it)")
+    else:
+        print()
     return 0
 
 
@@ -298,6 +347,7 @@ def _store_list(settings: Settings, store: SqliteStore, *, as_json: bool) -> int
           "acquisitions": [{"acquisition_id": 1, "series_uid": "1.2.…",
                             "public_series_uid": "1.4.9.….1"}]}]
 
+    Each examination also lists its ``grants``: ``[{"user": "7", "action": "read"}]``.
     Public UIDs are formatted with ``[mapping] study_root``/``series_root`` when
     ``[mapping] backend = "sqlite"`` (the one backend that serves these IDs); null otherwise.
     """
@@ -321,18 +371,23 @@ def _store_list(settings: Settings, store: SqliteStore, *, as_json: bool) -> int
                     }
                     for series in entry.acquisitions
                 ],
+                "grants": [{"user": g.user, "action": g.action} for g in entry.grants],
             }
             for entry in entries
         ]
         print(json.dumps(data, indent=2))
         return 0
-    acquisitions = 0
+    acquisitions = grants = 0
     for entry in entries:
         shown = f"  public {formatter.study_uid(entry.exam_id)}" if public else ""
         print(f"examination {entry.exam_id}  study {entry.study_uid}{shown}")
         for series in entry.acquisitions:
             shown = f"  public {formatter.series_uid(series.acquisition_id)}" if public else ""
             print(f"  acquisition {series.acquisition_id}  series {series.series_uid}{shown}")
+        for grant in entry.grants:
+            print(f"  grant {grant.action}  user {grant.user}")
         acquisitions += len(entry.acquisitions)
-    print(f"{len(entries)} examinations, {acquisitions} acquisitions")
+        grants += len(entry.grants)
+    shown = f", {grants} grants" if grants else ""
+    print(f"{len(entries)} examinations, {acquisitions} acquisitions{shown}")
     return 0

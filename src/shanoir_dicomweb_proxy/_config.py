@@ -382,15 +382,6 @@ class MappingSettings(_Section):
                 'roots make examination and acquisition IDs collide (unless backend = "identity")',
             )
         _check_backend_source(self)
-        if self.token and self.backend != "http":
-            raise self._error(
-                "token", f'only used with backend = "http" (backend is "{self.backend}")'
-            )
-        self._require(
-            not self.token or bool(_BEARER.fullmatch(self.token)),
-            "token",
-            "expected a token of printable ASCII characters without spaces",
-        )
         self._require(self.cache_ttl >= 0, "cache_ttl", "must be >= 0")
 
 
@@ -406,6 +397,7 @@ class AccessSettings(_Section):
     retrieve_action: Literal["read", "download"] = "read"
     file: str = field(default="", metadata=_PATH)
     url: str = ""
+    token: str = field(default="", repr=False, metadata=_SECRET)
 
     def _validate(self) -> None:
         self._require(self.cache_ttl >= 0, "cache_ttl", "must be >= 0")
@@ -785,7 +777,8 @@ def _origin(value: str) -> str:
 
 
 def _check_backend_source(settings: MappingSettings | AccessSettings) -> None:
-    """``file`` is for (and required by) the static backend, ``url`` for the http one."""
+    """``file`` is for (and required by) the static backend, ``url`` (and ``token``) for the
+    http one."""
     for name, backend in (("file", "static"), ("url", "http")):
         value = getattr(settings, name)
         if settings.backend == backend and not value:
@@ -796,3 +789,12 @@ def _check_backend_source(settings: MappingSettings | AccessSettings) -> None:
             )
     if settings.url:
         settings._check("url", _http_url)
+    if settings.token and settings.backend != "http":
+        raise settings._error(
+            "token", f'only used with backend = "http" (backend is "{settings.backend}")'
+        )
+    settings._require(
+        not settings.token or bool(_BEARER.fullmatch(settings.token)),
+        "token",
+        "expected a token of printable ASCII characters without spaces",
+    )

@@ -13,6 +13,7 @@ raise their own exceptions; they are translated into this hierarchy at one bound
 from __future__ import annotations
 
 __all__ = [
+    "AccessUnavailable",
     "BadRequest",
     "ConfigError",
     "MappingUnavailable",
@@ -112,6 +113,15 @@ class MappingUnavailable(ProxyError):
 
     status = 503
     code = "mapping_unavailable"
+
+
+class AccessUnavailable(ProxyError):
+    """Access decisions cannot be made now (the policy's platform or store cannot answer): 503,
+    and nothing is served rather than served unchecked.
+    """
+
+    status = 503
+    code = "access_unavailable"
 
 
 class ConfigError(Exception):

@@ -2,21 +2,25 @@
 one SQLite file (DESIGN §3, §5, §9).
 
 - :class:`SqliteStore`: the file itself, synchronous, for the command line (``store sync``,
-  ``store list``, ``store import``) and for the maps below.
+  ``store list``, ``store import``, ``store grant``, ``store revoke``), for the maps below and
+  for the access policy of ``[access] backend = "sqlite"``.
 - :class:`SqliteIdentifierMap`: the :class:`~shanoir_dicomweb_proxy._identifiers.IdentifierMap`
   answered from a store, off the event loop.
 - :class:`CachingIdentifierMap`: a TTL cache in front of any ``IdentifierMap``.
 - :func:`sync_store`: walk the upstream with QIDO and register every study and series.
-- :func:`load_import_file`: read a JSON or CSV export into :class:`ImportRow` values.
+- :func:`load_import`: read a JSON or CSV export into :class:`ImportRow` and
+  :class:`ImportGrant` values (:func:`load_import_file`: the rows only).
 
 IDs are assigned once and never change or get reused, so that a public UID a client has seen
 always names the same study.
 """
 
 from ._cache import CachingIdentifierMap
-from ._importing import load_import_file
+from ._importing import ImportFile, load_import, load_import_file
 from ._sqlite import (
     SCHEMA_VERSION,
+    Grant,
+    ImportGrant,
     ImportRow,
     ImportSummary,
     Registration,
@@ -31,6 +35,9 @@ from ._sync import SyncProgress, sync_store
 __all__ = [
     "SCHEMA_VERSION",
     "CachingIdentifierMap",
+    "Grant",
+    "ImportFile",
+    "ImportGrant",
     "ImportRow",
     "ImportSummary",
     "Registration",
@@ -40,6 +47,7 @@ __all__ = [
     "StoreError",
     "StudyEntry",
     "SyncProgress",
+    "load_import",
     "load_import_file",
     "sync_store",
 ]

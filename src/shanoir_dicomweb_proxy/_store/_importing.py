@@ -7,31 +7,48 @@ import io
 import json
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ._sqlite import (
+    ImportGrant,
     ImportRow,
     StoreError,
+    _check_grant,
     _check_row,
 )
 
 _CSV_COLUMNS = ("exam_id", "study_uid", "acquisition_id", "series_uid")
 _FLAT_KEYS = frozenset(_CSV_COLUMNS)
-_NESTED_KEYS = frozenset({"exam_id", "study_uid", "public_study_uid", "acquisitions"})
+_NESTED_KEYS = frozenset({"exam_id", "study_uid", "public_study_uid", "acquisitions", "grants"})
 _ACQUISITION_KEYS = frozenset({"acquisition_id", "series_uid", "public_series_uid"})
+_GRANT_KEYS = frozenset({"user", "action"})
 _DIGITS = re.compile(r"[0-9]+")
 _SPACE = re.compile(r"\s*")
 
 
+@dataclass(frozen=True, slots=True)
+class ImportFile:
+    """What an export holds: the bindings, and the grants (nested JSON only)."""
+
+    rows: list[ImportRow]
+    grants: list[ImportGrant]
+
+
 def load_import_file(path: str | Path) -> list[ImportRow]:
+    """The bindings of an export (see :func:`load_import`); its grants are left out."""
+    return load_import(path).rows
+
+
+def load_import(path: str | Path) -> ImportFile:
     """Read an export to import: a JSON array or a CSV file (chosen by the first character).
 
     JSON: objects ``{"exam_id", "study_uid", "acquisition_id", "series_uid"}`` (the last two
     null or absent for an examination alone), or the nested objects ``store list --json``
-    writes. CSV: a header naming the columns ``exam_id,study_uid,acquisition_id,series_uid``
-    (any order), one row per acquisition, the acquisition columns empty for an examination
-    alone. Rows are named by line in errors.
+    writes, with their ``grants`` (``[{"user", "action"}]``). CSV: a header naming the columns
+    ``exam_id,study_uid,acquisition_id,series_uid`` (any order), one row per acquisition, the
+    acquisition columns empty for an examination alone. Rows are named by line in errors.
     """
     path = Path(path)
     try:
@@ -44,35 +61,52 @@ def load_import_file(path: str | Path) -> list[ImportRow]:
     assert start is not None
     try:
         if text[start.end() : start.end() + 1] in ("[", "{"):
-            return list(_json_rows(text))
-        return list(_csv_rows(text))
+            found = list(_json_rows(text))
+            rows = [row for row in found if isinstance(row, ImportRow)]
+            grants = [row for row in found if isinstance(row, ImportGrant)]
+            return ImportFile(rows, grants)
+        return ImportFile(list(_csv_rows(text)), [])
     except StoreError as exc:
         raise StoreError(f"{path}: {exc}") from None
 
 
-def _json_rows(text: str) -> Iterator[ImportRow]:
+def _json_rows(text: str) -> Iterator[ImportRow | ImportGrant]:
     for index, line, item in _json_array(text):
         where = f"item {index} (line {line})"
         if not isinstance(item, dict):
             raise StoreError(f"{where}: expected an object")
-        exam_id, study_uid = item.get("exam_id"), item.get("study_uid")
-        if "acquisitions" not in item:
+        exam_id: Any = item.get("exam_id")
+        study_uid: Any = item.get("study_uid")
+        if "acquisitions" not in item and "grants" not in item:
             _check_keys(where, item, _FLAT_KEYS)
             acquisition_id, series_uid = item.get("acquisition_id"), item.get("series_uid")
             yield _row(where, exam_id, study_uid, acquisition_id, series_uid)
             continue
         _check_keys(where, item, _NESTED_KEYS)
         yield _row(where, exam_id, study_uid)
-        acquisitions = item["acquisitions"]
-        if not isinstance(acquisitions, list):
-            raise StoreError(f"{where}: acquisitions: expected an array")
-        for number, acquisition in enumerate(acquisitions, 1):
+        for number, acquisition in enumerate(_objects(item, "acquisitions", where), 1):
             inner = f"{where}, acquisition {number}"
-            if not isinstance(acquisition, dict):
-                raise StoreError(f"{inner}: expected an object")
             _check_keys(inner, acquisition, _ACQUISITION_KEYS)
             series = acquisition.get("acquisition_id"), acquisition.get("series_uid")
             yield _row(inner, exam_id, study_uid, *series)
+        for number, grant in enumerate(_objects(item, "grants", where), 1):
+            inner = f"{where}, grant {number}"
+            _check_keys(inner, grant, _GRANT_KEYS)
+            user: Any = grant.get("user")
+            action: Any = grant.get("action")
+            _check_grant(user, exam_id, action, inner)
+            yield ImportGrant(user, exam_id, action, where=inner)
+
+
+def _objects(item: Mapping[str, Any], key: str, where: str) -> Iterator[Mapping[str, Any]]:
+    """The objects of the array ``item[key]`` (absent: none)."""
+    values = item.get(key, [])
+    if not isinstance(values, list):
+        raise StoreError(f"{where}: {key}: expected an array")
+    for number, value in enumerate(values, 1):
+        if not isinstance(value, dict):
+            raise StoreError(f"{where}, {key[:-1]} {number}: expected an object")
+        yield value
 
 
 def _row(

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
+from .._access import ACTIONS, Action, grant_covers
 from .._identifiers import SeriesEntry
 
 
@@ -42,6 +43,16 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " series_uid TEXT UNIQUE NOT NULL CHECK (series_uid <> ''))",
         "CREATE INDEX acquisitions_by_exam ON acquisitions (exam_id, acquisition_id)",
     ),
+    (
+        # Who may do what on which examination (store grant|revoke). A grant of download also
+        # allows read: that is decided when reading, the table holds what was granted.
+        "CREATE TABLE grants ("
+        " user TEXT NOT NULL CHECK (user <> ''),"
+        " exam_id INTEGER NOT NULL REFERENCES examinations (exam_id),"
+        " action TEXT NOT NULL CHECK (action IN ('read', 'download', 'write')),"
+        " PRIMARY KEY (user, exam_id, action)) WITHOUT ROWID",
+        "CREATE INDEX grants_by_exam ON grants (exam_id)",
+    ),
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -56,12 +67,27 @@ _UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 
 
 @dataclass(frozen=True, slots=True)
+class Grant:
+    """``user`` may ``action`` examination ``exam_id`` (``download`` also allows ``read``).
+
+    ``user`` is the user key of a principal: its user ID (``[auth] user_claim``), else its
+    subject.
+    """
+
+    user: str
+    exam_id: int
+    action: Action
+
+
+@dataclass(frozen=True, slots=True)
 class StudyEntry:
-    """An examination, its real study UID and its acquisitions (by acquisition ID)."""
+    """An examination, its real study UID, its acquisitions (by acquisition ID) and its grants
+    (by user, then action)."""
 
     exam_id: int
     study_uid: str
     acquisitions: tuple[SeriesEntry, ...] = ()
+    grants: tuple[Grant, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,12 +116,23 @@ class ImportRow:
 
 
 @dataclass(frozen=True, slots=True)
+class ImportGrant:
+    """One grant to import; ``where`` names it in error messages (``grant 3`` when empty)."""
+
+    user: str
+    exam_id: int
+    action: Action
+    where: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ImportSummary:
     """What :meth:`SqliteStore.import_entries` did."""
 
     rows: int
     new_studies: int
     new_series: int
+    new_grants: int = 0
 
 
 class SqliteStore:
@@ -180,14 +217,18 @@ class SqliteStore:
 
     # --- import ----------------------------------------------------------------------------
 
-    def import_entries(self, rows: Iterable[ImportRow]) -> ImportSummary:
-        """Bind explicit IDs to UIDs, all rows or none (one transaction).
+    def import_entries(
+        self, rows: Iterable[ImportRow], grants: Iterable[ImportGrant] = ()
+    ) -> ImportSummary:
+        """Bind explicit IDs to UIDs, then add ``grants``: all or nothing (one transaction).
 
         A row that repeats what the store holds changes nothing. :class:`StoreConflict`, naming
         the row and both values, when an ID is bound to another UID, a UID to another ID, a
-        series to another examination, or a row repeats an earlier row of the same import.
+        series to another examination, or a row repeats an earlier row of the same import. A
+        grant may repeat one the store (or the import) holds; its examination must be in the
+        store or in the rows.
         """
-        count = new_studies = new_series = 0
+        count = new_studies = new_series = new_grants = 0
         seen: dict[tuple[object, ...], str] = {}
         origin: dict[tuple[str, object], str] = {}  # what this import bound, and where
         with self._write() as conn:
@@ -201,7 +242,61 @@ class SqliteStore:
                 new_studies += _import_study(conn, row, where, origin)
                 if row.acquisition_id is not None:
                     new_series += _import_series(conn, row, where, origin)
-        return ImportSummary(count, new_studies, new_series)
+            for number, grant in enumerate(grants, 1):
+                where = grant.where or f"grant {number}"
+                new_grants += _grant(conn, grant.user, grant.exam_id, grant.action, where)
+        return ImportSummary(count, new_studies, new_series, new_grants)
+
+    # --- grants (store grant|revoke) -------------------------------------------------------
+
+    def grant(self, user: str, exam_id: int, action: Action) -> bool:
+        """Let ``user`` ``action`` examination ``exam_id``; False if it was granted already.
+
+        :class:`StoreError` when the examination is not in the store.
+        """
+        with self._write() as conn:
+            return _grant(conn, user, exam_id, action)
+
+    def revoke(self, user: str, exam_id: int, action: Action) -> bool:
+        """Remove that grant; False if there was none (a ``download`` grant is not touched by
+        revoking ``read``, and still allows it)."""
+        _check_grant(user, exam_id, action)
+        with self._write() as conn:
+            cursor = conn.execute(
+                "DELETE FROM grants WHERE user = ? AND exam_id = ? AND action = ?",
+                (user, exam_id, action),
+            )
+            return cursor.rowcount > 0
+
+    def grants(self, user: str | None = None) -> list[Grant]:
+        """Every grant, or those of ``user``: by user, examination, action."""
+        sql = "SELECT user, exam_id, action FROM grants"
+        args: tuple[str, ...] = ()
+        if user is not None:
+            sql, args = sql + " WHERE user = ?", (user,)
+        with self._using() as conn:
+            rows = conn.execute(sql + " ORDER BY user, exam_id, action", args).fetchall()
+        return [Grant(*row) for row in rows]
+
+    def visible_exams(self, user: str, action: Action) -> set[int]:
+        """The examinations ``user`` may ``action`` (a download grant gives read)."""
+        covering = _covering(action)
+        sql = (
+            "SELECT DISTINCT exam_id FROM grants WHERE user = ?"
+            f" AND action IN ({','.join('?' * len(covering))})"
+        )
+        with self._using() as conn:
+            return {row[0] for row in conn.execute(sql, (user, *covering))}
+
+    def allowed_exams(self, user: str, action: Action, exam_ids: Iterable[int]) -> set[int]:
+        """The examinations of ``exam_ids`` that ``user`` may ``action``."""
+        covering = _covering(action)
+        sql = (
+            "SELECT DISTINCT exam_id FROM grants WHERE user = ?"
+            f" AND action IN ({','.join('?' * len(covering))}) AND exam_id IN ({{}})"
+        )
+        rows = self._select(sql, _ids(exam_ids), (user, *covering))
+        return {row[0] for row in rows}
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -215,10 +310,19 @@ class SqliteStore:
                 "SELECT acquisition_id, exam_id, series_uid FROM acquisitions"
                 " ORDER BY exam_id, acquisition_id"
             ).fetchall()
+            grants = conn.execute(
+                "SELECT user, exam_id, action FROM grants ORDER BY exam_id, user, action"
+            ).fetchall()
         by_exam: dict[int, list[SeriesEntry]] = {}
         for acquisition_id, exam_id, uid in series:
             by_exam.setdefault(exam_id, []).append(SeriesEntry(acquisition_id, exam_id, uid))
-        return [StudyEntry(e, uid, tuple(by_exam.get(e, ()))) for e, uid in studies]
+        grants_of: dict[int, list[Grant]] = {}
+        for user, exam_id, action in grants:
+            grants_of.setdefault(exam_id, []).append(Grant(user, exam_id, action))
+        return [
+            StudyEntry(e, uid, tuple(by_exam.get(e, ())), tuple(grants_of.get(e, ())))
+            for e, uid in studies
+        ]
 
     def lookup_studies_by_uid(self, uids: Iterable[str]) -> dict[str, int]:
         """Real study UID → examination ID, for the UIDs the store knows."""
@@ -247,13 +351,15 @@ class SqliteStore:
 
     # --- plumbing --------------------------------------------------------------------------
 
-    def _select(self, sql: str, keys: list[Any]) -> list[Any]:
+    def _select(self, sql: str, keys: list[Any], leading: tuple[Any, ...] = ()) -> list[Any]:
+        """``sql`` with its ``{}`` filled with one ``?`` per key, in chunks; ``leading`` are the
+        parameters that come before the keys."""
         rows: list[Any] = []
         with self._using() as conn:
             for start in range(0, len(keys), _CHUNK):
                 chunk = keys[start : start + _CHUNK]
                 query = sql.format(",".join("?" * len(chunk)))
-                rows += conn.execute(query, chunk).fetchall()
+                rows += conn.execute(query, (*leading, *chunk)).fetchall()
         return rows
 
     @contextmanager
@@ -379,6 +485,47 @@ def _register_series(conn: sqlite3.Connection, exam_id: int, uid: str) -> tuple[
     )
     assert cursor.lastrowid is not None
     return cursor.lastrowid, True
+
+
+def _grant(
+    conn: sqlite3.Connection, user: str, exam_id: int, action: Action, where: str = ""
+) -> bool:
+    _check_grant(user, exam_id, action, where)
+    if not _exists(conn, "examinations", "exam_id", exam_id):
+        raise StoreError(
+            f"{_at(where)}examination {exam_id} is not in the store (store sync or store "
+            "import registers it first)"
+        )
+    cursor = conn.execute(
+        "INSERT OR IGNORE INTO grants (user, exam_id, action) VALUES (?, ?, ?)",
+        (user, exam_id, action),
+    )
+    return cursor.rowcount > 0
+
+
+def _covering(action: Action) -> tuple[Action, ...]:
+    """The granted actions that allow ``action``."""
+    if action not in ACTIONS:
+        raise StoreError(f"action: expected one of {', '.join(ACTIONS)}, got {action!r}")
+    return tuple(granted for granted in ACTIONS if grant_covers(granted, action))
+
+
+def _check_grant(user: object, exam_id: object, action: object, where: str = "") -> None:
+    if not isinstance(user, str) or not user or user != user.strip():
+        raise StoreError(
+            f"{_at(where)}user: expected a user ID or subject (not empty, no surrounding "
+            f"spaces), got {user!r}"
+        )
+    if type(exam_id) is not int or not 0 < exam_id <= _MAX_ID:
+        raise StoreError(f"{_at(where)}exam_id: expected a positive integer, got {exam_id!r}")
+    if action not in ACTIONS:
+        raise StoreError(
+            f"{_at(where)}action: expected one of {', '.join(ACTIONS)}, got {action!r}"
+        )
+
+
+def _at(where: str) -> str:
+    return f"{where}: " if where else ""
 
 
 def _exists(conn: sqlite3.Connection, table: str, column: str, value: object) -> bool:

@@ -1,0 +1,85 @@
+"""A platform's JSON API served for real on the loopback interface, for the backends that call
+one (the http identifier map, the http access policy)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
+
+
+@dataclass
+class FakePlatform:
+    """What a loopback platform answers (:meth:`answer`, in subclasses), how it misbehaves, and
+    what it was asked: ``requests`` holds (path, JSON body, lower-cased headers)."""
+
+    paths: ClassVar[frozenset[str]] = frozenset()  # anything else is answered 404
+
+    status: int = 200
+    delay: float = 0.0
+    raw: bytes | None = None  # answered as is, instead of the answer
+    requests: list[tuple[str, dict[str, Any], dict[str, str]]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def answer(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class LoopbackServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, platform: FakePlatform) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.platform = platform
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/api"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: LoopbackServer
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        platform = self.server.platform
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        with platform.lock:
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            platform.requests.append((self.path, body, headers))
+        if platform.delay:
+            time.sleep(platform.delay)
+        if self.path not in platform.paths:
+            self._send(404, b"{}")
+        elif platform.raw is not None:
+            self._send(platform.status, platform.raw)
+        else:
+            self._send(platform.status, json.dumps(platform.answer(self.path, body)).encode())
+
+    def _send(self, status: int, content: bytes) -> None:
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(content)))
+        self.end_headers()
+        self.wfile.write(content)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def serving(platform: FakePlatform) -> Iterator[LoopbackServer]:
+    """``platform`` served at ``server.url`` until the block ends."""
+    server = LoopbackServer(platform)
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
