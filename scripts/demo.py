@@ -55,7 +55,8 @@ def main() -> int:
             # Clients see examination and acquisition IDs, assigned by `store sync` below.
             "mapping": {"backend": "sqlite", **ROOTS},
             "store": {"path": str(args.dir / "store.sqlite3")},
-            "access": {"backend": "allow_all"},
+            # Grants in the same store: alice (userId 1) may read one examination, below.
+            "access": {"backend": "sqlite"},
             "upstream": {"url": orthanc.dicomweb_url},
         }
         proxy = ProxyServer(args.dir / "proxy", settings, port=args.port)
@@ -66,6 +67,11 @@ def main() -> int:
         print(f"$ {shlex.join(sync)}", flush=True)
         subprocess.run(sync, check=True)
         study, series = _public_uids(args.dir / "store.sqlite3", samples.small_studies[0])
+        exam = study.rsplit(".", 1)[1]
+        grant = [str(cli), "store", "grant", "-c", str(proxy.config_path)]
+        grant += ["--user", "1", "--study", exam, "--action", "read"]
+        print(f"$ {shlex.join(grant)}", flush=True)
+        subprocess.run(grant, check=True)
         with proxy:
             base = proxy.dicomweb_url
             mint = f"{cli} dev-token -c {proxy.config_path} --sub alice --claim userId=1"
@@ -83,7 +89,7 @@ def main() -> int:
             print(f"\nThe proxy serves DICOMweb at {base} (config: {proxy.config_path})")
             print("Every request needs a bearer token; get one signed with the demo's key:")
             print(f"  export TOKEN=$({mint})\n")
-            print("Search studies:")
+            print("Search studies (alice sees the one examination she was granted):")
             print(f"  {curl}\n")
             print("Retrieve a series with dicomweb-client: every UID it shows is public")
             print(f"  {python}\n")
@@ -130,8 +136,9 @@ def _try_examples(base: str, mint: str, curl: str, study: str, series: str, inst
     token = subprocess.run(shlex.split(mint), capture_output=True, text=True, check=True)
     env = {**os.environ, "TOKEN": token.stdout.strip()}
     found = subprocess.run(["sh", "-c", curl], capture_output=True, text=True, check=True, env=env)
-    if '"0020000D"' not in found.stdout:
-        raise SystemExit(f"the curl example found nothing:\n{found.stdout[:500]}")
+    rows = json.loads(found.stdout or "[]")
+    if [row["0020000D"]["Value"][0] for row in rows] != [study]:
+        raise SystemExit(f"the search did not show exactly alice's study:\n{found.stdout[:500]}")
     if httpx.get(f"{base}/studies").status_code != 401:
         raise SystemExit("a request without a token was not refused")
     headers = {"Authorization": f"Bearer {env['TOKEN']}"}
@@ -143,7 +150,7 @@ def _try_examples(base: str, mint: str, curl: str, study: str, series: str, inst
         raise SystemExit(f"retrieve_series showed other UIDs than the public ones: {shown}")
     print(
         f"(checked: no token gets 401; with one, the search answers and the series retrieves "
-        f"{instances} instances, with public UIDs only)"
+        f"{instances} instances, with public UIDs only; the search shows alice's study only)"
     )
 
 
