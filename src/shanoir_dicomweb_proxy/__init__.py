@@ -4,6 +4,7 @@
 exported too, so that a host application can compose its own stack.
 """
 
+from ._access import ALL, AccessMiddleware, AccessPolicy, Action, AllowAll, AuditLog, Visible
 from ._app import DicomWebProxy, create_app
 from ._auth import (
     AuthMiddleware,
@@ -29,8 +30,10 @@ from ._config import (
 )
 from ._edge import ErrorMiddleware
 from ._errors import (
+    AccessUnavailable,
     BadRequest,
     ConfigError,
+    MappingUnavailable,
     MethodNotAllowed,
     NotAcceptable,
     NotFound,
@@ -42,6 +45,7 @@ from ._errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from ._identifiers import IdentifierMap, SeriesEntry, UidFormatter
 from ._rewrite import RewriteMiddleware
 from ._routing import (
     DicomWebRequest,
@@ -51,27 +55,38 @@ from ._routing import (
     Service,
     get_dicomweb_request,
 )
+from ._translating import IdentifierTranslator, TranslationMiddleware
 from ._upstream import Upstream, UpstreamProxy
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ALL",
+    "AccessMiddleware",
+    "AccessPolicy",
     "AccessSettings",
+    "AccessUnavailable",
+    "Action",
+    "AllowAll",
+    "AuditLog",
     "AuthMiddleware",
-    "AuthUnavailable",
     "AuthSettings",
+    "AuthUnavailable",
     "BadRequest",
     "ConfigError",
     "CorsSettings",
     "DicomWebProxy",
     "DicomWebRequest",
     "ErrorMiddleware",
+    "IdentifierMap",
+    "IdentifierTranslator",
     "IntrospectionSettings",
     "InvalidToken",
     "KeyStore",
     "Level",
     "LoggingSettings",
     "MappingSettings",
+    "MappingUnavailable",
     "MethodNotAllowed",
     "NotAcceptable",
     "NotFound",
@@ -81,11 +96,14 @@ __all__ = [
     "Resource",
     "RewriteMiddleware",
     "RoutingMiddleware",
+    "SeriesEntry",
     "ServerSettings",
     "Service",
     "Settings",
     "StoreSettings",
     "TokenValidator",
+    "TranslationMiddleware",
+    "UidFormatter",
     "UnsupportedMediaType",
     "Upstream",
     "UpstreamAuthSettings",
@@ -95,8 +113,9 @@ __all__ = [
     "UpstreamSettings",
     "UpstreamTimeout",
     "UpstreamUnavailable",
-    "__version__",
+    "Visible",
     "create_app",
     "get_dicomweb_request",
     "get_principal",
+    "__version__",
 ]
