@@ -9,7 +9,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from ._access import AccessMiddleware, AccessPolicy, AllowAll, AuditLog
 from ._auth import AuthMiddleware, AuthUnavailable, TokenValidator
-from ._backends import ManagedIdentifierMap, build_identifier_map
+from ._backends import ManagedIdentifierMap, build_identifier_map, open_store
 from ._config import Settings
 from ._edge import ErrorMiddleware, send_json
 from ._errors import ConfigError
@@ -17,7 +17,7 @@ from ._identifiers import IdentifierMap, UidFormatter
 from ._policies import ManagedAccessPolicy, build_access_policy
 from ._rewrite import RewriteMiddleware
 from ._routing import RoutingMiddleware, route_path
-from ._store import SqliteStore, StoreError
+from ._store import SqliteStore
 from ._translating import IdentifierTranslator, TranslationMiddleware
 from ._types import ASGIApp, Receive, Scope, Send
 from ._upstream import Upstream, UpstreamProxy
@@ -74,7 +74,7 @@ class DicomWebProxy:
                 access is None and settings.access.backend == "sqlite"
             )
             if wants_store:  # one store for the map and the policy
-                self._store = _open_store(settings)
+                self._store = open_store(settings)
             if identifiers is None:
                 managed_map = build_identifier_map(settings, store=self._store)
                 assert managed_map is not None
@@ -180,13 +180,6 @@ class DicomWebProxy:
                 await self.__aexit__(None, None, None)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-
-
-def _open_store(settings: Settings) -> SqliteStore:
-    try:
-        return SqliteStore(settings.store.path)
-    except StoreError as exc:
-        raise ConfigError(f"{settings.source}: [store] path: {exc}") from None
 
 
 def create_app(settings: Settings) -> DicomWebProxy:

@@ -46,6 +46,7 @@ __all__ = [
     "ManagedIdentifierMap",
     "StaticIdentifierMap",
     "build_identifier_map",
+    "open_store",
 ]
 
 logger = logging.getLogger("shanoir_dicomweb_proxy.mapping")
@@ -580,12 +581,18 @@ def build_identifier_map(
     return ManagedIdentifierMap(inner, ttl=mapping.cache_ttl, maxsize=_MAXSIZE, closers=closers)
 
 
-def _open_store(settings: Settings, closers: list[Closer]) -> SqliteStore:
-    """Open ``[store] path`` (created if missing); its closer joins ``closers``."""
+def open_store(settings: Settings) -> SqliteStore:
+    """Open ``[store] path`` (created if missing); a store that cannot be used is a
+    :class:`ConfigError`."""
     try:
-        store = SqliteStore(settings.store.path)
+        return SqliteStore(settings.store.path)
     except StoreError as exc:
         raise ConfigError(f"[store] path: {exc}") from None
+
+
+def _open_store(settings: Settings, closers: list[Closer]) -> SqliteStore:
+    """:func:`open_store`, with its closer added to ``closers``."""
+    store = open_store(settings)
 
     async def close() -> None:
         store.close()

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from ._types import Headers, Scope
 
 __all__ = [
+    "LINK_HEADERS",
     "MediaType",
     "parse_media_type",
     "public_base_url",
@@ -60,6 +61,9 @@ _TO_CLIENT = frozenset(
         b"warning",
     }
 )
+
+#: Response headers that hold a URL of the upstream, to be rewritten for the client.
+LINK_HEADERS = frozenset({b"content-location", b"location"})
 
 _HOP_BY_HOP = frozenset(
     {

@@ -6,7 +6,7 @@ own base URL; they are rewritten to the proxy's public base, as a stream, chunk 
 
 from __future__ import annotations
 
-from ._headers import parse_media_type, public_base_url
+from ._headers import LINK_HEADERS, parse_media_type, public_base_url
 from ._multipart import BodyRewriter, BufferedPart, MultipartRewriter, PassPart
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
@@ -14,7 +14,6 @@ __all__ = ["LinkRewriter", "RewriteMiddleware"]
 
 # Bodies that carry links: DICOM JSON and XML, alone or as multipart/related parts.
 _LINK_TYPES = frozenset({"application/dicom+json", "application/json", "application/dicom+xml"})
-_LINK_HEADERS = frozenset({b"content-location", b"location"})
 
 
 def _may_carry_links(content_type: bytes | None) -> bool:
@@ -139,7 +138,7 @@ class _LinkResponder:
             for name, value in message.get("headers", []):
                 if name == b"content-type":
                     content_type = value
-                elif name in _LINK_HEADERS and value.startswith(old):
+                elif name in LINK_HEADERS and value.startswith(old):
                     new = new or self._middleware.public_base(self._scope)
                     value = new + value[len(old) :]
                 headers.append((name, value))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from ._bodies import JsonRewriter, Resolve, translate_xml
 from ._edge import send_json
 from ._errors import NotFound, UpstreamError
-from ._headers import header, parse_media_type, public_base_url, split_accept
+from ._headers import LINK_HEADERS, header, parse_media_type, public_base_url, split_accept
 from ._identifiers import IdentifierMap, UidFormatter
 from ._multipart import (
     BodyRewriter,
@@ -43,7 +43,6 @@ _STUDY_KEYS = frozenset({"studyinstanceuid", "0020000d"})
 _SERIES_KEYS = frozenset({"seriesinstanceuid", "0020000e"})
 _UID_LIST = re.compile(r"[,\\]")
 _UID_LIKE = re.compile(r"\b[0-9]+(?:\.[0-9]+){2,}\b")
-_LINK_HEADERS = frozenset({b"content-location", b"location"})
 
 
 def is_study_key(key: str) -> bool:
@@ -336,7 +335,7 @@ class _Responder:
                 content_type = value
             elif name == b"content-encoding":
                 encoding = value
-            elif name in _LINK_HEADERS:
+            elif name in LINK_HEADERS:
                 link = await self._link(value.decode("latin-1"))
                 if link is None:
                     continue
