@@ -161,6 +161,22 @@ def test_every_route_of_a_foreign_examination_is_not_found(world: dict[str, Any]
             assert foreign not in response.text and series not in response.text
 
 
+def test_a_foreign_instance_under_my_own_series_is_not_found(world: dict[str, Any]) -> None:
+    admin = _client(world, "admin", "ROLE_ADMIN")
+    alice = _client(world, "alice")
+    mine = f"{STUDY_ROOT}.{world['grants']['alice'][0]}"
+    foreign = f"{STUDY_ROOT}.{world['grants']['bob'][0]}"
+    own = admin.get(f"/studies/{mine}/instances").json()[0]
+    series, instance = own["0020000E"]["Value"][0], own["00080018"]["Value"][0]
+    stranger = admin.get(f"/studies/{foreign}/instances").json()[0]["00080018"]["Value"][0]
+    for path, accept in _routes(mine, series, instance)[8:]:
+        assert alice.get(path, headers={"Accept": accept}).status_code != 404, path
+        path = path.replace(instance, stranger)
+        response = alice.get(path, headers={"Accept": accept})
+        assert response.status_code == 404, (path, response.status_code)
+        assert stranger not in response.text
+
+
 def test_no_byte_names_a_foreign_examination(world: dict[str, Any], real_uids: set[str]) -> None:
     alice = _client(world, "alice")
     mine = world["grants"]["alice"]

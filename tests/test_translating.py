@@ -135,3 +135,48 @@ async def test_map_down_is_503_never_unmapped(path: bytes) -> None:
     assert answer.status == 503
     assert answer.headers[b"content-type"] == b"application/problem+json"
     assert STUDY.encode() not in answer.body
+
+
+class _LaxPacs:
+    """A PACS that serves any instance under any study path, and whose index puts instance
+    ``2.25.5`` in series ``SERIES`` of ``STUDY`` and ``2.25.6`` in another study."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if request.url.path == "/dicom-web/instances":
+            sop = request.url.params["SOPInstanceUID"]
+            study = {"2.25.5": STUDY, "2.25.6": OTHER_STUDY}.get(sop)
+            rows = [] if study is None else [_row(study, SERIES, sop)]
+            body, media = orjson.dumps(rows), "application/dicom+json"
+        else:
+            body, media = b"pixels", "image/jpeg"
+        return httpx.Response(200, stream=httpx.ByteStream(body), headers={"content-type": media})
+
+
+def _row(study: str, series: str, sop: str) -> dict[str, Any]:
+    return {
+        "0020000D": {"vr": "UI", "Value": [study]},
+        "0020000E": {"vr": "UI", "Value": [series]},
+        "00080018": {"vr": "UI", "Value": [sop]},
+    }
+
+
+async def test_a_foreign_instance_under_a_known_series_is_not_fetched() -> None:
+    pacs = _LaxPacs()
+    app = _build(pacs)
+    base = f"/dicomweb/studies/{PUBLIC_STUDY}/series/{PUBLIC_SERIES}/instances"
+    for sop in ("2.25.6", "2.25.404"):  # another study's instance, and none at all
+        answer = await call(app, "GET", f"{base}/{sop}/rendered".encode())
+        assert answer.status == 404
+        assert orjson.loads(answer.body)["detail"] == "no such instance"
+    assert all(r.url.path == "/dicom-web/instances" for r in pacs.requests)
+    # An instance of the path's series is fetched, and its membership checked only once.
+    for _ in range(3):
+        answer = await call(app, "GET", f"{base}/2.25.5/rendered".encode())
+        assert (answer.status, answer.body) == (200, b"pixels")
+    checks = [r for r in pacs.requests if r.url.path == "/dicom-web/instances"]
+    assert len(checks) == 3
+    assert checks[-1].url.params["SOPInstanceUID"] == "2.25.5"

@@ -345,6 +345,14 @@ def test_unmapped_series_exposed(
         real = next(a.series_uid for e in store.entries() for a in e.acquisitions)
     response = httpx.get(f"{proxy.dicomweb_url}/studies/{study}/series/{real}/metadata")
     assert response.status_code == 404
+    # Nor is the unmapped series under another study's path: the upstream is asked where it is.
+    other = next(
+        uid for row in client.search_for_studies() if (uid := row["0020000D"]["Value"][0]) != study
+    )
+    for suffix in ("/metadata", "", "/instances", "/rendered"):
+        response = httpx.get(f"{proxy.dicomweb_url}/studies/{other}/series/{SEG_SERIES}{suffix}")
+        assert response.status_code == 404, suffix
+        assert response.json()["detail"] == "no such series"
 
 
 def test_unmapped_series_hidden(

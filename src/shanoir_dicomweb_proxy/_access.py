@@ -21,7 +21,7 @@ from typing import Any, Final, Literal, Protocol, runtime_checkable
 import orjson
 
 from ._auth import InvalidToken, Principal, get_principal
-from ._errors import BadRequest, NotFound, ProxyError, UpstreamError
+from ._errors import BadRequest, NotFound, ProxyError
 from ._headers import header
 from ._identifiers import UidFormatter
 from ._routing import DicomWebRequest, Resource, get_dicomweb_request, set_dicomweb_request
@@ -29,6 +29,7 @@ from ._translating import (
     count_upstream_rows,
     empty_search,
     is_study_key,
+    search_json,
     set_visibility,
     split_uid_list,
 )
@@ -355,32 +356,10 @@ async def _json_rows(
 ) -> tuple[list[dict[str, Any]], int]:
     """Run one search through the inner stack: its JSON rows, and how many rows the upstream
     sent (the translation layer drops those of unknown or hidden examinations)."""
-    inner = {**scope, "headers": [*_without_accept(scope), (b"accept", b"application/dicom+json")]}
-    set_dicomweb_request(inner, request)
+    inner = dict(scope)
     seen = count_upstream_rows(inner)
-    status = 0
-    chunks: list[bytes] = []
-
-    async def collect(message: Message) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-
-    await app(inner, receive, collect)
-    if status == 204:
-        return [], 0
-    if status != 200:
-        raise UpstreamError(f"the upstream answered a search page with status {status}")
-    rows = orjson.loads(b"".join(chunks) or b"[]")
-    if not isinstance(rows, list):
-        raise UpstreamError("the upstream answered a search with something else than a list")
-    return [r for r in rows if isinstance(r, dict)], seen[0]
-
-
-def _without_accept(scope: Scope) -> list[tuple[bytes, bytes]]:
-    return [(k, v) for k, v in scope["headers"] if k != b"accept"]
+    rows = await search_json(app, inner, receive, request)
+    return rows, seen[0]
 
 
 class _Record:

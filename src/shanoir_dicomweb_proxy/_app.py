@@ -85,7 +85,9 @@ class DicomWebProxy:
                 UidFormatter(mapping.study_root, mapping.series_root),
                 expose_unmapped=mapping.unmapped_series == "expose",
             )
-            app = TranslationMiddleware(app, translator=translator, **links)
+            app = TranslationMiddleware(
+                app, translator=translator, membership_ttl=mapping.cache_ttl, **links
+            )
             if access is None and settings.access.backend == "allow_all":
                 access = AllowAll()
             elif access is None:

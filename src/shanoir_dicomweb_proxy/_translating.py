@@ -12,6 +12,10 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+from cachetools import TTLCache
 
 from ._bodies import JsonRewriter, Resolve, translate_xml
 from ._edge import send_json
@@ -27,7 +31,14 @@ from ._multipart import (
     WholeBody,
 )
 from ._part10 import Part10Rewriter
-from ._routing import DicomWebRequest, Resource, get_dicomweb_request, set_dicomweb_request
+from ._routing import (
+    DicomWebRequest,
+    Level,
+    Resource,
+    Service,
+    get_dicomweb_request,
+    set_dicomweb_request,
+)
 from ._translate import Translation, UidCollector
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
@@ -36,6 +47,7 @@ __all__ = [
     "TranslationMiddleware",
     "Visibility",
     "count_upstream_rows",
+    "search_json",
     "set_visibility",
 ]
 
@@ -67,6 +79,9 @@ class _Known:
     studies: dict[str, str]
     series: dict[str, str]
     exams: dict[str, int] = field(default_factory=dict)
+    #: The series of the path stands for itself (``unmapped_series = "expose"``): the map
+    #: cannot say which study it belongs to.
+    unmapped_series: bool = False
 
 
 #: Which examinations the caller may see: given examination IDs, the visible ones.
@@ -163,6 +178,8 @@ class IdentifierTranslator:
             series = found.get(request.series)
             if series is None:
                 raise NotFound("no such series")
+            if series == request.series:
+                known = replace(known, unmapped_series=True)
             known.series[series] = request.series
             if exam_id is not None:
                 known.exams[series] = exam_id
@@ -209,12 +226,17 @@ class TranslationMiddleware:
         upstream_url: str,
         public_url: str = "",
         base_path: str = "",
+        membership_ttl: float = 60.0,
     ) -> None:
         self.app = app
         self.translator = translator
         self.upstream_url = upstream_url.rstrip("/")
         self.public_url = public_url
         self.base_path = base_path
+        # (study, series, instance) real UIDs the upstream confirmed belong together.
+        self._members: TTLCache[tuple[str, str, str | None], bool] = TTLCache(
+            maxsize=100_000, ttl=membership_ttl
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -226,6 +248,8 @@ class TranslationMiddleware:
         except _NothingMatches:
             await empty_search(scope, send)
             return
+        if translated.instance is not None or known.unmapped_series:
+            await self._verify_membership(scope, receive, translated)
         set_dicomweb_request(scope, translated)
         public_base = public_base_url(scope, public_url=self.public_url, base_path=self.base_path)
         responder = _Responder(
@@ -240,6 +264,75 @@ class TranslationMiddleware:
             rows=scope.get(_ROWS_KEY),
         )
         await self.app(scope, receive, responder.send)
+
+    async def _verify_membership(
+        self, scope: Scope, receive: Receive, request: DicomWebRequest
+    ) -> None:
+        """Make sure the series (and instance) of the path belong to the study of the path,
+        by asking the upstream: a PACS is not trusted to refuse a foreign series or instance
+        under another study's path, and what the map does not know it cannot vouch for."""
+        study, series, instance = request.study, request.series, request.instance
+        assert study is not None and series is not None
+        key = (study, series, instance)
+        if key in self._members:
+            return
+        wanted = {"0020000D": study, "0020000E": series}
+        if instance is None:
+            level, query = Level.SERIES, [("SeriesInstanceUID", series)]
+        else:
+            level, query = Level.INSTANCE, [("SOPInstanceUID", instance)]
+            wanted["00080018"] = instance
+        query += [("includefield", "0020000D"), ("includefield", "0020000E")]
+        check = DicomWebRequest(
+            method="GET",
+            service=Service.QIDO,
+            resource=Resource.SEARCH,
+            level=level,
+            query=tuple(query),
+        )
+        rows = await search_json(self.app, scope, receive, check)
+        if not any(all(_value(row, t) == v for t, v in wanted.items()) for row in rows):
+            raise NotFound("no such series" if instance is None else "no such instance")
+        self._members[key] = True
+
+
+def _value(row: dict[str, Any], tag: str) -> object:
+    """The first value of ``tag`` in a DICOM JSON row, or None."""
+    element = row.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    return values[0] if isinstance(values, list) and values else None
+
+
+async def search_json(
+    app: ASGIApp, scope: Scope, receive: Receive, request: DicomWebRequest
+) -> list[dict[str, Any]]:
+    """Run the search ``request`` through ``app`` (the rest of the stack) on behalf of the
+    request of ``scope``, asking for DICOM JSON: its rows."""
+    headers = [(k, v) for k, v in scope["headers"] if k != b"accept"]
+    inner = {**scope, "headers": [*headers, (b"accept", b"application/dicom+json")]}
+    set_dicomweb_request(inner, request)
+    status = 0
+    chunks: list[bytes] = []
+
+    async def collect(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(inner, receive, collect)
+    if status == 204:
+        return []
+    if status != 200:
+        raise UpstreamError(f"the upstream answered a search with status {status}")
+    try:
+        rows = orjson.loads(b"".join(chunks) or b"[]")
+    except orjson.JSONDecodeError:
+        rows = None
+    if not isinstance(rows, list):
+        raise UpstreamError("the upstream answered a search with something else than a list")
+    return [r for r in rows if isinstance(r, dict)]
 
 
 async def empty_search(scope: Scope, send: Send) -> None:
