@@ -59,6 +59,15 @@ def world(
         "logging": {"audit_log": str(folder / "audit.jsonl")},
     }
     proxy = proxy_factory(archive.dicomweb_url, **sections)
+    # The same store and grants, but every search of a non-admin is filtered, not narrowed.
+    filtering = proxy_factory(
+        archive.dicomweb_url,
+        **{
+            **sections,
+            "access": {**sections["access"], "inject_max": 0},
+            "logging": {"audit_log": str(folder / "audit-filtering.jsonl")},
+        },
+    )
     config = proxy.config_path
     grants = {"alice": exams[:2], "bob": exams[2:], "carol": []}
     for user, granted in grants.items():
@@ -74,6 +83,7 @@ def world(
     clients: list[httpx.Client] = []
     yield {
         "proxy": proxy,
+        "filtering": filtering,
         "exams": exams,
         "grants": grants,
         "token": token,
@@ -84,9 +94,9 @@ def world(
         client.close()
 
 
-def _client(world: dict[str, Any], user: str, *roles: str) -> httpx.Client:
+def _client(world: dict[str, Any], user: str, *roles: str, proxy: str = "proxy") -> httpx.Client:
     headers = {"Authorization": f"Bearer {world['token'](user, *roles)}"}
-    client = httpx.Client(base_url=world["proxy"].dicomweb_url, headers=headers, timeout=60)
+    client = httpx.Client(base_url=world[proxy].dicomweb_url, headers=headers, timeout=60)
     world["clients"].append(client)
     return client
 
@@ -121,6 +131,39 @@ def test_most_of_the_archive_pages_exactly(world: dict[str, Any]) -> None:
     pages: list[int] = []
     for offset in range(0, len(everything) + 3, 3):
         pages += _studies(bob, f"?limit=3&offset={offset}")
+    assert pages == everything  # same order, no gap, no duplicate
+
+
+_KEY = {"/studies": "0020000D", "/series": "0020000E", "/instances": "00080018"}
+
+
+def _rows(client: httpx.Client, level: str, accept: str, query: str = "") -> list[str]:
+    """The UIDs naming the rows of a search, in order, from its JSON or XML answer."""
+    response = client.get(level + query, headers={"Accept": accept})
+    if response.status_code == 204:
+        return []
+    assert response.status_code == 200, response.text
+    if "xml" in accept:
+        value = rf'tag="{_KEY[level]}"[^>]*>\s*<Value number="1">([^<]+)</Value>'
+        return re.findall(value, response.text)
+    return [row[_KEY[level]]["Value"][0] for row in response.json()]
+
+
+@pytest.mark.parametrize("level", ["/studies", "/series", "/instances"])
+@pytest.mark.parametrize("accept", ["application/dicom+json", "application/dicom+xml"])
+def test_filtered_searches_page_exactly(world: dict[str, Any], level: str, accept: str) -> None:
+    narrowed = _client(world, "bob")
+    filtered = _client(world, "bob", proxy="filtering")
+    everything = _rows(filtered, level, accept)
+    assert len(everything) > 3 and len(set(everything)) == len(everything)
+    assert sorted(everything) == sorted(_rows(narrowed, level, accept))
+    pages: list[str] = []
+    for offset in range(0, len(everything) + 3, 3):
+        query = f"?limit=3&offset={offset}"
+        page = _rows(filtered, level, accept, query)
+        warning = filtered.get(level + query, headers={"Accept": accept}).headers.get("warning")
+        assert (warning is not None) == (offset + 3 < len(everything)), (offset, warning)
+        pages += page
     assert pages == everything  # same order, no gap, no duplicate
 
 

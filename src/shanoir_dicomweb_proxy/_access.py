@@ -21,14 +21,18 @@ from typing import Any, Final, Literal, Protocol, runtime_checkable
 import orjson
 
 from ._auth import InvalidToken, Principal, get_principal
-from ._errors import BadRequest, NotFound, ProxyError
-from ._headers import header
+from ._bodies import xml_value
+from ._errors import BadRequest, NotFound, ProxyError, UpstreamError
+from ._headers import header, parse_media_type
 from ._identifiers import UidFormatter
+from ._multipart import split_parts
 from ._routing import DicomWebRequest, Resource, get_dicomweb_request, set_dicomweb_request
 from ._translating import (
     count_upstream_rows,
     empty_search,
     is_study_key,
+    json_value,
+    run_search,
     search_json,
     set_visibility,
     split_uid_list,
@@ -112,8 +116,8 @@ class Forbidden(ProxyError):
 #: The detail of a denial: the same words as for a study that does not exist.
 DENIED = "no such study"
 
-#: Up to this many visible examinations, a search is narrowed upstream with a UID list; above,
-#: the upstream's results are filtered while paging through them.
+#: Up to this many visible examinations (``[access] inject_max``), a search is narrowed
+#: upstream with a UID list; above, the upstream's results are filtered while paging through.
 INJECT_MAX = 200
 #: Rows asked of the upstream per page when filtering.
 FILTER_PAGE = 500
@@ -147,6 +151,7 @@ class AccessMiddleware:
         formatter: UidFormatter,
         retrieve_action: Action = "read",
         deny_status: int = 404,
+        inject_max: int = INJECT_MAX,
         audit: AuditLog | None = None,
     ) -> None:
         self.app = app
@@ -154,6 +159,7 @@ class AccessMiddleware:
         self.formatter = formatter
         self.retrieve_action = retrieve_action
         self.deny_status = deny_status
+        self.inject_max = inject_max
         self.audit = audit
 
     def action(self, request: DicomWebRequest) -> Action:
@@ -251,7 +257,7 @@ class AccessMiddleware:
         if not exams:
             await empty_search(scope, send)
             return
-        if asked is not None or len(exams) <= INJECT_MAX or _wants_xml(scope):
+        if asked is not None or len(exams) <= self.inject_max:
             uids = ",".join(self.formatter.study_uid(e) for e in sorted(exams))
             if asked is None:
                 query = (*query, ("StudyInstanceUID", uids))
@@ -293,13 +299,14 @@ async def _filtered_search(
     visible: frozenset[int],
     formatter: UidFormatter,
 ) -> None:
-    """Answer a JSON search with the rows of visible examinations only, paging exactly.
+    """Answer a search with the rows of visible examinations only, paging exactly.
 
     The upstream is asked page by page (``FILTER_PAGE`` rows, in its own stable order) with
     the client's query; rows of other examinations are dropped, then the client's ``offset``
     rows skipped and ``limit`` rows kept. ``Warning: 299`` is set only when one more visible
-    row exists.
+    row exists. Rows are DICOM JSON objects, or DICOM XML parts when the client asks for XML.
     """
+    xml = _wants_xml(scope)
     offset, limit, query = _paging(request.query)
     kept: list[bytes] = []
     skipped = 0
@@ -307,30 +314,76 @@ async def _filtered_search(
     upstream_offset = 0
     while not more:
         page_query = (*query, ("limit", str(FILTER_PAGE)), ("offset", str(upstream_offset)))
-        rows, seen = await _json_rows(app, scope, receive, replace(request, query=page_query))
-        for row in rows:
-            study = row.get("0020000D", {}).get("Value", [None])[0]
-            exam = formatter.exam_id(study) if isinstance(study, str) else None
+        page = replace(request, query=page_query)
+        inner = dict(scope)
+        seen = count_upstream_rows(inner)
+        rows = await (_xml_rows if xml else _json_rows)(app, inner, receive, page)
+        for study, row in rows:
+            exam = formatter.exam_id(study) if study is not None else None
             if exam is None or exam not in visible:
                 continue
             if skipped < offset:
                 skipped += 1
             elif limit is None or len(kept) < limit:
-                kept.append(orjson.dumps(row))
+                kept.append(row)
             else:
                 more = True
                 break
-        if seen < FILTER_PAGE:  # the upstream's own count: rows dropped on the way count too
+        if seen[0] < FILTER_PAGE:  # the upstream's own count: rows dropped on the way count too
             break
         upstream_offset += FILTER_PAGE
-    headers = [(b"content-type", b"application/dicom+json")]
+    if xml and not kept:
+        await empty_search(scope, send)
+        return
+    if xml:
+        boundary = uuid.uuid4().hex
+        head = f"--{boundary}\r\nContent-Type: {_XML}\r\n\r\n".encode()
+        body = b"".join(head + row + b"\r\n" for row in kept) + f"--{boundary}--".encode()
+        media = f'multipart/related; type="{_XML}"; boundary={boundary}'.encode()
+    else:
+        body = b"[" + b",".join(kept) + b"]"
+        media = b"application/dicom+json"
+    headers = [(b"content-type", media), (b"content-length", str(len(body)).encode())]
     if more:
         warning = '299 shanoir-dicomweb-proxy "There are additional results that can be requested"'
         headers.append((b"warning", warning.encode()))
-    body = b"[" + b",".join(kept) + b"]"
-    headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+_XML = "application/dicom+xml"
+_Rows = list[tuple[str | None, bytes]]
+
+
+async def _json_rows(
+    app: ASGIApp, scope: Scope, receive: Receive, request: DicomWebRequest
+) -> _Rows:
+    """One page of a search in DICOM JSON: each row's study UID, and the row."""
+    rows = await search_json(app, scope, receive, request)
+    return [(_study_of(row), orjson.dumps(row)) for row in rows]
+
+
+def _study_of(row: dict[str, Any]) -> str | None:
+    study = json_value(row, "0020000D")
+    return study if isinstance(study, str) else None
+
+
+async def _xml_rows(
+    app: ASGIApp, scope: Scope, receive: Receive, request: DicomWebRequest
+) -> _Rows:
+    """One page of a search in DICOM XML: each part's study UID, and the part."""
+    content_type, body = await run_search(app, scope, receive, request, accept=_XML.encode())
+    if not body:
+        return []
+    media = parse_media_type(content_type.decode("latin-1"))
+    boundary = media.params.get("boundary")
+    if media.type == _XML:
+        parts = [body]
+    elif media.type == "multipart/related" and boundary:
+        parts = await split_parts(boundary.encode("latin-1"), body)
+    else:
+        raise UpstreamError(f"the upstream answered an XML search with {media.type}")
+    return [(xml_value(part, 0x0020000D), part) for part in parts]
 
 
 def _paging(
@@ -349,17 +402,6 @@ def _paging(
         else:
             rest.append((key, value))
     return offset, limit, tuple(rest)
-
-
-async def _json_rows(
-    app: ASGIApp, scope: Scope, receive: Receive, request: DicomWebRequest
-) -> tuple[list[dict[str, Any]], int]:
-    """Run one search through the inner stack: its JSON rows, and how many rows the upstream
-    sent (the translation layer drops those of unknown or hidden examinations)."""
-    inner = dict(scope)
-    seen = count_upstream_rows(inner)
-    rows = await search_json(app, inner, receive, request)
-    return rows, seen[0]
 
 
 class _Record:

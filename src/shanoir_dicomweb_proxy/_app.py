@@ -102,6 +102,7 @@ class DicomWebProxy:
                 formatter=translator.formatter,
                 retrieve_action=settings.access.retrieve_action,
                 deny_status=settings.access.deny_status,
+                inject_max=settings.access.inject_max,
                 audit=self.audit,
             )
         self.identifiers = identifiers

@@ -335,3 +335,13 @@ async def translate_xml(body: bytes, resolve: Resolve, *, study_known: bool) -> 
             return None
     written: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
     return written
+
+
+def xml_value(body: bytes, tag: int) -> str | None:
+    """The first value of ``tag`` at the top level of one DICOM XML dataset, or None."""
+    try:
+        root = ET.fromstring(body)  # noqa: S314 (see translate_xml)
+    except ET.ParseError as exc:
+        raise UpstreamError("the upstream sent malformed DICOM XML") from exc
+    values = _XmlDataset(root).get(tag)
+    return values[0] if values else None

@@ -395,12 +395,16 @@ class AccessSettings(_Section):
     cache_ttl: float = 30
     deny_status: Literal[403, 404] = 404
     retrieve_action: Literal["read", "download"] = "read"
+    #: Up to this many visible examinations a search is narrowed upstream with their study
+    #: UIDs (mind the PACS's URL length limit); above, the upstream's pages are filtered.
+    inject_max: int = 200
     file: str = field(default="", metadata=_PATH)
     url: str = ""
     token: str = field(default="", repr=False, metadata=_SECRET)
 
     def _validate(self) -> None:
         self._require(self.cache_ttl >= 0, "cache_ttl", "must be >= 0")
+        self._require(self.inject_max >= 0, "inject_max", "must be >= 0")
         _check_backend_source(self)
 
 

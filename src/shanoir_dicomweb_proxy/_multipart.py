@@ -22,6 +22,7 @@ __all__ = [
     "PartRewriter",
     "PassPart",
     "WholeBody",
+    "split_parts",
 ]
 
 PartHeaders = list[tuple[bytes, bytes]]
@@ -229,3 +230,16 @@ class MultipartRewriter:
         if not self._ended:
             raise UpstreamError("the upstream's multipart answer ended before its last part")
         return out
+
+
+async def split_parts(boundary: bytes, body: bytes) -> list[bytes]:
+    """The bodies of the parts of a whole multipart body."""
+    parts: list[bytes] = []
+
+    async def keep(part: bytes) -> None:
+        parts.append(part)
+
+    rewriter = MultipartRewriter(boundary, lambda _: BufferedPart(keep))
+    await rewriter.feed(body)
+    await rewriter.close()
+    return parts

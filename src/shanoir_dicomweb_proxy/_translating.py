@@ -47,6 +47,8 @@ __all__ = [
     "TranslationMiddleware",
     "Visibility",
     "count_upstream_rows",
+    "json_value",
+    "run_search",
     "search_json",
     "set_visibility",
 ]
@@ -291,43 +293,54 @@ class TranslationMiddleware:
             query=tuple(query),
         )
         rows = await search_json(self.app, scope, receive, check)
-        if not any(all(_value(row, t) == v for t, v in wanted.items()) for row in rows):
+        if not any(all(json_value(row, t) == v for t, v in wanted.items()) for row in rows):
             raise NotFound("no such series" if instance is None else "no such instance")
         self._members[key] = True
 
 
-def _value(row: dict[str, Any], tag: str) -> object:
+def json_value(row: dict[str, Any], tag: str) -> object:
     """The first value of ``tag`` in a DICOM JSON row, or None."""
     element = row.get(tag)
     values = element.get("Value") if isinstance(element, dict) else None
     return values[0] if isinstance(values, list) and values else None
 
 
-async def search_json(
-    app: ASGIApp, scope: Scope, receive: Receive, request: DicomWebRequest
-) -> list[dict[str, Any]]:
+async def run_search(
+    app: ASGIApp, scope: Scope, receive: Receive, request: DicomWebRequest, *, accept: bytes
+) -> tuple[bytes, bytes]:
     """Run the search ``request`` through ``app`` (the rest of the stack) on behalf of the
-    request of ``scope``, asking for DICOM JSON: its rows."""
+    request of ``scope``, asking for ``accept``: the answer's content type and body, both
+    empty for 204."""
     headers = [(k, v) for k, v in scope["headers"] if k != b"accept"]
-    inner = {**scope, "headers": [*headers, (b"accept", b"application/dicom+json")]}
+    inner = {**scope, "headers": [*headers, (b"accept", accept)]}
     set_dicomweb_request(inner, request)
     status = 0
+    content_type = b""
     chunks: list[bytes] = []
 
     async def collect(message: Message) -> None:
-        nonlocal status
+        nonlocal status, content_type
         if message["type"] == "http.response.start":
             status = message["status"]
+            content_type = dict(message.get("headers", [])).get(b"content-type", b"")
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
 
     await app(inner, receive, collect)
     if status == 204:
-        return []
+        return b"", b""
     if status != 200:
         raise UpstreamError(f"the upstream answered a search with status {status}")
+    return content_type, b"".join(chunks)
+
+
+async def search_json(
+    app: ASGIApp, scope: Scope, receive: Receive, request: DicomWebRequest
+) -> list[dict[str, Any]]:
+    """:func:`run_search` for DICOM JSON: the rows."""
+    _, body = await run_search(app, scope, receive, request, accept=b"application/dicom+json")
     try:
-        rows = orjson.loads(b"".join(chunks) or b"[]")
+        rows = orjson.loads(body or b"[]")
     except orjson.JSONDecodeError:
         rows = None
     if not isinstance(rows, list):
@@ -472,6 +485,8 @@ class _Responder:
         )
 
     async def _xml(self, body: bytes) -> bytes | None:
+        if self._rows is not None:
+            self._rows[0] += 1
         return await translate_xml(body, self.resolve, study_known=self._study_known)
 
     async def _part_header(self, name: bytes, value: bytes) -> bytes | None:
