@@ -578,11 +578,11 @@ async def test_elements_after_streamed_pixel_data() -> None:
 async def test_sequence_beyond_max_buffer() -> None:
     big = Item((El(0x00080100, "SH", b"T-1234"), El(0x00091001, "OB", bytes(40_000))))
     data = _simple(Sq(0x0040A730, (big, big)))
-    with pytest.raises(UpstreamError, match="exceeds"):
+    with pytest.raises(UpstreamError, match="larger than"):
         await rewrite(data, sizes=[8192], max_buffer=64 * 1024, large_value=1024)
     header = part10([El(0x00091001, "OB", bytes(100_000)), El(0x0020000D, "UI", b"1")], EXPLICIT_LE)
     rewriter = Part10Rewriter(Resolver(FORWARD), study_known=False, max_buffer=64 * 1024)
-    with pytest.raises(UpstreamError, match="exceeds"):
+    with pytest.raises(UpstreamError, match="larger than"):
         await rewriter.feed(header[:1000])  # known too big from the element's header
 
 
@@ -591,7 +591,7 @@ async def test_sequence_beyond_max_buffer() -> None:
 
 async def test_deflated_transfer_syntax() -> None:
     data = _testdata("image_dfl.dcm")
-    with pytest.raises(UpstreamError, match="deflated transfer syntax cannot be rewritten"):
+    with pytest.raises(UpstreamError, match="deflated transfer syntax, which cannot be rewritten"):
         await rewrite(data)
 
 

@@ -27,6 +27,7 @@ from ._headers import header, parse_media_type
 from ._identifiers import UidFormatter
 from ._multipart import split_parts
 from ._routing import DicomWebRequest, Resource, get_dicomweb_request, set_dicomweb_request
+from ._stow import set_instance_audit, set_write_check
 from ._translating import (
     count_upstream_rows,
     empty_search,
@@ -119,7 +120,7 @@ DENIED = "no such study"
 #: Up to this many visible examinations (``[access] inject_max``), a search is narrowed
 #: upstream with a UID list; above, the upstream's results are filtered while paging through.
 INJECT_MAX = 200
-#: Rows asked of the upstream per page when filtering.
+#: Rows asked of the upstream per page when filtering, at most.
 FILTER_PAGE = 500
 
 _READ_RESOURCES = frozenset(
@@ -208,6 +209,9 @@ class AccessMiddleware:
         action: Action,
         record: _Record,
     ) -> None:
+        if request.resource is Resource.STORE and self.audit is not None:
+            audit = self.audit
+            set_instance_audit(scope, lambda fields: audit.write({**record.entry(), **fields}))
         if principal.is_admin:
             record.decision = "admin"
             if request.study is not None:
@@ -219,6 +223,8 @@ class AccessMiddleware:
             # study the PACS would send) is cut to what this principal may read, whatever the
             # PACS sends. With allow_all there is nothing to cut: no lookup per batch.
             set_visibility(scope, functools.partial(self.policy.allowed, principal, "read"))
+            # An upload is decided instance by instance, on the examination each names.
+            set_write_check(scope, functools.partial(self.policy.allowed, principal, "write"))
         if request.study is not None:
             exam = self.formatter.exam_id(request.study)
             record.exams = [exam] if exam is not None else []
@@ -229,16 +235,16 @@ class AccessMiddleware:
             record.decision = "allow"
             await self.app(scope, receive, send)
             return
+        if request.resource is Resource.STORE:
+            record.decision = "per-instance"
+            await self.app(scope, receive, send)
+            return
         visible = await self.policy.visible(principal, action)
         if visible is ALL:
             record.decision = "allow"
             await self.app(scope, receive, send)
             return
         assert isinstance(visible, frozenset)
-        if request.resource is not Resource.SEARCH:
-            # STOW to /studies: the examinations are only known from the body (issue 6).
-            record.decision = "deny"
-            raise self.deny()
         record.decision = "filter"
         await self._search(scope, receive, send, request, visible, record)
 
@@ -301,9 +307,10 @@ async def _filtered_search(
 ) -> None:
     """Answer a search with the rows of visible examinations only, paging exactly.
 
-    The upstream is asked page by page (``FILTER_PAGE`` rows, in its own stable order) with
-    the client's query; rows of other examinations are dropped, then the client's ``offset``
-    rows skipped and ``limit`` rows kept. ``Warning: 299`` is set only when one more visible
+    The upstream is asked page by page (at most ``FILTER_PAGE`` rows, sized from the client's
+    ``offset`` and ``limit``, in its own stable order) with the client's query; rows of other
+    examinations are dropped, then the client's ``offset`` rows skipped and ``limit`` rows
+    kept. ``Warning: 299`` is set only when one more visible
     row exists. Rows are DICOM JSON objects, or DICOM XML parts when the client asks for XML.
     """
     xml = _wants_xml(scope)
@@ -312,8 +319,12 @@ async def _filtered_search(
     skipped = 0
     more = False
     upstream_offset = 0
+    # Rows wanted (one more tells whether there are more): the first page asks for them and
+    # a quarter more, later ones for what is missing at the share of visible rows seen.
+    wanted = offset + limit + 1 if limit is not None else None
+    page_size = FILTER_PAGE if wanted is None else min(FILTER_PAGE, wanted + wanted // 4 + 8)
     while not more:
-        page_query = (*query, ("limit", str(FILTER_PAGE)), ("offset", str(upstream_offset)))
+        page_query = (*query, ("limit", str(page_size)), ("offset", str(upstream_offset)))
         page = replace(request, query=page_query)
         inner = dict(scope)
         seen = count_upstream_rows(inner)
@@ -329,9 +340,13 @@ async def _filtered_search(
             else:
                 more = True
                 break
-        if seen[0] < FILTER_PAGE:  # the upstream's own count: rows dropped on the way count too
+        if seen[0] < page_size:  # the upstream's own count: rows dropped on the way count too
             break
-        upstream_offset += FILTER_PAGE
+        upstream_offset += page_size
+        if wanted is not None:
+            found = skipped + len(kept)
+            share = max(found, 1) / upstream_offset
+            page_size = min(FILTER_PAGE, int((wanted - found) / share * 1.25) + 8)
     if xml and not kept:
         await empty_search(scope, send)
         return

@@ -17,7 +17,8 @@ from ._identifiers import IdentifierMap, UidFormatter
 from ._policies import ManagedAccessPolicy, build_access_policy
 from ._rewrite import RewriteMiddleware
 from ._routing import RoutingMiddleware, route_path
-from ._store import SqliteStore
+from ._store import SqliteIdentifierMap, SqliteStore, StoreError
+from ._stow import SeriesRegistrar, StowMiddleware
 from ._translating import IdentifierTranslator, TranslationMiddleware
 from ._types import ASGIApp, Receive, Scope, Send
 from ._upstream import Upstream, UpstreamProxy
@@ -84,6 +85,13 @@ class DicomWebProxy:
                 identifiers,
                 UidFormatter(mapping.study_root, mapping.series_root),
                 expose_unmapped=mapping.unmapped_series == "expose",
+            )
+            app = StowMiddleware(
+                app,
+                translator=translator,
+                upstream_url=settings.upstream.url,
+                max_upload_bytes=server.max_upload_bytes,
+                registrar=_registrar(identifiers),
             )
             app = TranslationMiddleware(
                 app, translator=translator, membership_ttl=mapping.cache_ttl, **links
@@ -188,3 +196,24 @@ class DicomWebProxy:
 def create_app(settings: Settings) -> DicomWebProxy:
     """Build the whole stack from settings: CORS, errors, auth, routing, rewriting, upstream."""
     return DicomWebProxy(settings)
+
+
+def _registrar(identifiers: IdentifierMap) -> SeriesRegistrar | None:
+    """How an upload registers its new series: with the embedded store only."""
+    if not isinstance(identifiers, ManagedIdentifierMap):
+        return None
+    managed = identifiers
+    inner = managed.inner
+    if not isinstance(inner, SqliteIdentifierMap):
+        return None
+    sqlite_map = inner
+
+    async def register(exam_id: int, series_uid: str) -> None:
+        try:
+            entry = await sqlite_map.register_series(exam_id, series_uid)
+        except StoreError as exc:  # registered under another examination meanwhile
+            logger.warning("an uploaded series was not registered: %s", exc)
+            return
+        managed.learn_series(entry)
+
+    return register

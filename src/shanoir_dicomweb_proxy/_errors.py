@@ -16,6 +16,7 @@ __all__ = [
     "AccessUnavailable",
     "BadRequest",
     "ConfigError",
+    "MalformedBody",
     "MappingUnavailable",
     "MethodNotAllowed",
     "NotAcceptable",
@@ -91,6 +92,20 @@ class UpstreamError(ProxyError):
 
     status = 502
     code = "upstream_error"
+
+
+class MalformedBody(UpstreamError):
+    """A body that cannot be parsed; ``what`` says what it is ("a truncated DICOM file").
+
+    Bodies come from the upstream unless a caller parsing a client's upload says otherwise
+    (:meth:`from_client`)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"the upstream sent {what}")
+        self.what = what
+
+    def from_client(self) -> BadRequest:
+        return BadRequest(f"the request body holds {self.what}")
 
 
 class UpstreamUnavailable(UpstreamError):

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from python_multipart.multipart import MultipartParser
 
-from ._errors import UpstreamError
+from ._errors import MalformedBody
 
 __all__ = [
     "BodyRewriter",
@@ -88,7 +88,7 @@ class BufferedPart:
     async def feed(self, chunk: Chunk) -> bytes:
         self._size += len(chunk)
         if self._size > self._max:
-            raise UpstreamError(f"a multipart part exceeds {self._max} bytes")
+            raise MalformedBody(f"a multipart part larger than {self._max} bytes")
         self._chunks.append(chunk)
         return b""
 
@@ -173,7 +173,7 @@ class MultipartRewriter:
         try:
             self._parser.write(chunk)
         except Exception as exc:  # python-multipart raises its own MultipartParseError
-            raise UpstreamError("the upstream sent a malformed multipart body") from exc
+            raise MalformedBody("a malformed multipart body") from exc
         events, self._events = self._events, []
         out: list[Chunk] = []
         for kind, data in events:
@@ -228,7 +228,7 @@ class MultipartRewriter:
         """End of input: the closing delimiter must have been seen."""
         out = await self.feed(b"")
         if not self._ended:
-            raise UpstreamError("the upstream's multipart answer ended before its last part")
+            raise MalformedBody("a multipart body that ends before its last part")
         return out
 
 

@@ -22,11 +22,12 @@ from typing import Final
 
 from pydicom.datadict import dictionary_VR
 
-from ._errors import UpstreamError
+from ._errors import MalformedBody
 from ._multipart import Chunk
 from ._translate import (
     STUDY_INSTANCE_UID,
     TRANSLATED_TAGS,
+    DatasetView,
     Translation,
     UidCollector,
     apply_translation,
@@ -40,6 +41,8 @@ _ITEM: Final = 0xFFFEE000
 _ITEM_END: Final = 0xFFFEE00D
 _SEQUENCE_END: Final = 0xFFFEE0DD
 _SERIES_INSTANCE_UID: Final = 0x0020000E
+# SOP Class and SOP Instance UIDs, readable by an ``admit`` hook.
+_ADMIT_TAGS: Final = frozenset({0x00080016, 0x00080018})
 
 _IMPLICIT_LE: Final = "1.2.840.10008.1.2"
 _EXPLICIT_BE: Final = "1.2.840.10008.1.2.2"
@@ -140,7 +143,7 @@ class _Element:
         if len(raw) % 2:
             raw += b" " if self.vr in _SPACE_PADDED else b"\0"
         if not self.long and len(raw) > 0xFFFF:
-            raise UpstreamError("a rewritten DICOM value does not fit its length field")
+            raise MalformedBody("a DICOM value too long for its length field once rewritten")
         self.new = None if raw == self.value else raw
 
     def replacement(self) -> bytes:
@@ -254,8 +257,8 @@ def _join(out: list[_Chunk]) -> Chunk:
     return b"".join(out)
 
 
-def _malformed(what: str) -> UpstreamError:
-    return UpstreamError(f"the upstream sent a malformed DICOM file ({what})")
+def _malformed(what: str) -> MalformedBody:
+    return MalformedBody(f"a malformed DICOM file ({what})")
 
 
 class Part10Rewriter:
@@ -265,6 +268,10 @@ class Part10Rewriter:
     ``study_known`` says whether the request's own study is known. Feed the file's bytes in any
     chunks, then :meth:`close`. When the instance must not be shown, ``dropped`` becomes True
     and nothing of it is ever returned.
+
+    ``admit``, when given, sees the top-level elements up to (0020,000E) before anything is
+    translated or returned (with (0008,0016) and (0008,0018) readable too); False drops the
+    instance (the rest of its bytes are then ignored).
     """
 
     keeps_length = False  # as a multipart part: UIDs change size, so does the file
@@ -276,8 +283,11 @@ class Part10Rewriter:
         study_known: bool,
         max_buffer: int = 64 * 1024 * 1024,
         large_value: int = 64 * 1024,
+        admit: Callable[[DatasetView], Awaitable[bool]] | None = None,
     ) -> None:
         self._resolve = resolve
+        self._admit = admit
+        self._tags = TRANSLATED_TAGS if admit is None else TRANSLATED_TAGS | _ADMIT_TAGS
         self._study_known = study_known
         self._max = max_buffer
         self._large = max(1, large_value)
@@ -317,7 +327,7 @@ class Part10Rewriter:
         return b"" if self.dropped else _join(out)
 
     async def close(self) -> Chunk:
-        """End of the file: return the rest; raise :class:`UpstreamError` if it was cut short."""
+        """End of the file: return the rest; raise :class:`MalformedBody` if it was cut short."""
         if self.dropped:
             return b""
         if self._phase == _META and self._meta_end < 0:
@@ -329,7 +339,7 @@ class Part10Rewriter:
             or self._stack
             or self._pos != self._off + len(self._buf)
         ):
-            raise UpstreamError("the upstream sent a truncated DICOM file")
+            raise MalformedBody("a truncated DICOM file")
         out: list[_Chunk] = []
         await self._flush(out, first=not self._first_done)
         self._buf = b""
@@ -382,7 +392,7 @@ class Part10Rewriter:
                 self._buf = bytearray(memoryview(self._buf)[done:])
             self._off = self._base
         if len(self._buf) > self._max or self._need - self._off > self._max:
-            raise UpstreamError(f"a DICOM header or sequence exceeds {self._max} bytes")
+            raise MalformedBody(f"a DICOM header or sequence larger than {self._max} bytes")
 
     def _fragment_header(self, data: _Chunk, out: list[_Chunk]) -> _Chunk:
         """Pass one item header of an encapsulated value being streamed."""
@@ -442,7 +452,7 @@ class Part10Rewriter:
             if len(buf) < 132:
                 return False
             if bytes(buf[128:132]) != b"DICM":
-                raise UpstreamError("the upstream sent a DICOM file without the 'DICM' prefix")
+                raise MalformedBody("a DICOM file without the 'DICM' prefix")
             self._phase = _META
             self._pos = 132
         pos = self._pos
@@ -484,7 +494,9 @@ class Part10Rewriter:
     def _set_syntax(self, syntax: str) -> None:
         self._syntax_seen = True
         if syntax in _DEFLATED:
-            raise UpstreamError("a DICOM file in a deflated transfer syntax cannot be rewritten")
+            raise MalformedBody(
+                "a DICOM file in a deflated transfer syntax, which cannot be rewritten"
+            )
         if syntax == _IMPLICIT_LE:
             self._encoding = _IMPLICIT_LITTLE
         elif syntax == _EXPLICIT_BE:
@@ -611,7 +623,7 @@ class Part10Rewriter:
             if end > size:
                 self._need = end
                 break
-            if tag in TRANSLATED_TAGS:
+            if tag in self._tags:
                 if encoding.explicit:
                     vr = vr_code.decode("ascii")
                 header = bytes(buf[at : at + header_size])
@@ -632,6 +644,9 @@ class Part10Rewriter:
         """Translate the held batch and send it, up to the parse position."""
         batch = self._batch
         patches: list[tuple[int, int, bytes]] = []
+        if first and self._admit is not None and not await self._admit(batch):
+            self.dropped = True
+            return
         if batch.elements or batch.seqs:
             collector = UidCollector()
             collect_uids(batch, collector)

@@ -129,6 +129,11 @@ class CachingIdentifierMap:
             f"negative_ttl={self.negative_ttl})"
         )
 
+    def learn_series(self, entry: SeriesEntry) -> None:
+        """Know ``entry`` at once (a series registered meanwhile), whatever was cached."""
+        self._series_by_uid.learn(entry.series_uid, entry)
+        self._series_by_id.learn(entry.acquisition_id, entry)
+
     async def studies_by_uid(self, uids: Collection[str]) -> Mapping[str, int]:
         """Real study UID → examination ID."""
         return await self._study_ids.get(

@@ -679,3 +679,12 @@ class SqliteIdentifierMap:
         if not acquisition_ids:
             return {}
         return await self._run(self.store.lookup_series_by_id, acquisition_ids)
+
+    async def register_series(self, exam_id: int, series_uid: str) -> SeriesEntry:
+        """Register ``series_uid`` under ``exam_id`` (see :meth:`SqliteStore.register_series`)."""
+
+        def register(_: list[Any]) -> int:
+            return self.store.register_series(exam_id, series_uid)
+
+        acquisition_id = await self._run(register, ())
+        return SeriesEntry(acquisition_id, exam_id, series_uid)
