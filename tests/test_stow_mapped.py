@@ -293,6 +293,7 @@ def test_oversized_upload_is_413_and_stores_nothing(site: dict[str, Any]) -> Non
         ("not dicom", "DICM"),
         ("truncated part", "truncated DICOM"),
         ("no closing delimiter", "ends before its last part"),
+        ("no part", "no instance"),
     ],
 )
 def test_malformed_upload_is_400_and_stores_nothing(
@@ -304,6 +305,8 @@ def test_malformed_upload_is_400_and_stores_nothing(
         body = b"this is no multipart body at all" * 10
     elif case == "not dicom":
         body = _multipart([payload, b"\x00" * 200 + b"hello"])
+    elif case == "no part":
+        body = b"--b0undary--\r\n"
     elif case == "truncated part":
         body = _multipart([payload, payload[: len(payload) // 2]])
     else:

@@ -29,6 +29,7 @@ import orjson
 
 from ._bodies import _JsonDataset, _XmlDataset
 from ._errors import (
+    BadRequest,
     MalformedBody,
     PayloadTooLarge,
     ProxyError,
@@ -152,6 +153,8 @@ class StowMiddleware:
             size = await self._read(receive, boundary, upload, spool)
             if size is None:
                 return  # the client left: nothing was sent upstream
+            if not upload.instances:
+                raise BadRequest("the upload holds no instance")
             admitted = [i for i in upload.instances if i.failure is None]
             stored: set[str] = set()
             failed: dict[str, int] = {}
