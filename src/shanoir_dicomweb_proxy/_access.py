@@ -223,8 +223,9 @@ class AccessMiddleware:
             # study the PACS would send) is cut to what this principal may read, whatever the
             # PACS sends. With allow_all there is nothing to cut: no lookup per batch.
             set_visibility(scope, functools.partial(self.policy.allowed, principal, "read"))
-            # An upload is decided instance by instance, on the examination each names.
-            set_write_check(scope, functools.partial(self.policy.allowed, principal, "write"))
+            if request.resource is Resource.STORE:
+                # An upload is decided instance by instance, on the examination each names.
+                set_write_check(scope, functools.partial(self.policy.allowed, principal, "write"))
         if request.study is not None:
             exam = self.formatter.exam_id(request.study)
             record.exams = [exam] if exam is not None else []
@@ -310,8 +311,8 @@ async def _filtered_search(
     The upstream is asked page by page (at most ``FILTER_PAGE`` rows, sized from the client's
     ``offset`` and ``limit``, in its own stable order) with the client's query; rows of other
     examinations are dropped, then the client's ``offset`` rows skipped and ``limit`` rows
-    kept. ``Warning: 299`` is set only when one more visible
-    row exists. Rows are DICOM JSON objects, or DICOM XML parts when the client asks for XML.
+    kept. ``Warning: 299`` is set only when one more visible row exists. Rows are DICOM JSON
+    objects, or DICOM XML parts when the client asks for XML.
     """
     xml = _wants_xml(scope)
     offset, limit, query = _paging(request.query)

@@ -42,6 +42,7 @@ from ._routing import DicomWebRequest, Level, Resource, Service, get_dicomweb_re
 from ._translate import DatasetView, Translation, UidCollector
 from ._translating import IdentifierTranslator, json_value, run_search
 from ._types import ASGIApp, Message, Receive, Scope, Send
+from ._upstream import _SPOOL_IN_MEMORY, _SPOOL_WRITE
 
 __all__ = [
     "CANNOT_UNDERSTAND",
@@ -66,8 +67,6 @@ _REFERENCED_SOP_SEQUENCE: Final = 0x00081199
 _FAILED_SOP_SEQUENCE: Final = 0x00081198
 _REFERENCED_SOP_INSTANCE: Final = 0x00081155
 
-_SPOOL_IN_MEMORY: Final = 1024 * 1024
-_SPOOL_WRITE: Final = 1024 * 1024
 _VERIFY_BATCH: Final = 100
 _MAX_ANSWER: Final = 16 * 1024 * 1024
 
