@@ -162,6 +162,16 @@ class ServerSettings(_Section):
     base_path: str = "/dicomweb"
     public_url: str = ""
     max_upload_bytes: int = 4294967296
+    #: Where the liveness probe answers, at the server root outside ``base_path``; "" = off.
+    healthz_path: str = "/healthz"
+    #: Where the readiness probe answers (upstream, issuer and store checked); "" = off.
+    readyz_path: str = "/readyz"
+    #: Where Prometheus metrics are served; "" = off.
+    metrics_path: str = "/metrics"
+    #: Seconds each readiness check may take before it counts as failing.
+    ready_timeout: float = 2.0
+    #: Seconds in-flight requests may take to finish after SIGTERM before they are cut.
+    shutdown_grace: float = 30.0
 
     @property
     def host(self) -> str:
@@ -178,6 +188,16 @@ class ServerSettings(_Section):
         self._check("base_path", _base_path)
         self._check("public_url", lambda v: v and _http_url(v))
         self._require(self.max_upload_bytes > 0, "max_upload_bytes", "must be > 0")
+        for name in ("healthz_path", "readyz_path", "metrics_path"):
+            self._check(name, _probe_path)
+        probes = [p for p in (self.healthz_path, self.readyz_path, self.metrics_path) if p]
+        self._require(
+            len(set(probes)) == len(probes),
+            "metrics_path",
+            "healthz_path, readyz_path and metrics_path must differ",
+        )
+        self._require(self.ready_timeout > 0, "ready_timeout", "must be > 0")
+        self._require(self.shutdown_grace >= 0, "shutdown_grace", "must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, repr=False)
@@ -428,6 +448,8 @@ class LoggingSettings(_Section):
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
+    #: One line per request (request id, subject, route kind, status, bytes, durations).
+    access_log: bool = True
     audit_log: str = field(default="audit.jsonl", metadata=_PATH)
 
 
@@ -685,6 +707,17 @@ def _base_path(value: str) -> str:
         raise ValueError(
             'expected a path such as "/dicomweb" (segments of letters, digits and "-._~", '
             f'no "." or ".."), got {_describe(value)}'
+        )
+    return path
+
+
+def _probe_path(value: str) -> str:
+    if value == "":
+        return value
+    path = _base_path(value)
+    if not path:
+        raise ValueError(
+            f'expected a path such as "/healthz", or "" for off, got {_describe(value)}'
         )
     return path
 
