@@ -10,6 +10,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+SLOW_CHUNKS = 30
+
 
 @dataclass
 class FaultServer:
@@ -24,6 +26,8 @@ class FaultServer:
       ``trickle``    a 200 whose body never ends: 64 KiB every 50 ms until the peer leaves.
       ``json``       a small JSON 200 (used to count requests).
       ``etag``       a 200 with an ETag, or 304 when If-None-Match names it.
+      ``slow``       a 200 of ``SLOW_CHUNKS`` × 64 KiB with a Content-Length, a chunk every
+                     100 ms.
 
     The head of the last request is kept in ``last_request``.
     """
@@ -111,6 +115,15 @@ class FaultServer:
         while time.monotonic() < deadline:
             conn.sendall(chunk)
             time.sleep(0.05)
+
+    def _slow(self, conn: socket.socket) -> None:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: %d\r\n\r\n" % (SLOW_CHUNKS * 65536)
+        )
+        for _ in range(SLOW_CHUNKS):
+            time.sleep(0.1)
+            conn.sendall(b"s" * 65536)
 
     def _json(self, conn: socket.socket) -> None:
         body = b"[]"

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -158,6 +159,9 @@ def _hypercorn_config(settings: Settings, bind: str | None, workers: int) -> obj
     config.loglevel = settings.logging.level.upper()
     # Study retrieves can take minutes on a slow link; the upstream read timeout bounds them.
     config.keep_alive_timeout = 75
+    # On SIGTERM (or SIGINT) hypercorn stops listening, lets requests in flight finish for this
+    # long, then cuts what is left and runs the lifespan's shutdown.
+    config.graceful_timeout = settings.server.shutdown_grace
     return config
 
 
@@ -181,6 +185,9 @@ def _serve(settings: Settings, path: str, *, bind: str | None, workers: int) -> 
 
 def _worker_app() -> DicomWebProxy:
     """The app of one hypercorn worker process (``serve --workers N``)."""
+    # The main process turns SIGTERM into hypercorn's shutdown event, which lets requests in
+    # flight finish; it then sends its workers SIGTERM too, which would cut them off at once.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     settings = Settings.from_toml(os.environ[_CONFIG_ENV])
     _setup_logging(settings)
     return create_app(settings)
