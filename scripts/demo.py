@@ -63,40 +63,35 @@ def main() -> int:
         proxy.config_path.parent.mkdir(parents=True, exist_ok=True)
         proxy.config_path.write_text(dump_toml(proxy.settings))
         cli = Path(sys.executable).parent / "shanoir-dicomweb-proxy"
-        sync = [str(cli), "store", "sync", "-c", str(proxy.config_path)]
-        print(f"$ {shlex.join(sync)}", flush=True)
-        subprocess.run(sync, check=True)
-        study, series = _public_uids(args.dir / "store.sqlite3", samples.small_studies[0])
-        exam = study.rsplit(".", 1)[1]
-        grant = [str(cli), "store", "grant", "-c", str(proxy.config_path)]
-        grant += ["--user", "1", "--study", exam, "--action", "read"]
-        print(f"$ {shlex.join(grant)}", flush=True)
-        subprocess.run(grant, check=True)
+        config = ["-c", str(proxy.config_path)]
+        _run([str(cli), "store", "sync", *config])
+        # Two users with different grants: alice reads one examination, bob three others.
+        store = args.dir / "store.sqlite3"
+        alice = [_public_uids(store, study) for study in samples.small_studies[:1]]
+        bob = [_public_uids(store, study) for study in samples.small_studies[1:4]]
+        for user, uids in (("1", alice), ("2", bob)):
+            for study, _ in uids:
+                exam = study.rsplit(".", 1)[1]
+                _run(
+                    [
+                        str(cli),
+                        "store",
+                        "grant",
+                        *config,
+                        "--user",
+                        user,
+                        "--study",
+                        exam,
+                        "--action",
+                        "read",
+                    ]
+                )
         with proxy:
-            base = proxy.dicomweb_url
-            mint = f"{cli} dev-token -c {proxy.config_path} --sub alice --claim userId=1"
-            curl = (
-                'curl -s -H "Authorization: Bearer $TOKEN" '
-                f"'{base}/studies?PatientID=HARN0000*&includefield=StudyDescription'"
-            )
-            python = (
-                f'{sys.executable} -c "import os; from dicomweb_client.api import DICOMwebClient; '
-                f"c = DICOMwebClient('{base}', "
-                "headers={'Authorization': 'Bearer ' + os.environ['TOKEN']}); "
-                f"print([(ds.StudyInstanceUID, ds.SeriesInstanceUID) for ds in "
-                f"c.retrieve_series('{study}', '{series}')])\""
-            )
-            print(f"\nThe proxy serves DICOMweb at {base} (config: {proxy.config_path})")
-            print("Every request needs a bearer token; get one signed with the demo's key:")
-            print(f"  export TOKEN=$({mint})\n")
-            print("Search studies (alice sees the one examination she was granted):")
-            print(f"  {curl}\n")
-            print("Retrieve a series with dicomweb-client: every UID it shows is public")
-            print(f"  {python}\n")
-            print(f"Without a token: curl -si {base}/studies  (401)")
-            print(f"Logs: {proxy.log_path}, {orthanc.log_path}")
+            demo = Demo(proxy, cli, alice, bob)
+            demo.show()
             instances = len(samples.small_studies[0].series[0].instances)
-            _try_examples(base, mint, curl, study, series, instances)
+            demo.check(instances)
+            print(f"Logs: {proxy.log_path}, {orthanc.log_path}")
             if args.once:
                 return 0
             print("\nServing; press Ctrl-C to stop.", flush=True)
@@ -131,27 +126,109 @@ def _signing_key(directory: Path) -> Path:
     return path
 
 
-def _try_examples(base: str, mint: str, curl: str, study: str, series: str, instances: int) -> None:
-    """Run the printed examples, so that a broken demo says so at once."""
-    token = subprocess.run(shlex.split(mint), capture_output=True, text=True, check=True)
-    env = {**os.environ, "TOKEN": token.stdout.strip()}
-    found = subprocess.run(["sh", "-c", curl], capture_output=True, text=True, check=True, env=env)
-    rows = json.loads(found.stdout or "[]")
-    if [row["0020000D"]["Value"][0] for row in rows] != [study]:
-        raise SystemExit(f"the search did not show exactly alice's study:\n{found.stdout[:500]}")
-    if httpx.get(f"{base}/studies").status_code != 401:
-        raise SystemExit("a request without a token was not refused")
-    headers = {"Authorization": f"Bearer {env['TOKEN']}"}
-    datasets = DICOMwebClient(base, headers=headers).retrieve_series(study, series)
-    if len(datasets) != instances:
-        raise SystemExit(f"retrieve_series gave {len(datasets)} instances, not {instances}")
-    shown = {(ds.StudyInstanceUID, ds.SeriesInstanceUID) for ds in datasets}
-    if shown != {(study, series)}:
-        raise SystemExit(f"retrieve_series showed other UIDs than the public ones: {shown}")
-    print(
-        f"(checked: no token gets 401; with one, the search answers and the series retrieves "
-        f"{instances} instances, with public UIDs only; the search shows alice's study only)"
-    )
+def _run(command: list[str]) -> None:
+    print(f"$ {shlex.join(command)}", flush=True)
+    subprocess.run(command, check=True)
+
+
+class Demo:
+    """What the demo prints, and the check that it all works as printed."""
+
+    def __init__(
+        self,
+        proxy: ProxyServer,
+        cli: Path,
+        alice: list[tuple[str, str]],
+        bob: list[tuple[str, str]],
+    ) -> None:
+        self.base = proxy.dicomweb_url
+        self.root = proxy.url
+        self.alice = alice
+        self.bob = bob
+        mint = f"{cli} dev-token -c {proxy.config_path}"
+        self.mints = {
+            "ALICE": f"{mint} --sub alice --claim userId=1",
+            "BOB": f"{mint} --sub bob --claim userId=2",
+        }
+        self.search = {
+            user: f'curl -s -H "Authorization: Bearer ${user}" '
+            f"'{self.base}/studies?includefield=StudyDescription'"
+            for user in self.mints
+        }
+        foreign = bob[0][0]
+        self.denied = (
+            f'curl -s -o /dev/null -w "%{{http_code}}\\n" -H "Authorization: Bearer $ALICE" '
+            f"'{self.base}/studies/{foreign}/metadata'"
+        )
+        study, series = alice[0]
+        self.python = (
+            f'{sys.executable} -c "import os; from dicomweb_client.api import DICOMwebClient; '
+            f"c = DICOMwebClient('{self.base}', "
+            "headers={'Authorization': 'Bearer ' + os.environ['ALICE']}); "
+            f"print([(ds.StudyInstanceUID, ds.SeriesInstanceUID) for ds in "
+            f"c.retrieve_series('{study}', '{series}')])\""
+        )
+
+    def show(self) -> None:
+        exams = {
+            user: ", ".join(s.rsplit(".", 1)[1] for s, _ in uids)
+            for user, uids in (("alice", self.alice), ("bob", self.bob))
+        }
+        print(f"\nThe proxy serves DICOMweb at {self.base}")
+        print("Every request needs a bearer token. Two users, tokens signed with the demo's key:")
+        for variable, mint in self.mints.items():
+            print(f"  export {variable}=$({mint})")
+        print(
+            f"alice (userId 1) may read examination {exams['alice']}; "
+            f"bob (userId 2) examinations {exams['bob']}.\n"
+        )
+        print(f"Search studies: alice sees {len(self.alice)}, bob {len(self.bob)}:")
+        for command in self.search.values():
+            print(f"  {command}")
+        print("\nbob's examination is a 404 for alice, like one that does not exist:")
+        print(f"  {self.denied}")
+        print("\nRetrieve alice's series with dicomweb-client: every UID it shows is public")
+        print(f"  {self.python}\n")
+        print(f"Without a token: curl -si {self.base}/studies  (401)")
+
+    def check(self, instances: int) -> None:
+        """Run the printed examples, so that a broken demo says so at once."""
+        env = dict(os.environ)
+        for variable, mint in self.mints.items():
+            minted = subprocess.run(shlex.split(mint), capture_output=True, text=True, check=True)
+            env[variable] = minted.stdout.strip()
+        for user, uids in (("ALICE", self.alice), ("BOB", self.bob)):
+            found = _sh(self.search[user], env)
+            shown = sorted(row["0020000D"]["Value"][0] for row in json.loads(found or "[]"))
+            if shown != sorted(study for study, _ in uids):
+                raise SystemExit(
+                    f"{user}'s search did not show exactly the granted studies:\n{found[:500]}"
+                )
+        if (status := _sh(self.denied, env).strip()) != "404":
+            raise SystemExit(f"alice asking for bob's examination got {status}, not 404")
+        if httpx.get(f"{self.base}/studies").status_code != 401:
+            raise SystemExit("a request without a token was not refused")
+        study, series = self.alice[0]
+        client = DICOMwebClient(self.base, headers={"Authorization": f"Bearer {env['ALICE']}"})
+        datasets = client.retrieve_series(study, series)
+        if len(datasets) != instances:
+            raise SystemExit(f"retrieve_series gave {len(datasets)} instances, not {instances}")
+        shown_uids = {(ds.StudyInstanceUID, ds.SeriesInstanceUID) for ds in datasets}
+        if shown_uids != {(study, series)}:
+            raise SystemExit(
+                f"retrieve_series showed other UIDs than the public ones: {shown_uids}"
+            )
+        print(
+            f"(checked: no token gets 401; alice's search shows her {len(self.alice)} study and "
+            f"bob's his {len(self.bob)}; bob's examination is a 404 for alice; the series "
+            f"retrieves {instances} instances with public UIDs only)"
+        )
+
+
+def _sh(command: str, env: dict[str, str]) -> str:
+    return subprocess.run(
+        ["sh", "-c", command], capture_output=True, text=True, check=True, env=env
+    ).stdout
 
 
 if __name__ == "__main__":

@@ -27,5 +27,7 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-npm ci --prefix tests/idp --no-audit --no-fund --loglevel=error >/dev/null
+# npm ci empties node_modules first: skip it when the install is newer than the lock file.
+[ tests/idp/node_modules/.package-lock.json -nt tests/idp/package-lock.json ] \
+    || npm ci --prefix tests/idp --no-audit --no-fund --loglevel=error >/dev/null
 echo "ready: $(.venv/bin/python -V), $(Orthanc --version | head -n 1), node $(node --version)"
