@@ -173,3 +173,14 @@ def test_example_settings_load() -> None:
     assert settings.upstream.url == "http://127.0.0.1:8042/dicom-web"
     assert not settings.auth.enabled
     create_app(settings)
+
+
+def test_version_is_the_installed_one() -> None:
+    from importlib.metadata import version
+
+    import shanoir_dicomweb_proxy
+
+    result = _run("--version")
+    assert result.returncode == 0
+    assert result.stdout.split() == ["shanoir-dicomweb-proxy", version("shanoir-dicomweb-proxy")]
+    assert shanoir_dicomweb_proxy.__version__ == version("shanoir-dicomweb-proxy")

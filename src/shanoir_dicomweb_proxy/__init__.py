@@ -57,8 +57,7 @@ from ._routing import (
 )
 from ._translating import IdentifierTranslator, TranslationMiddleware
 from ._upstream import Upstream, UpstreamProxy
-
-__version__ = "0.1.0.dev0"
+from ._version import __version__
 
 __all__ = [
     "ALL",

@@ -21,6 +21,7 @@ from ._errors import ConfigError, ProxyError
 from ._identifiers import UidFormatter
 from ._store import SqliteStore, StoreError, SyncProgress, load_import, sync_store
 from ._upstream import Upstream
+from ._version import __version__
 
 __all__ = ["main"]
 
@@ -32,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="shanoir-dicomweb-proxy",
         description="An authorizing, identifier-translating, streaming DICOMweb gateway.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the proxy under hypercorn")
