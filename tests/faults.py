@@ -5,6 +5,7 @@ Only for fault injection: every normal behaviour is tested against the real Orth
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -51,6 +52,10 @@ class FaultServer:
 
     def stop(self) -> None:
         if self._sock is not None:
+            # Shutting the socket down wakes the thread blocked in accept(); a bare close
+            # leaves it serving one more connection (Linux).
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
             self._sock.close()
 
     def _serve(self) -> None:

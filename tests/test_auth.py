@@ -263,6 +263,11 @@ async def test_query_token_only_when_allowed(keys: KeySet, jwks_file: Path) -> N
     assert (await _get(app, query=query)).status == 200
     # The token never travels upstream.
     assert str(upstream.requests[0].url).endswith("/studies?PatientID=X*")
+    # Nor when it is not the token used: not allowed, or a header given as well.
+    upstream = Upstream()
+    app = build(upstream, auth=_auth(jwks_file))
+    assert (await _get(app, token, query=query)).status == 200
+    assert str(upstream.requests[0].url).endswith("/studies?PatientID=X*")
 
 
 async def test_cookie_token_only_when_allowed(keys: KeySet, jwks_file: Path) -> None:

@@ -42,7 +42,7 @@ def test_check_good_config(tmp_path: Path, orthanc: OrthancServer) -> None:
     result = _run("check", "-c", str(_config(tmp_path, upstream={"url": orthanc.dicomweb_url})))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "QIDO answered 200" in result.stdout
-    assert result.stdout.strip().endswith("ok")
+    assert result.stdout.strip().endswith("all checks passed")
 
 
 def test_check_unreachable_upstream(tmp_path: Path) -> None:
@@ -56,10 +56,13 @@ def test_misspelled_key_is_named(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text('[upstream]\nurl = "http://pacs/dicom-web"\nread_timout = 3\n')
     result = _run("check", "-c", str(path))
-    assert result.returncode == 2
-    assert "bad.toml" in result.stderr and "read_timout" in result.stderr
-    assert "did you mean 'read_timeout'" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 1  # check reports a bad file as a failed check
+    assert "bad.toml" in result.stdout and "read_timout" in result.stdout
+    assert "did you mean 'read_timeout'" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    served = _run("serve", "-c", str(path))
+    assert served.returncode == 2
+    assert "did you mean 'read_timeout'" in served.stderr and "Traceback" not in served.stderr
 
 
 def test_serve_refuses_what_it_cannot_enforce(tmp_path: Path) -> None:
@@ -165,7 +168,8 @@ def test_check_reports_an_unreachable_issuer(tmp_path: Path, orthanc: OrthancSer
     config = _config(tmp_path, upstream={"url": orthanc.dicomweb_url}, auth=auth)
     result = _run("check", "-c", str(config))
     assert result.returncode == 1
-    assert "issuer: http://127.0.0.1:" in result.stdout and "cannot be reached" in result.stdout
+    assert "FAIL  issuer    http://127.0.0.1:" in result.stdout
+    assert "cannot be reached" in result.stdout
 
 
 def test_example_settings_load() -> None:

@@ -10,6 +10,7 @@ from shanoir_dicomweb_proxy._headers import (
     request_headers_for_upstream,
     response_headers_for_client,
     split_accept,
+    wants_dicom_xml,
 )
 
 
@@ -94,3 +95,22 @@ def test_public_url_setting_wins() -> None:
     assert (
         public_base_url(scope, public_url="https://x.org/p", base_path="/dw") == "https://x.org/p"
     )
+
+
+@pytest.mark.parametrize(
+    ("accept", "xml"),
+    [
+        (None, False),
+        ("application/dicom+json", False),
+        ("application/dicom+xml", True),
+        ('multipart/related; type="application/dicom+xml"', True),
+        ("multipart/related; type=application/dicom+xml", True),
+        ("application/dicom+xml, application/dicom+json", False),  # JSON will do
+        ("multipart/related; type=application/dicom+xml, */*;q=0.1", False),
+        ("application/xml", False),  # not DICOM XML
+        ('multipart/related; type="application/dicom"', False),
+    ],
+)
+def test_wants_dicom_xml(accept: str | None, xml: bool) -> None:
+    headers = [] if accept is None else [(b"accept", accept.encode())]
+    assert wants_dicom_xml({"type": "http", "headers": headers}) is xml

@@ -46,6 +46,7 @@ from ._errors import (
     UpstreamUnavailable,
 )
 from ._identifiers import IdentifierMap, SeriesEntry, UidFormatter
+from ._observability import ObservabilityMiddleware
 from ._rewrite import RewriteMiddleware
 from ._routing import (
     DicomWebRequest,
@@ -89,6 +90,7 @@ __all__ = [
     "MethodNotAllowed",
     "NotAcceptable",
     "NotFound",
+    "ObservabilityMiddleware",
     "PayloadTooLarge",
     "Principal",
     "ProxyError",

@@ -23,9 +23,10 @@ import orjson
 from ._auth import InvalidToken, Principal, get_principal
 from ._bodies import xml_value
 from ._errors import BadRequest, NotFound, ProxyError, UpstreamError
-from ._headers import header, parse_media_type
+from ._headers import header, parse_media_type, wants_dicom_xml
 from ._identifiers import UidFormatter
 from ._multipart import split_parts
+from ._observability import RECORD_KEY, RequestRecord
 from ._routing import DicomWebRequest, Resource, get_dicomweb_request, set_dicomweb_request
 from ._stow import set_instance_audit, set_write_check
 from ._translating import (
@@ -196,6 +197,8 @@ class AccessMiddleware:
             record.status = exc.status
             raise
         finally:
+            if record.observed is not None:
+                record.observed.decision = record.decision or "error"
             if self.audit is not None:
                 self.audit.write(record.entry())
 
@@ -274,11 +277,6 @@ class AccessMiddleware:
         await _filtered_search(self.app, scope, receive, send, request, exams, self.formatter)
 
 
-def _wants_xml(scope: Scope) -> bool:
-    accept = header(scope, b"accept") or b""
-    return b"xml" in accept
-
-
 def _narrow(
     query: tuple[tuple[str, str], ...], visible: frozenset[int], formatter: UidFormatter
 ) -> tuple[tuple[tuple[str, str], ...], frozenset[int] | None]:
@@ -314,7 +312,7 @@ async def _filtered_search(
     kept. ``Warning: 299`` is set only when one more visible row exists. Rows are DICOM JSON
     objects, or DICOM XML parts when the client asks for XML.
     """
-    xml = _wants_xml(scope)
+    xml = wants_dicom_xml(scope)
     offset, limit, query = _paging(request.query)
     kept: list[bytes] = []
     skipped = 0
@@ -427,13 +425,18 @@ class _Record:
         self, scope: Scope, principal: Principal, action: Action, request: DicomWebRequest
     ) -> None:
         self.time = time.time()
-        supplied = header(scope, b"x-request-id")
-        self.request_id = supplied.decode("latin-1")[:64] if supplied else uuid.uuid4().hex
+        self.observed: RequestRecord | None = scope.get(RECORD_KEY)
+        if self.observed is not None:
+            self.request_id = self.observed.request_id
+        else:  # this layer without the observability layer around it
+            supplied = header(scope, b"x-request-id")
+            self.request_id = supplied.decode("latin-1")[:64] if supplied else uuid.uuid4().hex
         self.principal = principal
         self.action = action
         self.route = request.route
         self.exams: list[int] = []
-        self.decision = "deny"
+        #: None until decided: the audit line says "deny", the metrics "error".
+        self.decision: str | None = None
         self.status = 0
         self.bytes = 0
 
@@ -455,7 +458,7 @@ class _Record:
             "user_id": self.principal.user_id,
             "action": self.action,
             "examinations": self.exams,
-            "decision": self.decision,
+            "decision": self.decision or "deny",
             "route": self.route,
             "status": self.status,
             "bytes": self.bytes,

@@ -14,10 +14,12 @@ from ._config import Settings
 from ._edge import ErrorMiddleware, send_json
 from ._errors import ConfigError
 from ._identifiers import IdentifierMap, UidFormatter
-from ._policies import ManagedAccessPolicy, build_access_policy
+from ._observability import CacheCounts, ObservabilityMiddleware
+from ._policies import CachingAccessPolicy, ManagedAccessPolicy, build_access_policy
+from ._probes import Probes
 from ._rewrite import RewriteMiddleware
 from ._routing import RoutingMiddleware, route_path
-from ._store import SqliteIdentifierMap, SqliteStore, StoreError
+from ._store import CachingIdentifierMap, SqliteIdentifierMap, SqliteStore, StoreError
 from ._stow import SeriesRegistrar, StowMiddleware
 from ._translating import IdentifierTranslator, TranslationMiddleware
 from ._types import ASGIApp, Receive, Scope, Send
@@ -27,11 +29,14 @@ __all__ = ["DicomWebProxy", "create_app"]
 
 logger = logging.getLogger("shanoir_dicomweb_proxy")
 
+_PROBE_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+
 
 class DicomWebProxy:
     """The ASGI app returned by :func:`create_app`.
 
-    Serves the DICOMweb service under ``[server] base_path`` and ``/healthz`` at its root. The
+    Serves the DICOMweb service under ``[server] base_path``, and ``[server] healthz_path`` and
+    ``readyz_path`` (:class:`~shanoir_dicomweb_proxy._probes.Probes`) at its root. The
     upstream client is opened by the ASGI lifespan; a host app that mounts this one (Starlette
     runs no lifespan for mounted apps) enters it in its own lifespan with ``async with proxy:``.
 
@@ -63,6 +68,7 @@ class DicomWebProxy:
         self._owned: list[ManagedIdentifierMap | ManagedAccessPolicy] = []
         self._store: SqliteStore | None = None
         self.audit: AuditLog | None = None
+        membership: TranslationMiddleware | None = None
         if mapping.backend == "identity" and identifiers is None:
             if access is not None or settings.access.backend != "allow_all":
                 raise ConfigError(
@@ -93,7 +99,7 @@ class DicomWebProxy:
                 max_upload_bytes=server.max_upload_bytes,
                 registrar=_registrar(identifiers),
             )
-            app = TranslationMiddleware(
+            app = membership = TranslationMiddleware(
                 app, translator=translator, membership_ttl=mapping.cache_ttl, **links
             )
             if access is None and settings.access.backend == "allow_all":
@@ -142,7 +148,14 @@ class DicomWebProxy:
                 allow_credentials=cors.allow_credentials,
                 max_age=cors.max_age,
             )
-        self.app = app
+        self.observability = ObservabilityMiddleware(
+            app,
+            access_log=settings.logging.access_log,
+            metrics_path=server.metrics_path,
+            caches=_caches(self.validator, identifiers, access, membership),
+        )
+        self.app = self.observability
+        self.probes = Probes(self)
 
     async def __aenter__(self) -> DicomWebProxy:
         _ = self.upstream.client
@@ -175,10 +188,21 @@ class DicomWebProxy:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
-        if scope["type"] == "http" and route_path(scope) == "/healthz":
-            json_type = [(b"content-type", b"application/json")]
-            await send_json(send, 200, {"status": "ok"}, headers=json_type)
-            return
+        if scope["type"] == "http":
+            path = route_path(scope) or "/"  # "" turns a probe off: never match it
+            server = self.settings.server
+            if path == server.healthz_path:
+                await send_json(send, 200, {"status": "ok"}, headers=_PROBE_HEADERS)
+                return
+            if path == server.readyz_path:
+                results = await self.probes.readiness()
+                ready = all(result.ok for result in results)
+                body = {
+                    "status": "ready" if ready else "not ready",
+                    "checks": {result.name: result.as_json() for result in results},
+                }
+                await send_json(send, 200 if ready else 503, body, headers=_PROBE_HEADERS)
+                return
         await self.app(scope, receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -196,6 +220,24 @@ class DicomWebProxy:
 def create_app(settings: Settings) -> DicomWebProxy:
     """Build the whole stack from settings: CORS, errors, auth, routing, rewriting, upstream."""
     return DicomWebProxy(settings)
+
+
+def _caches(
+    validator: TokenValidator | None,
+    identifiers: IdentifierMap | None,
+    access: AccessPolicy | None,
+    membership: TranslationMiddleware | None,
+) -> dict[str, CacheCounts]:
+    """The caches of the stack whose hits and misses are exported, by name."""
+    if isinstance(access, ManagedAccessPolicy):
+        access = access.policy
+    found = {
+        "token": validator,
+        "identifiers": identifiers if isinstance(identifiers, CachingIdentifierMap) else None,
+        "access": access if isinstance(access, CachingAccessPolicy) else None,
+        "membership": membership,
+    }
+    return {name: cache for name, cache in found.items() if cache is not None}
 
 
 def _registrar(identifiers: IdentifierMap) -> SeriesRegistrar | None:

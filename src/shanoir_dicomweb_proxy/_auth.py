@@ -21,12 +21,19 @@ from urllib.parse import parse_qsl, urlencode
 import httpx
 from cachetools import TLRUCache
 from joserfc import jws, jwt
-from joserfc.errors import ExpiredTokenError, JoseError
+from joserfc.errors import (
+    BadSignatureError,
+    ClaimError,
+    ExpiredTokenError,
+    InvalidKeyIdError,
+    JoseError,
+)
 from joserfc.jwk import KeySet
 
 from ._config import AuthSettings, Settings
 from ._errors import ConfigError, ProxyError
 from ._headers import header
+from ._observability import RECORD_KEY, RequestRecord
 from ._types import ASGIApp, Receive, Scope, Send
 
 __all__ = [
@@ -74,18 +81,31 @@ def get_principal(scope: Scope) -> Principal | None:
 
 
 class InvalidToken(ProxyError):
-    """401 with an RFC 6750 challenge. ``error`` is absent when no token was sent at all."""
+    """401 with an RFC 6750 challenge. ``error`` is absent when no token was sent at all.
+
+    ``reason`` says why in a fixed word for metrics and logs (``missing``, ``malformed``,
+    ``expired``, ``bad_signature``, ``wrong_audience``, ...); never the token.
+    """
 
     status = 401
     code = "invalid_token"
 
-    def __init__(self, detail: str, *, realm: str, error: str | None = "invalid_token") -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        realm: str,
+        error: str | None = "invalid_token",
+        reason: str = "invalid",
+    ) -> None:
         challenge = f'Bearer realm="{realm}"'
         if error is not None:
             challenge += f', error="{error}", error_description="{detail}"'
         super().__init__(detail, headers={"www-authenticate": challenge})
+        self.reason = reason
         if error is None:
             self.code = "missing_token"
+            self.reason = "missing"
 
 
 class AuthUnavailable(ProxyError):
@@ -166,6 +186,8 @@ class KeyStore:
         self._fetched_at = float("-inf")
         self._attempted_at = float("-inf")
         self._lock = asyncio.Lock()
+        #: Why the last fetch failed ("" when it succeeded, or before any).
+        self.last_error = ""
         if jwks_file:
             self._set(_public_keys(_read_jwks(jwks_file).as_dict(private=False)))
 
@@ -173,6 +195,24 @@ class KeyStore:
     def known(self) -> int:
         """How many keys are known now."""
         return 0 if self._keys is None else len(self._keys.keys)
+
+    @property
+    def age(self) -> float:
+        """Seconds since the keys were fetched (or read from the file); infinite before."""
+        return time.monotonic() - self._fetched_at
+
+    @property
+    def stale(self) -> bool:
+        """Whether the keys are due for a refresh (or were never fetched)."""
+        return self.age > self._refresh
+
+    async def refresh(self) -> None:
+        """Fetch the keys now, unless a fetch was tried in the last ``min_refetch`` seconds.
+
+        Never raises: a failure keeps the keys already known and sets :attr:`last_error`.
+        """
+        if not self.jwks_file and time.monotonic() - self._attempted_at >= self._min_refetch:
+            await self._fetch()
 
     def _set(self, keys: KeySet) -> None:
         self._keys = keys
@@ -215,7 +255,10 @@ class KeyStore:
                 response.raise_for_status()
                 self._set(_public_keys(response.json()))
             except (httpx.HTTPError, ValueError, JoseError) as exc:
+                self.last_error = _fetch_error(exc)
                 logger.warning("could not fetch the issuer's keys: %s", exc)
+            else:
+                self.last_error = ""
 
     async def _jwks_uri(self) -> str:
         url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
@@ -225,6 +268,25 @@ class KeyStore:
         if not isinstance(uri, str):
             raise ValueError("the discovery document has no jwks_uri")
         return uri
+
+
+def _fetch_error(exc: Exception) -> str:
+    """Why fetching the keys failed, in a few words, naming the URL that failed."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"{exc.request.url} answered {exc.response.status_code}"
+    if isinstance(exc, httpx.HTTPError):
+        try:
+            url = f"{exc.request.url}: "
+        except RuntimeError:  # an error raised before any request was built
+            url = ""
+        if isinstance(exc, httpx.TimeoutException):
+            return f"{url}no answer in time"
+        return f"{url}cannot be reached"
+    if isinstance(exc, json.JSONDecodeError):
+        return "the identity provider answered what is not JSON"
+    if isinstance(exc, JoseError):
+        return f"the JWKS holds no usable key ({exc})"
+    return str(exc)
 
 
 def _read_jwks(path: str) -> KeySet:
@@ -273,25 +335,30 @@ class TokenValidator:
         self._inactive: TLRUCache[str, bool] = TLRUCache(
             maxsize=cache_size, ttu=lambda k, v, now: now + 10.0, timer=time.time
         )
+        #: Validations answered from the cache, and those that were not (metrics).
+        self.cache_hits = 0
+        self.cache_misses = 0
 
     async def aclose(self) -> None:
         await self.keys.aclose()
 
-    def _invalid(self, detail: str = "the access token is not valid") -> InvalidToken:
-        return InvalidToken(detail, realm=self.realm)
+    def _invalid(self, reason: str, detail: str = "the access token is not valid") -> InvalidToken:
+        return InvalidToken(detail, realm=self.realm, reason=reason)
 
     async def validate(self, token: str) -> Principal:
         token_id = hashlib.sha256(token.encode()).hexdigest()[:16]
         principal = self._cache.get(token_id)
         if principal is not None:
+            self.cache_hits += 1
             return principal
+        self.cache_misses += 1
         if token.count(".") == 2:
             claims = await self._check_jwt(token, token_id)
         elif self.settings.introspection is not None:
             claims = await self._introspect(token, token_id)
         else:
             logger.info("token %s refused: not a JWT", token_id)
-            raise self._invalid()
+            raise self._invalid("malformed")
         principal = principal_from_claims(self.settings, claims, token_id)
         self._cache[token_id] = principal
         return principal
@@ -302,35 +369,35 @@ class TokenValidator:
             header_ = jws.extract_compact(token.encode()).headers()
         except (JoseError, ValueError) as exc:
             logger.info("token %s refused: malformed (%s)", token_id, exc)
-            raise self._invalid() from None
+            raise self._invalid("malformed") from None
         alg = header_.get("alg")
         if alg not in s.algorithms:
             # "none" and every HMAC algorithm are never in the list (the config refuses them).
             logger.info("token %s refused: algorithm %r", token_id, alg)
-            raise self._invalid()
+            raise self._invalid("algorithm")
         typ = header_.get("typ")
         if not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYPES:
             logger.info("token %s refused: typ %r", token_id, typ)
-            raise self._invalid()
+            raise self._invalid("token_type")
         kid = header_.get("kid")
         keys = await self.keys.keys(kid if isinstance(kid, str) else None)
         if kid is None and len(keys.keys) > 1:
             logger.info("token %s refused: no kid, and the issuer has several keys", token_id)
-            raise self._invalid()
+            raise self._invalid("unknown_key")
         try:
             decoded = jwt.decode(token, keys, algorithms=list(s.algorithms))
             self._registry().validate(decoded.claims)
         except ExpiredTokenError:
-            raise self._invalid("the access token expired") from None
+            raise self._invalid("expired", "the access token expired") from None
         except (JoseError, ValueError) as exc:
             logger.info("token %s refused: %s", token_id, exc)
-            raise self._invalid() from None
+            raise self._invalid(_jose_reason(exc)) from None
         kind = decoded.claims.get("typ", "Bearer")
         if not isinstance(kind, str) or kind.lower() != "bearer":
             # Keycloak marks its ID and refresh tokens in the payload ("typ": "ID", "Refresh")
             # and signs them with the same key, under the same header type as access tokens.
             logger.info("token %s refused: token type %r", token_id, kind)
-            raise self._invalid()
+            raise self._invalid("token_type")
         self._check_audience(decoded.claims, token_id)
         return decoded.claims
 
@@ -350,13 +417,13 @@ class TokenValidator:
             got.update(_strings(claims.get("azp")))
         if not got & wanted:
             logger.info("token %s refused: audience %s", token_id, sorted(got))
-            raise self._invalid()
+            raise self._invalid("wrong_audience")
 
     async def _introspect(self, token: str, token_id: str) -> dict[str, Any]:
         settings = self.settings.introspection
         assert settings is not None
         if self._inactive.get(token_id):
-            raise self._invalid()
+            raise self._invalid("inactive")
         client = self.keys.client
         try:
             response = await client.post(
@@ -375,18 +442,29 @@ class TokenValidator:
         if not isinstance(claims, dict) or claims.get("active") is not True or "sub" not in claims:
             self._inactive[token_id] = True
             logger.info("token %s refused: inactive", token_id)
-            raise self._invalid()
+            raise self._invalid("inactive")
         now = time.time()
         exp = claims.get("exp")
         if isinstance(exp, int | float) and exp + self.settings.leeway < now:
-            raise self._invalid("the access token expired")
+            raise self._invalid("expired", "the access token expired")
         if self.settings.issuer and claims.get("iss", self.settings.issuer) != self.settings.issuer:
-            raise self._invalid()
+            raise self._invalid("wrong_issuer")
         self._check_audience(claims, token_id)
         # Cached for at most [auth.introspection] cache_ttl, and never past the token's expiry.
         limit = now + settings.cache_ttl
         claims["exp"] = min(exp, limit) if isinstance(exp, int | float) else limit
         return claims
+
+
+def _jose_reason(exc: Exception) -> str:
+    """The reason word of a token joserfc refused."""
+    if isinstance(exc, BadSignatureError):
+        return "bad_signature"
+    if isinstance(exc, InvalidKeyIdError):
+        return "unknown_key"
+    if isinstance(exc, ClaimError):
+        return "wrong_issuer" if exc.claim == "iss" else "invalid_claims"
+    return "malformed"
 
 
 def _until_expiry(key: str, principal: Principal, now: float) -> float:
@@ -397,8 +475,9 @@ class AuthMiddleware:
     """Require a valid bearer token; put its :class:`Principal` in the scope.
 
     The token is read from ``Authorization: Bearer``, or, when allowed, from the
-    ``access_token`` query parameter (RFC 6750 §2.3, removed before the request goes on) or a
-    cookie. Non-HTTP scopes pass straight through.
+    ``access_token`` query parameter (RFC 6750 §2.3) or a cookie. An ``access_token`` query
+    parameter is removed before the request goes on, allowed or not. Non-HTTP scopes pass
+    straight through.
     """
 
     def __init__(
@@ -420,16 +499,26 @@ class AuthMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        token = self._token(scope)
-        if token is None:
-            raise InvalidToken(
-                "an access token is required", realm=self.validator.realm, error=None
-            )
-        principal = await self.validator.validate(token)
+        try:
+            token = self._token(scope)
+            if token is None:
+                raise InvalidToken(
+                    "an access token is required", realm=self.validator.realm, error=None
+                )
+            principal = await self.validator.validate(token)
+        except ProxyError as exc:
+            record: RequestRecord | None = scope.get(RECORD_KEY)
+            if record is not None:
+                record.token_failure = (
+                    exc.reason if isinstance(exc, InvalidToken) else "unavailable"
+                )
+            raise
         scope[SCOPE_KEY] = principal
         await self.app(scope, receive, send)
 
     def _token(self, scope: Scope) -> str | None:
+        # A token in the query never goes further, whether it is the one used or not.
+        query_token = _pop_query_token(scope)
         value = header(scope, b"authorization")
         if value is not None:
             scheme, _, credentials = value.decode("latin-1").partition(" ")
@@ -438,12 +527,11 @@ class AuthMiddleware:
                     "the Authorization header is not a bearer token",
                     realm=self.validator.realm,
                     error="invalid_request",
+                    reason="malformed",
                 )
             return credentials.strip()
-        if self.allow_query_token:
-            token = _pop_query_token(scope)
-            if token:
-                return token
+        if self.allow_query_token and query_token:
+            return query_token
         if self.allow_cookie_token:
             return _cookie(scope, self.cookie_name)
         return None

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ._access import ACTIONS, Action
@@ -19,6 +22,8 @@ from ._auth import dev_token
 from ._config import Settings
 from ._errors import ConfigError, ProxyError
 from ._identifiers import UidFormatter
+from ._observability import configure_logging
+from ._probes import ProbeResult
 from ._store import SqliteStore, StoreError, SyncProgress, load_import, sync_store
 from ._upstream import Upstream
 from ._version import __version__
@@ -107,6 +112,8 @@ def _exam_id(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "check":
+        return _check(args.config)
     try:
         settings = Settings.from_toml(args.config)
         if args.command == "serve":
@@ -116,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "store":
             return _store(settings, args)
-        return _check(settings)
+        raise AssertionError(f"unknown command {args.command!r}")
     except (ConfigError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -141,14 +148,7 @@ def _claims(items: list[str]) -> dict[str, Any]:
 
 
 def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.logging.level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # httpx logs every upstream request at INFO, URL included: upstream UIDs have no place in
-    # the proxy's log, and the line costs throughput.
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.root.level))
+    configure_logging(settings)
 
 
 def _hypercorn_config(settings: Settings, bind: str | None, workers: int) -> object:
@@ -157,7 +157,9 @@ def _hypercorn_config(settings: Settings, bind: str | None, workers: int) -> obj
     config = Config()
     config.bind = [bind or settings.server.bind]
     config.workers = workers
-    config.errorlog = "-"
+    # Hypercorn's error log goes through the root handler, in [logging] format; its access
+    # log stays off: the proxy's own (shanoir_dicomweb_proxy.requests) replaces it.
+    config.errorlog = logging.getLogger("hypercorn.error")
     config.loglevel = settings.logging.level.upper()
     # Study retrieves can take minutes on a slow link; the upstream read timeout bounds them.
     config.keep_alive_timeout = 75
@@ -195,48 +197,100 @@ def _worker_app() -> DicomWebProxy:
     return create_app(settings)
 
 
-def _check(settings: Settings) -> int:
-    print(f"settings: {settings.source}: valid")
+def _check(path: str) -> int:
+    """``check``: the file, then the probes ``/readyz`` runs (the issuer's keys fetched now).
+
+    One line per check on stdout, then a summary; exit status 1 when any check fails. A
+    problem is reported, never raised: no traceback.
+    """
     try:
-        app = create_app(settings)
-    except ConfigError as exc:
-        print(f"settings: {exc}")
+        failed = _check_all(path)
+    except KeyboardInterrupt:
+        print("check: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        _check_line(False, "check", f"stopped by an unexpected error: {type(exc).__name__}: {exc}")
+        failed = 1
+    if failed:
+        print(f"{failed} check{'s' if failed > 1 else ''} failed")
         return 1
-    return asyncio.run(_probe(app))
+    print("all checks passed")
+    return 0
 
 
-async def _probe(app: DicomWebProxy) -> int:
-    """Ask the upstream and the issuer what requests will ask them; report each."""
-    ok = True
-    status = await _probe_upstream(app.settings)
-    print(f"upstream: {app.settings.upstream.url}: {status}")
-    ok = status.startswith("QIDO answered 20")
-    if app.validator is not None:
-        keys = app.validator.keys
-        try:
-            await keys.keys(None)
-            print(f"issuer: {keys.issuer or keys.jwks_url or keys.jwks_file}: {keys.known} keys")
-        except ProxyError as exc:
-            print(f"issuer: {keys.issuer or keys.jwks_url}: {exc.detail}")
-            ok = False
-        finally:
-            await app.validator.aclose()
-    print("ok" if ok else "problems found")
-    return 0 if ok else 1
-
-
-async def _probe_upstream(settings: Settings) -> str:
-    """One QIDO with limit=1, through the same client (and credentials) the proxy uses."""
-    upstream = Upstream(settings.upstream)
+def _check_all(path: str) -> int:
+    """Print each check's line; return how many failed."""
     try:
-        headers = [(b"accept", b"application/dicom+json")]
-        response = await upstream.send("GET", "/studies?limit=1", headers=headers)
-        await response.aclose()
-    except ProxyError as exc:
-        return f"unreachable ({exc.detail})"
+        settings = Settings.from_toml(path)
+    except ConfigError as exc:
+        _check_line(False, "settings", str(exc))
+        return 1
+    missing = _missing_store(settings)
+    with tempfile.TemporaryDirectory() as scratch:
+        # A missing store is reported, not created: the app is built on a scratch one.
+        built = settings if missing is None else _store_in(settings, scratch)
+        try:
+            app = create_app(built)
+        except (ConfigError, StoreError) as exc:
+            _check_line(False, "settings", str(exc))
+            return 1
+        _check_line(True, "settings", f"{settings.source}: valid")
+        results = asyncio.run(_probe(app))
+    if missing is not None:
+        results = [r for r in results if r.name != "store"] + [missing]
+    for result in results:
+        _check_line(result.ok, result.name, _check_text(settings, result))
+    return sum(not result.ok for result in results)
+
+
+async def _probe(app: DicomWebProxy) -> list[ProbeResult]:
+    """The app's readiness probes, once and afresh; the app is closed after."""
+    try:
+        return await app.probes.run(fresh=True)
     finally:
-        await upstream.aclose()
-    return f"QIDO answered {response.status_code}"
+        await app.__aexit__(None, None, None)
+
+
+def _missing_store(settings: Settings) -> ProbeResult | None:
+    """The failed store check when the settings use an embedded store that does not exist."""
+    uses_store = "sqlite" in (settings.mapping.backend, settings.access.backend)
+    if not uses_store or Path(settings.store.path).exists():
+        return None
+    hint = "`store sync` creates it from the upstream (or `store import` from a file)"
+    return ProbeResult("store", False, f"no store there: {hint}")
+
+
+def _store_in(settings: Settings, directory: str) -> Settings:
+    store = dataclasses.replace(settings.store, path=os.path.join(directory, "check.sqlite3"))
+    return dataclasses.replace(settings, store=store)
+
+
+def _check_text(settings: Settings, result: ProbeResult) -> str:
+    """What a check's line says: what was checked, the result, what to fix when it is clear."""
+    auth = settings.auth
+    took = f" ({result.duration * 1000:.0f} ms)"
+    hint = ""
+    if result.name == "upstream":
+        if not result.ok and ("unreachable" in result.detail or "no answer" in result.detail):
+            hint = ": check [upstream] url, and that the PACS runs"
+        return f"{settings.upstream.url}: {result.detail}{took}{hint}"
+    if result.name == "issuer":
+        if auth.jwks_file:
+            where = auth.jwks_file
+        elif auth.issuer or auth.jwks_url:
+            where = auth.issuer or auth.jwks_url
+            if not result.ok:
+                hint = f": check [auth] {'issuer' if auth.issuer else 'jwks_url'}"
+        else:
+            where = auth.introspection.url if auth.introspection else ""
+        return f"{where}: {result.detail}{took}{hint}"
+    if result.name == "store" and "sqlite" in (settings.mapping.backend, settings.access.backend):
+        return f"{settings.store.path}: {result.detail}"
+    return result.detail
+
+
+def _check_line(ok: bool, name: str, text: str) -> None:
+    print(f"{'ok' if ok else 'FAIL':<4}  {name:<8}  {text}", flush=True)
 
 
 # --- store ------------------------------------------------------------------------------------

@@ -158,9 +158,15 @@ class ServerSettings(_Section):
 
     _section = "server"
 
+    #: `HOST:PORT` to listen on (`[::1]:8080` for IPv6); `serve --bind` overrides it.
     bind: str = "127.0.0.1:8080"
+    #: Where the DICOMweb service is served (`/dicomweb/studies`, …); `""` serves it at the root.
     base_path: str = "/dicomweb"
+    #: The URL under which clients reach the DICOMweb service, mount path and `base_path` included
+    #: (`https://pacs.example.org/dicomweb`): links in answers are built on it. `""` builds them
+    #: from the request ([links](behaviour.md#links)); set it behind a reverse proxy.
     public_url: str = ""
+    #: STOW-RS bodies larger than this (4 GiB by default) are answered 413 and nothing is stored.
     max_upload_bytes: int = 4294967296
     #: Where the liveness probe answers, at the server root outside ``base_path``; "" = off.
     healthz_path: str = "/healthz"
@@ -215,13 +221,26 @@ class UpstreamAuthSettings(_Section):
         "scope": "client_credentials",
     }
 
+    #: `"none"`: no credentials; `"basic"`: `username` and `password`; `"bearer"`: a fixed `token`;
+    #: `"client_credentials"`: the proxy gets its own token from `token_url` with `client_id` and
+    #: `client_secret` (OAuth 2.0 client credentials, the client authenticated with HTTP Basic),
+    #: shares it across requests, renews it 30 s before it expires and once more when the PACS
+    #: answers 401. A key of another type is an error.
     type: UpstreamAuthType = "none"
+    #: The user name, with `type = "basic"`.
     username: str = ""
+    #: The password, with `type = "basic"`.
     password: str = field(default="", repr=False, metadata=_SECRET)
+    #: The token sent as `Authorization: Bearer …`, with `type = "bearer"`; never renewed.
     token: str = field(default="", repr=False, metadata=_SECRET)
+    #: The token endpoint, with `type = "client_credentials"` (Keycloak:
+    #: `https://HOST/realms/REALM/protocol/openid-connect/token`).
     token_url: str = ""
+    #: The proxy's client at `token_url`, with `type = "client_credentials"`.
     client_id: str = ""
+    #: That client's secret, with `type = "client_credentials"`.
     client_secret: str = field(default="", repr=False, metadata=_SECRET)
+    #: The `scope` asked for with the token, with `type = "client_credentials"`; `""` asks for none.
     scope: str = ""
 
     def _validate(self) -> None:
@@ -246,16 +265,33 @@ class UpstreamSettings(_Section):
 
     _section = "upstream"
 
+    #: The PACS's DICOMweb root: `http://127.0.0.1:8042/dicom-web` (Orthanc),
+    #: `http://dcm4chee:8080/dcm4chee-arc/aets/DCM4CHEE/rs` (dcm4chee-arc-light); no credentials in
+    #: it (they go in `[upstream.auth]`).
     url: str
+    #: Seconds to open a connection to the PACS (then 502).
     connect_timeout: float = 5.0
+    #: Seconds the PACS may stay silent, before the first byte or between two (then 504, or an
+    #: aborted response once the answer has begun).
     read_timeout: float = 300.0
+    #: Seconds a write to the PACS may block (`transport = "httpx"` only; aiohttp has no such
+    #: timeout).
     write_timeout: float = 300.0
+    #: Seconds a request may wait for a free connection when `max_connections` are all busy.
     pool_timeout: float = 10.0
+    #: Connections to the PACS at most, per worker process.
     max_connections: int = 64
+    #: Idle connections kept for reuse, per worker process (`transport = "httpx"`; aiohttp keeps any
+    #: idle connection up to `max_connections`).
     max_keepalive_connections: int = 16
-    # Orthanc closes idle connections after 1 s: reusing one just as it closes fails the request.
+    #: Seconds an idle connection is kept for reuse. Orthanc closes idle connections after 1 s:
+    #: reusing one just as it closes fails the request, so stay below that.
     keepalive_expiry: float = 0.5
+    #: How bytes move to and from the PACS: `"aiohttp"` (reads up to 1 MiB at a time) or `"httpx"`
+    #: (httpx's own transport); on the project's machines aiohttp moved ~1.8× the bytes and ~2× the
+    #: small requests (`bench/`).
     transport: Transport = "aiohttp"
+    #: How the proxy authenticates to the PACS. Clients' `Authorization` headers never go upstream.
     auth: UpstreamAuthSettings = field(default_factory=UpstreamAuthSettings)
 
     def _validate(self) -> None:
@@ -277,9 +313,14 @@ class IntrospectionSettings(_Section):
 
     _section = "auth.introspection"
 
+    #: The RFC 7662 introspection endpoint (Keycloak:
+    #: `https://HOST/realms/REALM/protocol/openid-connect/token/introspect`).
     url: str
+    #: The proxy's own client at the issuer, authenticated with HTTP Basic.
     client_id: str
+    #: That client's secret.
     client_secret: str = field(repr=False, metadata=_SECRET)
+    #: Seconds an answer is reused, never past the token's `exp`.
     cache_ttl: int = 60
 
     def _validate(self) -> None:
@@ -295,23 +336,57 @@ class AuthSettings(_Section):
 
     _section = "auth"
 
+    #: `false` serves requests without a token, with a loud warning at each start: only for a host
+    #: application that authenticates requests itself, or trials on a trusted machine.
     enabled: bool = True
+    #: The issuer, exactly as in the tokens' `iss` (Keycloak: `https://HOST/realms/REALM`, or
+    #: `https://HOST/auth/realms/REALM` where it runs under `/auth`); its discovery document gives
+    #: the keys' URL. `""`: `iss` is not checked. While `enabled`, one of `issuer`, `jwks_url`,
+    #: `jwks_file` or `[auth.introspection]` is required.
     issuer: str = ""
+    #: A string or a list: a token must name one of them in `aud`. Empty: `aud` is not checked,
+    #: which is only safe when every token of the issuer is meant for this proxy.
     audience: tuple[str, ...] = ()
+    #: Also accept a token whose `azp` (the client it was issued to) is in `audience`: Keycloak puts
+    #: `account`, not the viewer's client, in `aud` unless an audience mapper adds one.
     audience_matches_azp: bool = False
+    #: The signature algorithms accepted: asymmetric only (RS, PS, ES 256/384/512, EdDSA); `none`
+    #: and HMAC are refused by the configuration.
     algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256")
+    #: Seconds of clock skew allowed on `exp`, `nbf` and `iat`.
     leeway: int = 30
+    #: The claim holding the platform's user ID, which grants name ([users](access.md#users)); a
+    #: dotted path reaches a nested claim. A token without it is named by its `sub`.
     user_claim: str = "userId"
+    #: The claim holding the roles, as a dotted path (Keycloak's realm roles: `realm_access.roles`).
     roles_claim: str = "realm_access.roles"
+    #: Also take the roles in `resource_access.CLIENT.roles` for each client in `audience`.
     client_roles: bool = False
+    #: Roles whose holders are not decided on (they may do everything); their requests are still
+    #: audited.
     admin_roles: tuple[str, ...] = ("ROLE_ADMIN",)
+    #: The URL of the issuer's keys, instead of the `jwks_uri` of its discovery document (for
+    #: instance an address inside the network).
     jwks_url: str = ""
+    #: A JWKS file of static keys: no network. With private keys in it, `dev-token` signs with them:
+    #: for demos and tests.
     jwks_file: str = field(default="", metadata=_PATH)
+    #: Seconds between two routine fetches of the issuer's keys.
     jwks_refresh: float = 600.0
+    #: At most one extra fetch of the keys per this many seconds for tokens that name an unknown key
+    #: (rotation), however many such tokens come.
     jwks_min_refetch: float = 10.0
+    #: Accept the token as an `access_token` query parameter (RFC 6750 §2.3) from requests without
+    #: an `Authorization` header; see the
+    #: [risks](authentication.md#tokens-outside-the-authorization-header).
     allow_query_token: bool = False
+    #: Accept the token from the cookie `cookie_name`; see the
+    #: [risks](authentication.md#tokens-outside-the-authorization-header).
     allow_cookie_token: bool = False
+    #: The cookie read with `allow_cookie_token`.
     cookie_name: str = "access_token"
+    #: Opaque (non-JWT) tokens, checked by RFC 7662 introspection. Without this table, a token that
+    #: is not a JWT is refused.
     introspection: IntrospectionSettings | None = None
 
     def _validate(self) -> None:
@@ -352,11 +427,19 @@ class CorsSettings(_Section):
 
     _section = "cors"
 
+    #: The browser origins that may call the proxy (`["https://viewer.example.org"]`), or `["*"]`.
+    #: Empty: no CORS headers at all, so a viewer on another origin cannot read the answers.
     allow_origins: tuple[str, ...] = ()
+    #: The methods cross-origin requests may use.
     allow_methods: tuple[str, ...] = ("GET", "HEAD", "POST", "OPTIONS")
+    #: The request headers cross-origin requests may send.
     allow_headers: tuple[str, ...] = ("Accept", "Authorization", "Content-Type")
+    #: The answer headers browser scripts may read (`Warning` says a search has more results).
     expose_headers: tuple[str, ...] = ("Content-Location", "Content-Type", "Warning", "ETag")
+    #: Let browsers send cookies cross-origin: needed only with `[auth] allow_cookie_token`; never
+    #: with `"*"`.
     allow_credentials: bool = False
+    #: Seconds a browser may reuse a preflight answer.
     max_age: int = 600
 
     def _validate(self) -> None:
@@ -383,13 +466,30 @@ class MappingSettings(_Section):
 
     _section = "mapping"
 
+    #: `"sqlite"`: the embedded store (`[store] path`); `"static"`: `file`; `"http"`: the platform
+    #: at `url`; `"identity"`: every UID is its own public UID ([backends](backends.md)).
     backend: MappingBackend = "sqlite"
+    #: Public study UIDs are `study_root.EXAM_ID` (the bare ID when empty): digits and dots, at most
+    #: 43 characters, so that root + "." + a 20-digit ID fits in 64.
     study_root: str = ""
+    #: Public series UIDs are `series_root.ACQUISITION_ID`; must differ from `study_root` unless
+    #: `backend = "identity"`.
     series_root: str = ""
+    #: A series the mapping does not know, inside a study it knows (a viewer's new SEG, a series not
+    #: synced yet): `"expose"` shows it with its real UID, `"hide"` leaves it out
+    #: ([details](identifiers.md#on-the-way-out)).
     unmapped_series: Literal["expose", "hide"] = "expose"
+    #: The static file (TOML or JSON; [format](backends.md#the-static-file)); required with, and
+    #: only used with, `backend = "static"`.
     file: str = field(default="", metadata=_PATH)
+    #: The platform's base URL for the [http contract](backends.md#the-http-contract); required
+    #: with, and only used with, `backend = "http"`.
     url: str = ""
+    #: A static token sent to the platform as `Authorization: Bearer …`; only with `backend =
+    #: "http"`; printable ASCII, no spaces.
     token: str = field(default="", repr=False, metadata=_SECRET)
+    #: Seconds a mapping answer is reused (`0`: not cached); unknown UIDs and IDs are remembered 5 s
+    #: at most ([caching](backends.md#caching)).
     cache_ttl: float = 60
 
     def _validate(self) -> None:
@@ -411,15 +511,29 @@ class AccessSettings(_Section):
 
     _section = "access"
 
+    #: `"sqlite"`: grants in the embedded store (`[store] path`); `"static"`: `file`; `"http"`: the
+    #: platform at `url`; `"allow_all"`: every authenticated caller may do everything.
     backend: AccessBackend = "sqlite"
+    #: Seconds a decision is reused (`0`: not cached), never past the token's `exp`: a revoke takes
+    #: effect within this delay ([caching](access.md#caching-and-revocation-delay)).
     cache_ttl: float = 30
+    #: The status of a denial: `404`, like an examination that does not exist, or `403`.
     deny_status: Literal[403, 404] = 404
+    #: The action a Part 10 retrieve of a study, series or instance needs
+    #: ([actions](access.md#actions)).
     retrieve_action: Literal["read", "download"] = "read"
     #: Up to this many visible examinations a search is narrowed upstream with their study
-    #: UIDs (mind the PACS's URL length limit); above, the upstream's pages are filtered.
+    #: UIDs (mind the PACS's URL length limit); above, the upstream's pages are filtered
+    #: ([details](access.md#what-is-decided-on-every-route)).
     inject_max: int = 200
+    #: The static file of grants (TOML or JSON; [format](access.md#the-static-file)); required with,
+    #: and only used with, `backend = "static"`.
     file: str = field(default="", metadata=_PATH)
+    #: The platform's base URL for the [http contract](access.md#the-http-contract); required with,
+    #: and only used with, `backend = "http"`.
     url: str = ""
+    #: A static token sent to the platform as `Authorization: Bearer …`, never the user's; only with
+    #: `backend = "http"`; printable ASCII, no spaces.
     token: str = field(default="", repr=False, metadata=_SECRET)
 
     def _validate(self) -> None:
@@ -434,6 +548,9 @@ class StoreSettings(_Section):
 
     _section = "store"
 
+    #: The embedded SQLite store, which the `store` commands (`sync`, `list`, `import`, `grant`,
+    #: `revoke`) manage and `backend = "sqlite"` in `[mapping]` and `[access]` reads
+    #: ([the store](store.md)).
     path: str = field(default="dicomweb-proxy.sqlite3", metadata=_PATH)
 
     def _validate(self) -> None:
@@ -446,10 +563,15 @@ class LoggingSettings(_Section):
 
     _section = "logging"
 
+    #: The least severe messages logged.
     level: Literal["debug", "info", "warning", "error"] = "info"
+    #: How log lines are written: `"text"` for people, `"json"` (one JSON object per line) for log
+    #: collectors.
     format: Literal["text", "json"] = "text"
     #: One line per request (request id, subject, route kind, status, bytes, durations).
     access_log: bool = True
+    #: The audit log, one JSON line per decided request ([the audit log](access.md#the-audit-log));
+    #: `""` turns it off.
     audit_log: str = field(default="audit.jsonl", metadata=_PATH)
 
 
@@ -459,13 +581,23 @@ class Settings(_Section):
 
     _section = ""
 
+    #: Where the proxy listens, and how it names itself in links.
     server: ServerSettings = field(default_factory=ServerSettings)
+    #: The DICOMweb PACS behind the proxy, and the HTTP client that reaches it.
     upstream: UpstreamSettings
+    #: How clients' bearer tokens are checked ([authentication](authentication.md)).
     auth: AuthSettings = field(default_factory=AuthSettings)
+    #: For browser viewers served from another origin; off unless `allow_origins` is set.
     cors: CorsSettings = field(default_factory=CorsSettings)
+    #: How the platform's examination and acquisition IDs map to the PACS's study and series UIDs
+    #: ([backends](backends.md), [identifier translation](identifiers.md)).
     mapping: MappingSettings = field(default_factory=MappingSettings)
+    #: Who may do what on which examination ([access control](access.md)). Any backend but
+    #: `allow_all` needs a `[mapping] backend` other than `identity`.
     access: AccessSettings = field(default_factory=AccessSettings)
+    #: The embedded SQLite store ([the store](store.md)).
     store: StoreSettings = field(default_factory=StoreSettings)
+    #: Logs and the audit log ([operations](operations.md)).
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: str = field(default="<dict>", compare=False, repr=False, metadata={"file": False})
 

@@ -89,14 +89,27 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[byte
     return frozenset(tokens)
 
 
-def request_headers_for_upstream(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
-    """The client's headers that may go upstream, names lower-cased."""
+def request_headers_for_upstream(
+    headers: Sequence[tuple[bytes, bytes]], *, request_id: str | None = None
+) -> Headers:
+    """The client's headers that may go upstream, names lower-cased.
+
+    ``request_id`` (the proxy's id of the request) replaces the client's ``X-Request-ID``.
+    """
     dropped = _HOP_BY_HOP | _connection_tokens(headers)
-    return [
+    if request_id is not None:
+        dropped |= _REQUEST_ID
+    result = [
         (name.lower(), value)
         for name, value in headers
         if name.lower() in _TO_UPSTREAM and name.lower() not in dropped
     ]
+    if request_id is not None:
+        result.append((b"x-request-id", request_id.encode("ascii")))
+    return result
+
+
+_REQUEST_ID = frozenset({b"x-request-id"})
 
 
 def response_headers_for_client(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
@@ -164,6 +177,24 @@ def split_accept(value: str) -> list[MediaType]:
             current.append(char)
     parts.append("".join(current))
     return [parse_media_type(part) for part in parts if part.strip()]
+
+
+_JSON_RANGES = frozenset({"application/dicom+json", "application/json", "application/*", "*/*"})
+
+
+def wants_dicom_xml(scope: Scope) -> bool:
+    """Whether the client's ``Accept`` asks for DICOM XML and accepts no DICOM JSON: how an
+    answer the proxy writes itself (a filtered search, a STOW answer) is then encoded."""
+    accept = header(scope, b"accept")
+    if not accept:
+        return False
+    ranges = split_accept(accept.decode("latin-1"))
+    xml = any(
+        m.type == "application/dicom+xml"
+        or (m.type == "multipart/related" and m.related_type == "application/dicom+xml")
+        for m in ranges
+    )
+    return xml and not any(m.type in _JSON_RANGES for m in ranges)
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:

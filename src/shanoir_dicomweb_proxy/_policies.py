@@ -322,6 +322,9 @@ class CachingAccessPolicy:
             maxsize=maxsize, ttu=self._expiry, timer=timer
         )
         self._flights: dict[Hashable, _Flight[Any]] = {}
+        #: Questions answered from the caches, and those that were not (metrics).
+        self.cache_hits = 0
+        self.cache_misses = 0
 
     def __repr__(self) -> str:
         return f"CachingAccessPolicy({self.inner!r}, ttl={self.ttl})"
@@ -342,7 +345,9 @@ class CachingAccessPolicy:
         key = user_key(principal), action
         hit = self._visible.get(key)
         if hit is not None:
+            self.cache_hits += 1
             return hit[1]
+        self.cache_misses += 1
 
         async def ask() -> Visible:
             answer = await self.inner.visible(principal, action)
@@ -361,6 +366,7 @@ class CachingAccessPolicy:
         user = user_key(principal)
         visible = self._visible.get((user, action))
         if visible is not None:
+            self.cache_hits += 1
             return _within(visible[1], exam_ids)
         found: set[int] = set()
         missing: list[int] = []
@@ -371,7 +377,9 @@ class CachingAccessPolicy:
             elif hit[1]:
                 found.add(exam_id)
         if not missing:
+            self.cache_hits += 1
             return frozenset(found)
+        self.cache_misses += 1
 
         async def ask() -> frozenset[int]:
             answer = await self.inner.allowed(principal, action, missing)

@@ -35,7 +35,7 @@ from ._errors import (
     ProxyError,
     UnsupportedMediaType,
 )
-from ._headers import header, parse_media_type, split_accept
+from ._headers import header, parse_media_type, wants_dicom_xml
 from ._multipart import MultipartRewriter, PartHeaders
 from ._part10 import Part10Rewriter
 from ._routing import DicomWebRequest, Level, Resource, Service, get_dicomweb_request
@@ -479,7 +479,7 @@ async def _answer(
                 for i in stored
             ],
         }
-    if _wants_xml(scope):
+    if wants_dicom_xml(scope):
         body, media = _to_xml(dataset), b"application/dicom+xml"
     else:
         body, media = orjson.dumps(dataset), b"application/dicom+json"
@@ -494,18 +494,6 @@ def _ui(uid: str) -> dict[str, Any]:
 
 def _url(url: str) -> dict[str, Any]:
     return {"vr": "UR", "Value": [url]}
-
-
-def _wants_xml(scope: Scope) -> bool:
-    accept = header(scope, b"accept")
-    if not accept:
-        return False
-    types = [m.type for m in split_accept(accept.decode("latin-1"))]
-    return (
-        bool(types)
-        and "application/dicom+json" not in types
-        and any("dicom+xml" in t for t in types)
-    )
 
 
 _NATIVE = "http://dicom.nema.org/PS3.19/models/NativeDICOM"

@@ -20,7 +20,12 @@ from cachetools import TTLCache
 from ._bodies import JsonRewriter, Resolve, translate_xml
 from ._edge import send_json
 from ._errors import NotFound, UpstreamError
-from ._headers import LINK_HEADERS, header, parse_media_type, public_base_url, split_accept
+from ._headers import (
+    LINK_HEADERS,
+    parse_media_type,
+    public_base_url,
+    wants_dicom_xml,
+)
 from ._identifiers import IdentifierMap, UidFormatter
 from ._multipart import (
     BodyRewriter,
@@ -239,6 +244,9 @@ class TranslationMiddleware:
         self._members: TTLCache[tuple[str, str, str | None], bool] = TTLCache(
             maxsize=100_000, ttl=membership_ttl
         )
+        #: Memberships found in the cache, and those asked of the upstream (metrics).
+        self.cache_hits = 0
+        self.cache_misses = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -277,7 +285,9 @@ class TranslationMiddleware:
         assert study is not None and series is not None
         key = (study, series, instance)
         if key in self._members:
+            self.cache_hits += 1
             return
+        self.cache_misses += 1
         wanted = {"0020000D": study, "0020000E": series}
         if instance is None:
             level, query = Level.SERIES, [("SeriesInstanceUID", series)]
@@ -350,9 +360,7 @@ async def search_json(
 
 async def empty_search(scope: Scope, send: Send) -> None:
     """The answer to a search that cannot match: 204 for XML, else 200 with ``[]``."""
-    accept = header(scope, b"accept") or b""
-    types = [m.type for m in split_accept(accept.decode("latin-1"))]
-    if types and types[0] == "application/dicom+xml":
+    if wants_dicom_xml(scope):
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
         return

@@ -34,6 +34,7 @@ from ._headers import (
     request_headers_for_upstream,
     response_headers_for_client,
 )
+from ._observability import RECORD_KEY, RequestRecord
 from ._routing import DicomWebRequest, get_dicomweb_request
 from ._transport import AiohttpTransport
 from ._types import Receive, Scope, Send
@@ -311,7 +312,9 @@ class UpstreamProxy:
         length: int | None,
         send: Send,
     ) -> None:
-        headers = request_headers_for_upstream(scope["headers"])
+        record: RequestRecord | None = scope.get(RECORD_KEY)
+        request_id = record.request_id if record is not None else None
+        headers = request_headers_for_upstream(scope["headers"], request_id=request_id)
         # Bytes are rewritten on the way back; a compressed body could not be.
         headers.append((b"accept-encoding", b"identity"))
         if length is not None:
@@ -323,12 +326,17 @@ class UpstreamProxy:
             target += "?" + query
         # Orthanc answers HEAD with 404: ask for GET and send only the head back.
         method = "GET" if request.method == "HEAD" else request.method
-        response = await self.upstream.send(method, target, headers=headers, content=content)
+        started = time.perf_counter() if record is not None else 0.0
         try:
-            await self._respond(request, response, send)
+            response = await self.upstream.send(method, target, headers=headers, content=content)
+            try:
+                await self._respond(request, response, send)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
         finally:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            if record is not None:
+                record.upstream_seconds += time.perf_counter() - started
 
     async def _respond(
         self, request: DicomWebRequest, response: httpx.Response, send: Send

@@ -23,6 +23,8 @@ class _Lookup(Generic[_K, _V]):
         self.found: TTLCache[_K, _V] = TTLCache(maxsize=maxsize, ttl=ttl)
         self.unknown: TTLCache[_K, bool] = TTLCache(maxsize=maxsize, ttl=negative_ttl)
         self.pending: dict[_K, anyio.Event] = {}
+        self.hits = 0
+        self.misses = 0
 
     def learn(self, key: _K, value: _V) -> None:
         self.found[key] = value  # found is asked before unknown: no need to clear it there
@@ -43,7 +45,8 @@ class _Lookup(Generic[_K, _V]):
         result: dict[_K, _V] = {}
         missing: list[_K] = []
         waiting: list[tuple[_K, anyio.Event]] = []
-        for key in set(keys):
+        unique = set(keys)
+        for key in unique:
             value = self.cached(key)
             if value is not _ABSENT:
                 result[key] = value
@@ -53,6 +56,9 @@ class _Lookup(Generic[_K, _V]):
                 waiting.append((key, self.pending[key]))
             else:
                 missing.append(key)
+        # Keys another lookup was already fetching count as hits: they cost no inner lookup.
+        self.hits += len(unique) - len(missing)
+        self.misses += len(missing)
         if missing:
             await self._fetch(missing, fetch, mirror, result)
         retry: list[_K] = []
@@ -65,6 +71,8 @@ class _Lookup(Generic[_K, _V]):
             elif key not in self.unknown:
                 retry.append(key)  # that lookup failed (or its answer already expired)
         if retry:
+            self.hits -= len(retry)
+            self.misses += len(retry)
             await self._fetch(retry, fetch, mirror, result)
         return result
 
@@ -128,6 +136,19 @@ class CachingIdentifierMap:
             f"CachingIdentifierMap({self.inner!r}, ttl={self.ttl}, maxsize={self.maxsize}, "
             f"negative_ttl={self.negative_ttl})"
         )
+
+    @property
+    def cache_hits(self) -> int:
+        """UIDs and IDs answered from the cache (known or known unknown), for metrics."""
+        return sum(lookup.hits for lookup in self._lookups())
+
+    @property
+    def cache_misses(self) -> int:
+        """UIDs and IDs the inner map was asked for, for metrics."""
+        return sum(lookup.misses for lookup in self._lookups())
+
+    def _lookups(self) -> tuple[_Lookup[Any, Any], ...]:
+        return self._study_ids, self._study_uids, self._series_by_uid, self._series_by_id
 
     def learn_series(self, entry: SeriesEntry) -> None:
         """Know ``entry`` at once (a series registered meanwhile), whatever was cached."""

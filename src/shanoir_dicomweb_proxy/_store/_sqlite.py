@@ -300,6 +300,11 @@ class SqliteStore:
 
     # --- reads -----------------------------------------------------------------------------
 
+    def has_examinations(self) -> bool:
+        """Whether any examination is registered: one cheap query (readiness probes)."""
+        with self._using() as conn:
+            return bool(conn.execute("SELECT EXISTS (SELECT 1 FROM examinations)").fetchone()[0])
+
     def entries(self) -> list[StudyEntry]:
         """Every examination with its acquisitions, by ID (one consistent snapshot)."""
         with self._read() as conn:

@@ -75,7 +75,8 @@ class ProxyServer(LoopbackProcess):
         return resident_memory(self.pid)
 
     def start(self, timeout: float = 20.0) -> None:
-        """Write the config, spawn the server and wait until ``/healthz`` answers."""
+        """Write the config, spawn the server and wait until it answers: on ``[server]
+        healthz_path``, else on ``readyz_path`` (ready or not), else on any path."""
         super().start(timeout)
 
     def _launch(self) -> subprocess.Popen[bytes]:
@@ -85,7 +86,16 @@ class ProxyServer(LoopbackProcess):
         return self._popen(command, env=self.env)
 
     def _ready(self) -> bool:
+        server = self.settings["server"]
+        healthz = server.get("healthz_path", "/healthz")
+        readyz = server.get("readyz_path", "/readyz")
         try:
-            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
+            if healthz:
+                return httpx.get(self.url + healthz, timeout=1).status_code == 200
+            if readyz:
+                response = httpx.get(self.url + readyz, timeout=5)
+                return response.status_code in (200, 503) and "checks" in response.json()
+            httpx.get(self.url + "/", timeout=1)  # the probes are off: any answer will do
+            return True
+        except (httpx.HTTPError, ValueError):
             return False

@@ -1,0 +1,266 @@
+"""The probes ``/readyz`` and ``check`` share: the upstream, the issuer, the store.
+
+Each probe returns a :class:`ProbeResult` and never raises: a failure is a result that says
+what failed, in words fit for an unauthenticated answer (no response body, no UID, no secret).
+:class:`Probes` runs them together for one app; its readiness answer is reused for a second, so
+that a flood of probes does not become a flood of upstream requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from ._auth import TokenValidator
+from ._errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
+from ._store import CachingIdentifierMap, SqliteIdentifierMap, SqliteStore, StoreError
+from ._upstream import Upstream
+
+if TYPE_CHECKING:
+    from ._app import DicomWebProxy
+
+__all__ = ["ProbeResult", "Probes", "probe_issuer", "probe_store", "probe_upstream"]
+
+logger = logging.getLogger("shanoir_dicomweb_proxy.probes")
+
+_QIDO = "/studies?limit=1"
+# A successful introspection probe is reused this long: it costs the identity provider a
+# request, unlike the key check, which answers from the keys already fetched.
+_INTROSPECTION_REUSE = 30.0
+# A probe token no identity provider has issued: the endpoint answers {"active": false}.
+_PROBE_TOKEN = "shanoir-dicomweb-proxy-readiness-probe"
+# Key fetches that outlive a probe's timeout: kept referenced until they end.
+_background: set[asyncio.Task[None]] = set()
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """One check: its ``name``, whether it passed, a short ``detail``, its ``duration`` (s)."""
+
+    name: str
+    ok: bool
+    detail: str
+    duration: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "detail": self.detail, "duration_ms": round(self.duration * 1000)}
+
+
+async def probe_upstream(upstream: Upstream, *, within: float) -> ProbeResult:
+    """One QIDO ``GET /studies?limit=1`` through ``upstream`` (its credentials), given
+    ``within`` seconds; passes on 200 or 204. The body is never read."""
+    started = time.monotonic()
+
+    def result(ok: bool, detail: str) -> ProbeResult:
+        return ProbeResult("upstream", ok, detail, time.monotonic() - started)
+
+    try:
+        async with asyncio.timeout(within):
+            response = await upstream.send(
+                "GET", _QIDO, headers=[(b"accept", b"application/dicom+json")]
+            )
+    except TimeoutError:
+        return result(False, f"no answer within {within:g} s")
+    except ProxyError as exc:
+        return result(False, _upstream_failure(exc, upstream))
+    await response.aclose()
+    status = response.status_code
+    if status in (200, 204):
+        return result(True, f"QIDO answered {status}")
+    if status in (401, 403):
+        return result(False, f"QIDO answered {status}: check [upstream.auth]")
+    if status == 404:
+        return result(False, "QIDO answered 404: check [upstream] url (the DICOMweb root)")
+    return result(False, f"QIDO answered {status}")
+
+
+def _upstream_failure(exc: ProxyError, upstream: Upstream) -> str:
+    if isinstance(exc, UpstreamUnavailable):
+        return "unreachable"
+    if isinstance(exc, UpstreamTimeout):
+        return "no answer in time"
+    if upstream.settings.auth.type == "client_credentials" and "token" in exc.detail:
+        return f"{exc.detail}: check [upstream.auth]"
+    return exc.detail
+
+
+async def probe_issuer(
+    validator: TokenValidator, *, within: float, fresh: bool = False
+) -> ProbeResult:
+    """Whether tokens can be checked: the issuer's keys are known (discovery and JWKS, or
+    ``jwks_file``), or, with introspection only, its endpoint answers.
+
+    The keys are fetched only when none are known or they are due for a refresh (at most every
+    ``jwks_min_refetch`` seconds), or when ``fresh`` (a one-shot check, which gives up on the
+    fetch after ``within`` seconds; a server lets it finish in the background). Known keys
+    that could not be refreshed still pass: tokens signed with them are still checked.
+    """
+    started = time.monotonic()
+    keys = validator.keys
+
+    def result(ok: bool, detail: str) -> ProbeResult:
+        return ProbeResult("issuer", ok, detail, time.monotonic() - started)
+
+    if keys.jwks_file:
+        return result(keys.known > 0, f"{keys.known} keys from [auth] jwks_file")
+    if not (keys.issuer or keys.jwks_url):
+        return await _probe_introspection(validator, within=within, started=started)
+    if fresh or keys.known == 0 or keys.stale:
+        # Shielded in a server: a fetch that outlives the probe still delivers its keys.
+        fetch: Awaitable[None] = keys.refresh()
+        if not fresh:
+            task = asyncio.ensure_future(fetch)
+            _background.add(task)
+            task.add_done_callback(_forget)
+            fetch = asyncio.shield(task)
+        try:
+            async with asyncio.timeout(within):
+                await fetch
+        except TimeoutError:
+            if keys.known == 0:
+                return result(False, f"no keys: no answer within {within:g} s")
+    if keys.known == 0:
+        return result(False, f"no keys: {keys.last_error or 'cannot be reached'}")
+    detail = f"{keys.known} keys, fetched {keys.age:.0f} s ago"
+    if keys.last_error:
+        detail += f"; the last refresh failed: {keys.last_error}"
+    return result(True, detail)
+
+
+def _forget(task: asyncio.Task[None]) -> None:
+    _background.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("fetching the issuer's keys failed: %r", task.exception())
+
+
+async def _probe_introspection(
+    validator: TokenValidator, *, within: float, started: float
+) -> ProbeResult:
+    settings = validator.settings.introspection
+    assert settings is not None  # the settings require a way to check tokens
+
+    def result(ok: bool, detail: str) -> ProbeResult:
+        return ProbeResult("issuer", ok, detail, time.monotonic() - started)
+
+    try:
+        async with asyncio.timeout(within):
+            response = await validator.keys.client.post(
+                settings.url,
+                data={"token": _PROBE_TOKEN, "token_type_hint": "access_token"},
+                auth=(settings.client_id, settings.client_secret),
+                headers={"accept": "application/json"},
+            )
+    except TimeoutError:
+        return result(False, f"introspection: no answer within {within:g} s")
+    except httpx.HTTPError:
+        return result(False, "introspection: cannot be reached")
+    status = response.status_code
+    if status == 200:
+        return result(True, "introspection answered 200")
+    if status in (400, 401, 403):
+        hint = "check [auth.introspection] client_id and client_secret"
+        return result(False, f"introspection answered {status}: {hint}")
+    return result(False, f"introspection answered {status}")
+
+
+async def probe_store(store: SqliteStore, *, within: float) -> ProbeResult:
+    """One trivial query on the embedded store, in a worker thread, given ``within`` seconds."""
+    started = time.monotonic()
+
+    def result(ok: bool, detail: str) -> ProbeResult:
+        return ProbeResult("store", ok, detail, time.monotonic() - started)
+
+    try:
+        async with asyncio.timeout(within):
+            filled = await asyncio.to_thread(store.has_examinations)
+    except TimeoutError:
+        return result(False, f"no answer within {within:g} s")
+    except StoreError as exc:
+        return result(False, str(exc).removeprefix(f"{store.path}: "))
+    if not filled:
+        return result(True, "answers; empty: `store sync` or `store import` fills it")
+    return result(True, "answers")
+
+
+class Probes:
+    """The probes of one :class:`~shanoir_dicomweb_proxy.DicomWebProxy`: its upstream, its
+    validator (when auth is on), the embedded store it opened; each bounded by
+    ``[server] ready_timeout``.
+    """
+
+    def __init__(self, app: DicomWebProxy, *, reuse: float = 1.0) -> None:
+        self.upstream = app.upstream
+        self.validator = app.validator
+        self.timeout = app.settings.server.ready_timeout
+        self.reuse = reuse
+        self.store = _store(app)
+        backends = (app.settings.mapping.backend, app.settings.access.backend)
+        self.http_backends = self.store is None and "http" in backends
+        self._last: tuple[float, list[ProbeResult]] | None = None
+        self._introspection: tuple[float, ProbeResult] | None = None
+        self._lock = asyncio.Lock()
+
+    async def run(self, *, fresh: bool = False) -> list[ProbeResult]:
+        """Every probe, now, concurrently; ``fresh`` fetches the issuer's keys again."""
+        checks: list[tuple[str, Callable[[], Awaitable[ProbeResult]]]] = [
+            ("upstream", functools.partial(probe_upstream, self.upstream, within=self.timeout))
+        ]
+        if self.validator is not None:
+            checks.append(("issuer", functools.partial(self._issuer, self.validator, fresh=fresh)))
+        if self.store is not None:
+            checks.append(
+                ("store", functools.partial(probe_store, self.store, within=self.timeout))
+            )
+        results = list(await asyncio.gather(*(_guarded(name, probe) for name, probe in checks)))
+        if self.http_backends:
+            results.append(ProbeResult("store", True, "not checked: the backends are http"))
+        return results
+
+    async def readiness(self) -> list[ProbeResult]:
+        """:meth:`run`, its answer reused for ``reuse`` seconds; concurrent callers share a run."""
+        async with self._lock:
+            if self._last is not None and time.monotonic() - self._last[0] < self.reuse:
+                return self._last[1]
+            results = await self.run()
+            self._last = (time.monotonic(), results)
+            return results
+
+    async def _issuer(self, validator: TokenValidator, *, fresh: bool) -> ProbeResult:
+        keys = validator.keys
+        if keys.jwks_file or keys.issuer or keys.jwks_url:
+            return await probe_issuer(validator, within=self.timeout, fresh=fresh)
+        cached = self._introspection
+        if not fresh and cached is not None and time.monotonic() - cached[0] < _INTROSPECTION_REUSE:
+            return cached[1]
+        result = await probe_issuer(validator, within=self.timeout)
+        self._introspection = (time.monotonic(), result) if result.ok else None
+        return result
+
+
+async def _guarded(name: str, probe: Callable[[], Awaitable[ProbeResult]]) -> ProbeResult:
+    """``probe()``, with an unexpected error turned into a failed result."""
+    started = time.monotonic()
+    try:
+        return await probe()
+    except Exception as exc:
+        logger.exception("the %s probe failed", name)
+        return ProbeResult(name, False, f"error: {type(exc).__name__}", time.monotonic() - started)
+
+
+def _store(app: DicomWebProxy) -> SqliteStore | None:
+    """The embedded store the app reads: the one it opened, else the one its map reads."""
+    if app._store is not None:
+        return app._store
+    identifiers = app.identifiers
+    if isinstance(identifiers, CachingIdentifierMap):
+        inner = identifiers.inner
+        if isinstance(inner, SqliteIdentifierMap):
+            return inner.store
+    return None
