@@ -190,6 +190,9 @@ class Demo:
         print("\nRetrieve alice's series with dicomweb-client: every UID it shows is public")
         print(f"  {self.python}\n")
         print(f"Without a token: curl -si {self.base}/studies  (401)")
+        print(
+            f"Operations, no token needed: curl -s {self.root}/readyz ; curl -s {self.root}/metrics"
+        )
 
     def check(self, instances: int) -> None:
         """Run the printed examples, so that a broken demo says so at once."""
@@ -208,6 +211,9 @@ class Demo:
             raise SystemExit(f"alice asking for bob's examination got {status}, not 404")
         if httpx.get(f"{self.base}/studies").status_code != 401:
             raise SystemExit("a request without a token was not refused")
+        ready = httpx.get(f"{self.root}/readyz")
+        if ready.status_code != 200:
+            raise SystemExit(f"the proxy is not ready: {ready.text}")
         study, series = self.alice[0]
         client = DICOMwebClient(self.base, headers={"Authorization": f"Bearer {env['ALICE']}"})
         datasets = client.retrieve_series(study, series)
@@ -219,8 +225,9 @@ class Demo:
                 f"retrieve_series showed other UIDs than the public ones: {shown_uids}"
             )
         print(
-            f"(checked: no token gets 401; alice's search shows her {len(self.alice)} study and "
-            f"bob's his {len(self.bob)}; bob's examination is a 404 for alice; the series "
+            f"(checked: ready; no token gets 401; alice's search shows her "
+            f"{len(self.alice)} study and bob's his {len(self.bob)}; bob's examination is a 404 "
+            "for alice; the series "
             f"retrieves {instances} instances with public UIDs only)"
         )
 

@@ -16,9 +16,11 @@ def test_demo_runs_its_examples(tmp_path: Path) -> None:
     command += ["--port", str(free_port()), "--dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=400, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "checked: no token gets 401; alice's search shows her 1 study and bob's his 3" in (
-        result.stdout
+    assert (
+        "checked: ready; no token gets 401; alice's search shows her 1 study and bob's his 3"
+        in (result.stdout)
     )
+    assert "/readyz ; curl -s http://127.0.0.1:" in result.stdout
     for user in ("ALICE", "BOB"):
         assert f"export {user}=$(" in result.stdout
         assert f'curl -s -H "Authorization: Bearer ${user}" \'http://127.0.0.1:' in result.stdout
