@@ -42,7 +42,7 @@ from ._routing import DicomWebRequest, Level, Resource, Service, get_dicomweb_re
 from ._translate import DatasetView, Translation, UidCollector
 from ._translating import IdentifierTranslator, json_value, run_search
 from ._types import ASGIApp, Message, Receive, Scope, Send
-from ._upstream import _SPOOL_IN_MEMORY, _SPOOL_WRITE
+from ._upstream import _SPOOL_IN_MEMORY, _SPOOL_WRITE, spool_body
 
 __all__ = [
     "CANNOT_UNDERSTAND",
@@ -158,7 +158,6 @@ class StowMiddleware:
             stored: set[str] = set()
             failed: dict[str, int] = {}
             if admitted:
-                await anyio.to_thread.run_sync(spool.seek, 0)
                 stored, failed = await self._store(scope, receive, request, boundary, spool, size)
         await self._settle(scope, receive, admitted, stored, failed)
         audit = scope.get(_AUDIT_KEY)
@@ -172,29 +171,8 @@ class StowMiddleware:
     ) -> int | None:
         """Parse the upload into ``spool``: its size, or None if the client left."""
         parts = MultipartRewriter(boundary, lambda headers: self._part(headers, upload))
-        limit = self.max_upload_bytes
-        received = 0
-        size = 0
-        pending = bytearray()
         try:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return None
-                chunk: bytes = message.get("body", b"")
-                received += len(chunk)
-                if limit is not None and received > limit:
-                    raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
-                more = message.get("more_body", False)
-                pending += await parts.feed(chunk)
-                if not more:
-                    pending += await parts.close()
-                if len(pending) >= _SPOOL_WRITE or not more:
-                    size += len(pending)
-                    await anyio.to_thread.run_sync(spool.write, bytes(pending))
-                    pending.clear()
-                if not more:
-                    return size
+            return await spool_body(receive, spool, self.max_upload_bytes, parts)
         except MalformedBody as exc:
             raise exc.from_client() from exc
 

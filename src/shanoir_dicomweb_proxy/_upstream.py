@@ -34,6 +34,7 @@ from ._headers import (
     request_headers_for_upstream,
     response_headers_for_client,
 )
+from ._multipart import BodyRewriter
 from ._observability import RECORD_KEY, RequestRecord
 from ._routing import DicomWebRequest, get_dicomweb_request
 from ._transport import AiohttpTransport
@@ -271,7 +272,7 @@ class UpstreamProxy:
         # chunked body that ends early, which would half-store a batch that the client was
         # told failed. With a Content-Length a truncated body is refused whole.
         with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as spool:
-            length = await _spool_body(receive, spool, limit)
+            length = await spool_body(receive, spool, limit)
             if length is not None:
                 await self._forward_watching(
                     scope, request, receive, send, length=length, spool=spool
@@ -449,8 +450,13 @@ async def _pump_body(
     await _watch_disconnect(receive, cancel_scope)
 
 
-async def _spool_body(receive: Receive, spool: IO[bytes], limit: int | None) -> int | None:
-    """Write the whole request body to ``spool``; its size, or None if the client left."""
+async def spool_body(
+    receive: Receive, spool: IO[bytes], limit: int | None, rewriter: BodyRewriter | None = None
+) -> int | None:
+    """Write the whole request body to ``spool`` (through ``rewriter`` when given) and rewind
+    it: the size written, or None if the client left. More than ``limit`` bytes received is
+    :class:`PayloadTooLarge`."""
+    received = 0
     size = 0
     pending = bytearray()
     while True:
@@ -458,12 +464,15 @@ async def _spool_body(receive: Receive, spool: IO[bytes], limit: int | None) -> 
         if message["type"] == "http.disconnect":
             return None
         chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if limit is not None and size > limit:
+        received += len(chunk)
+        if limit is not None and received > limit:
             raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
-        pending += chunk
         more = message.get("more_body", False)
+        pending += chunk if rewriter is None else await rewriter.feed(chunk)
+        if rewriter is not None and not more:
+            pending += await rewriter.close()
         if len(pending) >= _SPOOL_WRITE or not more:
+            size += len(pending)
             await anyio.to_thread.run_sync(spool.write, bytes(pending))
             pending.clear()
         if not more:
