@@ -57,11 +57,9 @@ from _servers import MAPPING, versions  # noqa: E402
 from run import ORTHANC_MALLOC, _environ, _orthanc_version, _terminate_as_interrupt  # noqa: E402
 from shanoir_dicomweb_proxy import Settings, Upstream, UpstreamSettings  # noqa: E402
 from shanoir_dicomweb_proxy._access import INJECT_MAX  # noqa: E402
-from shanoir_dicomweb_proxy._auth import Principal, dev_token  # noqa: E402
-from shanoir_dicomweb_proxy._policies import (  # noqa: E402
-    CachingAccessPolicy,
-    SqliteAccessPolicy,
-)
+from shanoir_dicomweb_proxy._auth import dev_token  # noqa: E402
+from shanoir_dicomweb_proxy._backends import CachingAccessPolicy, SqliteAccessPolicy  # noqa: E402
+from shanoir_dicomweb_proxy._scope import Principal  # noqa: E402
 from shanoir_dicomweb_proxy._store import SqliteStore, sync_store  # noqa: E402
 from shanoir_dicomweb_proxy._store._sqlite import ImportGrant  # noqa: E402
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer  # noqa: E402

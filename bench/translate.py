@@ -23,8 +23,7 @@ from typing import Any
 
 import orjson
 
-from shanoir_dicomweb_proxy._bodies import JsonRewriter
-from shanoir_dicomweb_proxy._translate import Translation, UidCollector
+from shanoir_dicomweb_proxy._dicom import JsonRewriter, Translation, UidCollector
 
 CHUNK = 64 * 1024
 STUDY = "1.2.826.0.1.3680043.8.498.10835007674326226074257568518603517927"

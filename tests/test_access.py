@@ -14,9 +14,9 @@ import pytest
 
 from shanoir_dicomweb_proxy import DicomWebProxy, Principal, Settings, Upstream
 from shanoir_dicomweb_proxy._access import ALL, FILTER_PAGE, INJECT_MAX, Action, Visible
-from shanoir_dicomweb_proxy._auth import SCOPE_KEY
 from shanoir_dicomweb_proxy._backends import StaticIdentifierMap
 from shanoir_dicomweb_proxy._errors import ProxyError
+from shanoir_dicomweb_proxy._scope import set_principal
 from shanoir_dicomweb_proxy._store import ImportRow
 
 from .asgi import CORE, Answer, call
@@ -104,7 +104,7 @@ class _As:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if self.principal is not None:
-            scope[SCOPE_KEY] = self.principal
+            set_principal(scope, self.principal)
         await self.app(scope, receive, send)
 
 

@@ -32,10 +32,10 @@ from hypothesis import strategies as st
 from joserfc.jwk import RSAKey
 
 from shanoir_dicomweb_proxy import DicomWebProxy, Settings
-from shanoir_dicomweb_proxy._access import AccessPolicy, Action, Visible, grant_covers
-from shanoir_dicomweb_proxy._auth import Principal, dev_token
+from shanoir_dicomweb_proxy._access import AccessPolicy, Action, Visible, grant_covers, user_key
+from shanoir_dicomweb_proxy._auth import dev_token
 from shanoir_dicomweb_proxy._identifiers import UidFormatter
-from shanoir_dicomweb_proxy._policies import user_key
+from shanoir_dicomweb_proxy._scope import Principal
 from shanoir_dicomweb_proxy._store import SqliteStore
 from shanoir_dicomweb_proxy.testing import OrthancServer
 

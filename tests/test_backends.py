@@ -15,20 +15,17 @@ import httpx
 import pytest
 
 from shanoir_dicomweb_proxy._backends import (
+    CachingIdentifierMap,
     HttpIdentifierMap,
     ManagedIdentifierMap,
+    SqliteIdentifierMap,
     StaticIdentifierMap,
     build_identifier_map,
 )
 from shanoir_dicomweb_proxy._config import MappingSettings, Settings
 from shanoir_dicomweb_proxy._errors import ConfigError, MappingUnavailable, ProxyError
 from shanoir_dicomweb_proxy._identifiers import SeriesEntry
-from shanoir_dicomweb_proxy._store import (
-    CachingIdentifierMap,
-    SqliteIdentifierMap,
-    SqliteStore,
-    StoreError,
-)
+from shanoir_dicomweb_proxy._store import SqliteStore, StoreError
 from shanoir_dicomweb_proxy.testing import free_port
 
 from .loopback_http import FakePlatform, LoopbackServer, serving

@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shanoir_dicomweb_proxy import UpstreamError
-from shanoir_dicomweb_proxy._bodies import JsonRewriter, translate_xml
-from shanoir_dicomweb_proxy._translate import Translation, UidCollector
+from shanoir_dicomweb_proxy._dicom import JsonRewriter, Translation, UidCollector, translate_xml
 
 REAL_STUDY, REAL_SERIES, OTHER_STUDY = "1.2.3.4", "1.2.3.4.5", "9.8.7"
 UPSTREAM, PUBLIC = "http://pacs:8042/dicom-web", "https://gw.example.org/dicomweb"

@@ -27,7 +27,7 @@ from shanoir_dicomweb_proxy._auth import dev_token
 from shanoir_dicomweb_proxy._observability import (
     JsonFormatter,
     ObservabilityMiddleware,
-    RequestRecord,
+    ObservedRequest,
     configure_logging,
 )
 from shanoir_dicomweb_proxy._store import SqliteStore
@@ -141,11 +141,11 @@ async def test_token_failure_reasons(
     assert requests == 1
 
 
-def _access_record(**fields: Any) -> RequestRecord:
+def _access_record(**fields: Any) -> ObservedRequest:
     async def nothing(*args: Any) -> Any:
         raise AssertionError("unused")
 
-    record = RequestRecord(b"req-1", "GET", nothing, nothing)
+    record = ObservedRequest(b"req-1", "GET", nothing, nothing)
     for name, value in fields.items():
         setattr(record, name, value)
     return record

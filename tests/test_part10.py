@@ -19,8 +19,7 @@ from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
 from shanoir_dicomweb_proxy import UpstreamError
-from shanoir_dicomweb_proxy._part10 import Part10Rewriter
-from shanoir_dicomweb_proxy._translate import Translation, UidCollector
+from shanoir_dicomweb_proxy._dicom import Part10Rewriter, Translation, UidCollector
 
 # -- a small Part 10 encoder -------------------------------------------------------------------
 

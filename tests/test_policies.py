@@ -17,20 +17,19 @@ import anyio
 import httpx
 import pytest
 
-from shanoir_dicomweb_proxy._access import ALL, AccessPolicy, Action, AllowAll, Visible
-from shanoir_dicomweb_proxy._auth import Principal
-from shanoir_dicomweb_proxy._cli import main
-from shanoir_dicomweb_proxy._config import AccessSettings, Settings
-from shanoir_dicomweb_proxy._errors import AccessUnavailable, ConfigError, ProxyError
-from shanoir_dicomweb_proxy._policies import (
+from shanoir_dicomweb_proxy import Principal
+from shanoir_dicomweb_proxy._access import ALL, AccessPolicy, Action, AllowAll, Visible, user_key
+from shanoir_dicomweb_proxy._backends import (
     CachingAccessPolicy,
     HttpAccessPolicy,
     ManagedAccessPolicy,
     SqliteAccessPolicy,
     StaticAccessPolicy,
     build_access_policy,
-    user_key,
 )
+from shanoir_dicomweb_proxy._cli import main
+from shanoir_dicomweb_proxy._config import AccessSettings, Settings
+from shanoir_dicomweb_proxy._errors import AccessUnavailable, ConfigError, ProxyError
 from shanoir_dicomweb_proxy._store import (
     Grant,
     ImportGrant,

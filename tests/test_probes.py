@@ -271,8 +271,8 @@ async def test_the_store_is_probed(tmp_path: Path, fault: FaultServer) -> None:
         assert body["checks"]["store"]["detail"] == (
             "answers; empty: `store sync` or `store import` fills it"
         )
-        assert app._store is not None
-        app._store.close()
+        assert app.backends is not None and app.backends.store is not None
+        app.backends.store.close()
         await asyncio.sleep(1.1)
         status, body = await _readyz(app)
     assert status == 503

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shanoir_dicomweb_proxy import UpstreamError
-from shanoir_dicomweb_proxy._multipart import BufferedPart, MultipartRewriter
+from shanoir_dicomweb_proxy._dicom import BufferedPart, MultipartRewriter
 from shanoir_dicomweb_proxy._rewrite import LinkRewriter
 
 OLD = b"http://pacs:8042/dicom-web/"

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shanoir_dicomweb_proxy import BadRequest, MethodNotAllowed, NotFound
-from shanoir_dicomweb_proxy._routing import Level, Resource, Service, parse_route
+from shanoir_dicomweb_proxy import BadRequest, Level, MethodNotAllowed, NotFound, Resource, Service
+from shanoir_dicomweb_proxy._routing import parse_route
 
 from .asgi import build, call
 

@@ -21,12 +21,11 @@ import httpx
 import pytest
 
 from shanoir_dicomweb_proxy import Settings, Upstream
+from shanoir_dicomweb_proxy._backends import CachingIdentifierMap, SqliteIdentifierMap
 from shanoir_dicomweb_proxy._identifiers import IdentifierMap, SeriesEntry
 from shanoir_dicomweb_proxy._store import (
     SCHEMA_VERSION,
-    CachingIdentifierMap,
     ImportRow,
-    SqliteIdentifierMap,
     SqliteStore,
     StoreConflict,
     StoreError,

@@ -1,19 +1,25 @@
 """shanoir-dicomweb-proxy: an authorizing, identifier-translating, streaming DICOMweb gateway.
 
-``create_app(Settings.from_toml(path))`` returns the whole ASGI stack. The middlewares are
-exported too, so that a host application can compose its own stack.
+``create_app(Settings.from_toml(path))`` returns the whole ASGI stack. The middlewares, the
+protocols of the backends, the built-in backends and their caches are exported too, so that a
+host application can compose its own stack (``docs/architecture.md``). Nothing else is public:
+the ``_modules`` may change in any release.
 """
 
 from ._access import ALL, AccessMiddleware, AccessPolicy, Action, AllowAll, AuditLog, Visible
 from ._app import DicomWebProxy, create_app
-from ._auth import (
-    AuthMiddleware,
-    AuthUnavailable,
-    InvalidToken,
-    KeyStore,
-    Principal,
-    TokenValidator,
-    get_principal,
+from ._auth import AuthMiddleware, KeyStore, TokenValidator
+from ._backends import (
+    CachingAccessPolicy,
+    CachingIdentifierMap,
+    HttpAccessPolicy,
+    HttpIdentifierMap,
+    SqliteAccessPolicy,
+    SqliteIdentifierMap,
+    StaticAccessPolicy,
+    StaticIdentifierMap,
+    build_access_policy,
+    build_identifier_map,
 )
 from ._config import (
     AccessSettings,
@@ -28,11 +34,13 @@ from ._config import (
     UpstreamAuthSettings,
     UpstreamSettings,
 )
-from ._edge import ErrorMiddleware
 from ._errors import (
     AccessUnavailable,
+    AuthUnavailable,
     BadRequest,
     ConfigError,
+    Forbidden,
+    InvalidToken,
     MappingUnavailable,
     MethodNotAllowed,
     NotAcceptable,
@@ -47,16 +55,12 @@ from ._errors import (
 )
 from ._identifiers import IdentifierMap, SeriesEntry, UidFormatter
 from ._observability import ObservabilityMiddleware
-from ._rewrite import RewriteMiddleware
-from ._routing import (
-    DicomWebRequest,
-    Level,
-    Resource,
-    RoutingMiddleware,
-    Service,
-    get_dicomweb_request,
-)
-from ._translating import IdentifierTranslator, TranslationMiddleware
+from ._problems import ErrorMiddleware
+from ._request import DicomWebRequest, Level, Resource, Service
+from ._rewrite import IdentifierTranslator, RewriteMiddleware, StowMiddleware, TranslationMiddleware
+from ._routing import RoutingMiddleware
+from ._scope import Principal, RequestRecord, get_dicomweb_request, get_principal, get_record
+from ._store import SqliteStore, StoreError
 from ._upstream import Upstream, UpstreamProxy
 from ._version import __version__
 
@@ -73,11 +77,16 @@ __all__ = [
     "AuthSettings",
     "AuthUnavailable",
     "BadRequest",
+    "CachingAccessPolicy",
+    "CachingIdentifierMap",
     "ConfigError",
     "CorsSettings",
     "DicomWebProxy",
     "DicomWebRequest",
     "ErrorMiddleware",
+    "Forbidden",
+    "HttpAccessPolicy",
+    "HttpIdentifierMap",
     "IdentifierMap",
     "IdentifierTranslator",
     "IntrospectionSettings",
@@ -94,6 +103,7 @@ __all__ = [
     "PayloadTooLarge",
     "Principal",
     "ProxyError",
+    "RequestRecord",
     "Resource",
     "RewriteMiddleware",
     "RoutingMiddleware",
@@ -101,7 +111,14 @@ __all__ = [
     "ServerSettings",
     "Service",
     "Settings",
+    "SqliteAccessPolicy",
+    "SqliteIdentifierMap",
+    "SqliteStore",
+    "StaticAccessPolicy",
+    "StaticIdentifierMap",
+    "StoreError",
     "StoreSettings",
+    "StowMiddleware",
     "TokenValidator",
     "TranslationMiddleware",
     "UidFormatter",
@@ -115,8 +132,11 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "Visible",
+    "build_access_policy",
+    "build_identifier_map",
     "create_app",
     "get_dicomweb_request",
     "get_principal",
+    "get_record",
     "__version__",
 ]

@@ -1,27 +1,31 @@
-"""The whole stack: :func:`create_app` and the app it returns."""
+"""The whole stack: :func:`create_app` and the app it returns (DESIGN §2).
+
+The layers, outermost first: observability, CORS, errors, auth, routing, then either access
+and the rewrite layer with STOW (a mapping is configured) or the link rewriter alone
+(``[mapping] backend = "identity"``), then the upstream. Each is built by one small function
+below, in that order.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from types import TracebackType
 
 from starlette.middleware.cors import CORSMiddleware
 
-from ._access import AccessMiddleware, AccessPolicy, AllowAll, AuditLog
-from ._auth import AuthMiddleware, AuthUnavailable, TokenValidator
-from ._backends import ManagedIdentifierMap, build_identifier_map, open_store
+from ._access import AccessMiddleware, AccessPolicy, AuditLog
+from ._auth import AuthMiddleware, TokenValidator
+from ._backends import Backends
 from ._config import Settings
-from ._edge import ErrorMiddleware, send_json
-from ._errors import ConfigError
+from ._errors import AuthUnavailable, ConfigError
 from ._identifiers import IdentifierMap, UidFormatter
 from ._observability import CacheCounts, ObservabilityMiddleware
-from ._policies import CachingAccessPolicy, ManagedAccessPolicy, build_access_policy
 from ._probes import Probes
-from ._rewrite import RewriteMiddleware
-from ._routing import RoutingMiddleware, route_path
-from ._store import CachingIdentifierMap, SqliteIdentifierMap, SqliteStore, StoreError
-from ._stow import SeriesRegistrar, StowMiddleware
-from ._translating import IdentifierTranslator, TranslationMiddleware
+from ._problems import ErrorMiddleware, send_json
+from ._rewrite import IdentifierTranslator, RewriteMiddleware, StowMiddleware, TranslationMiddleware
+from ._routing import RoutingMiddleware
+from ._scope import route_path
 from ._types import ASGIApp, Receive, Scope, Send
 from ._upstream import Upstream, UpstreamProxy
 
@@ -36,9 +40,9 @@ class DicomWebProxy:
     """The ASGI app returned by :func:`create_app`.
 
     Serves the DICOMweb service under ``[server] base_path``, and ``[server] healthz_path`` and
-    ``readyz_path`` (:class:`~shanoir_dicomweb_proxy._probes.Probes`) at its root. The
-    upstream client is opened by the ASGI lifespan; a host app that mounts this one (Starlette
-    runs no lifespan for mounted apps) enters it in its own lifespan with ``async with proxy:``.
+    ``readyz_path`` at its root. The upstream client is opened by the ASGI lifespan; a host app
+    that mounts this one (Starlette runs no lifespan for mounted apps) enters it in its own
+    lifespan with ``async with proxy:``.
 
     ``identifiers`` replaces the identifier map ``[mapping] backend`` would build (a host app's
     own :class:`IdentifierMap`), and ``access`` the access policy of ``[access] backend``; the
@@ -57,105 +61,56 @@ class DicomWebProxy:
         self.settings = settings
         self.upstream = upstream or Upstream(settings.upstream)
         self.validator: TokenValidator | None = None
-        server = settings.server
-        mapping = settings.mapping
-        app: ASGIApp = UpstreamProxy(self.upstream, max_upload_bytes=server.max_upload_bytes)
-        links = {
-            "upstream_url": settings.upstream.url,
-            "public_url": server.public_url,
-            "base_path": server.base_path,
-        }
-        self._owned: list[ManagedIdentifierMap | ManagedAccessPolicy] = []
-        self._store: SqliteStore | None = None
+        if settings.auth.enabled:
+            self.validator = validator or TokenValidator(settings.auth)
         self.audit: AuditLog | None = None
-        membership: TranslationMiddleware | None = None
-        if mapping.backend == "identity" and identifiers is None:
+        self.backends: Backends | None = None
+        caches: dict[str, CacheCounts] = {}
+        app: ASGIApp = UpstreamProxy(
+            self.upstream, max_upload_bytes=settings.server.max_upload_bytes
+        )
+        if settings.mapping.backend == "identity" and identifiers is None:
             if access is not None or settings.access.backend != "allow_all":
                 raise ConfigError(
                     f"{settings.source}: [access] backend: decisions are made per examination, "
                     'which needs a [mapping] backend other than "identity"'
                 )
-            app = RewriteMiddleware(app, **links)
+            app = RewriteMiddleware(app, **_links(settings))
         else:
-            wants_store = (identifiers is None and mapping.backend == "sqlite") or (
-                access is None and settings.access.backend == "sqlite"
-            )
-            if wants_store:  # one store for the map and the policy
-                self._store = open_store(settings)
-            if identifiers is None:
-                managed_map = build_identifier_map(settings, store=self._store)
-                assert managed_map is not None
-                self._owned.append(managed_map)
-                identifiers = managed_map
-            translator = IdentifierTranslator(
-                identifiers,
-                UidFormatter(mapping.study_root, mapping.series_root),
-                expose_unmapped=mapping.unmapped_series == "expose",
-            )
-            app = StowMiddleware(
-                app,
-                translator=translator,
-                upstream_url=settings.upstream.url,
-                max_upload_bytes=server.max_upload_bytes,
-                registrar=_registrar(identifiers),
-            )
-            app = membership = TranslationMiddleware(
-                app, translator=translator, membership_ttl=mapping.cache_ttl, **links
-            )
-            if access is None and settings.access.backend == "allow_all":
-                access = AllowAll()
-            elif access is None:
-                managed_policy = build_access_policy(settings, store=self._store)
-                self._owned.append(managed_policy)
-                access = managed_policy
+            self.backends = Backends.build(settings, identifiers=identifiers, access=access)
             log = settings.logging.audit_log
             self.audit = AuditLog(log) if log else None
-            app = AccessMiddleware(
-                app,
-                policy=access,
-                formatter=translator.formatter,
-                retrieve_action=settings.access.retrieve_action,
-                deny_status=settings.access.deny_status,
-                inject_max=settings.access.inject_max,
-                audit=self.audit,
-            )
-        self.identifiers = identifiers
-        app = RoutingMiddleware(app, base_path=server.base_path)
-        auth = settings.auth
-        if auth.enabled:
-            self.validator = validator or TokenValidator(auth)
-            app = AuthMiddleware(
-                app,
-                validator=self.validator,
-                allow_query_token=auth.allow_query_token,
-                allow_cookie_token=auth.allow_cookie_token,
-                cookie_name=auth.cookie_name,
-            )
+            app = _mapped(app, settings, self.backends, self.audit, caches)
+        self.identifiers = self.backends.identifiers if self.backends is not None else None
+        app = RoutingMiddleware(
+            app,
+            base_path=settings.server.base_path,
+            max_upload_bytes=settings.server.max_upload_bytes,
+        )
+        if self.validator is not None:
+            caches["token"] = self.validator
+            app = _authenticated(app, settings, self.validator)
         else:
             logger.warning(
                 "AUTHENTICATION IS DISABLED ([auth] enabled = false): every client that can "
                 "reach this proxy can read everything the upstream holds"
             )
-        app = ErrorMiddleware(app)
-        cors = settings.cors
-        if cors.allow_origins:
-            app = CORSMiddleware(
-                app,
-                allow_origins=list(cors.allow_origins),
-                allow_methods=list(cors.allow_methods),
-                allow_headers=list(cors.allow_headers),
-                expose_headers=list(cors.expose_headers),
-                allow_credentials=cors.allow_credentials,
-                max_age=cors.max_age,
-            )
+        app = _cors(ErrorMiddleware(app), settings)
         self.observability = ObservabilityMiddleware(
             app,
             access_log=settings.logging.access_log,
-            metrics_path=server.metrics_path,
-            caches=_caches(self.validator, identifiers, access, membership),
+            metrics_path=settings.server.metrics_path,
+            caches=_ordered(caches),
         )
         self.app = self.observability
-        self.probes = Probes(self)
+        backends = (settings.mapping.backend, settings.access.backend)
+        self.probes = Probes(
+            self.upstream,
+            validator=self.validator,
+            store=self.backends.store if self.backends is not None else None,
+            timeout=settings.server.ready_timeout,
+            http_backends="http" in backends,
+        )
 
     async def __aenter__(self) -> DicomWebProxy:
         _ = self.upstream.client
@@ -177,10 +132,8 @@ class DicomWebProxy:
         await self.upstream.aclose()
         if self.audit is not None:
             self.audit.close()
-        for owned in self._owned:
-            await owned.aclose()
-        if self._store is not None:
-            self._store.close()
+        if self.backends is not None:
+            await self.backends.aclose()
         if self.validator is not None:
             await self.validator.aclose()
 
@@ -222,40 +175,84 @@ def create_app(settings: Settings) -> DicomWebProxy:
     return DicomWebProxy(settings)
 
 
-def _caches(
-    validator: TokenValidator | None,
-    identifiers: IdentifierMap | None,
-    access: AccessPolicy | None,
-    membership: TranslationMiddleware | None,
-) -> dict[str, CacheCounts]:
-    """The caches of the stack whose hits and misses are exported, by name."""
-    if isinstance(access, ManagedAccessPolicy):
-        access = access.policy
-    found = {
-        "token": validator,
-        "identifiers": identifiers if isinstance(identifiers, CachingIdentifierMap) else None,
-        "access": access if isinstance(access, CachingAccessPolicy) else None,
-        "membership": membership,
+def _links(settings: Settings) -> dict[str, str]:
+    """Where links point: the upstream's base, and the public base answers show instead."""
+    server = settings.server
+    return {
+        "upstream_url": settings.upstream.url,
+        "public_url": server.public_url,
+        "base_path": server.base_path,
     }
-    return {name: cache for name, cache in found.items() if cache is not None}
 
 
-def _registrar(identifiers: IdentifierMap) -> SeriesRegistrar | None:
-    """How an upload registers its new series: with the embedded store only."""
-    if not isinstance(identifiers, ManagedIdentifierMap):
-        return None
-    managed = identifiers
-    inner = managed.inner
-    if not isinstance(inner, SqliteIdentifierMap):
-        return None
-    sqlite_map = inner
+def _mapped(
+    app: ASGIApp,
+    settings: Settings,
+    backends: Backends,
+    audit: AuditLog | None,
+    caches: dict[str, CacheCounts],
+) -> ASGIApp:
+    """Access, then translation, then STOW, in front of ``app``; their caches into ``caches``."""
+    mapping = settings.mapping
+    translator = IdentifierTranslator(
+        backends.identifiers,
+        UidFormatter(mapping.study_root, mapping.series_root),
+        expose_unmapped=mapping.unmapped_series == "expose",
+    )
+    app = StowMiddleware(
+        app,
+        translator=translator,
+        upstream_url=settings.upstream.url,
+        max_upload_bytes=settings.server.max_upload_bytes,
+        registrar=backends.registrar,
+    )
+    translation = TranslationMiddleware(
+        app, translator=translator, membership_ttl=mapping.cache_ttl, **_links(settings)
+    )
+    if backends.identifier_cache is not None:
+        caches["identifiers"] = backends.identifier_cache
+    if backends.access_cache is not None:
+        caches["access"] = backends.access_cache
+    caches["membership"] = translation
+    return AccessMiddleware(
+        translation,
+        policy=backends.access,
+        formatter=translator.formatter,
+        retrieve_action=settings.access.retrieve_action,
+        deny_status=settings.access.deny_status,
+        inject_max=settings.access.inject_max,
+        audit=audit,
+    )
 
-    async def register(exam_id: int, series_uid: str) -> None:
-        try:
-            entry = await sqlite_map.register_series(exam_id, series_uid)
-        except StoreError as exc:  # registered under another examination meanwhile
-            logger.warning("an uploaded series was not registered: %s", exc)
-            return
-        managed.learn_series(entry)
 
-    return register
+def _authenticated(app: ASGIApp, settings: Settings, validator: TokenValidator) -> ASGIApp:
+    auth = settings.auth
+    return AuthMiddleware(
+        app,
+        validator=validator,
+        allow_query_token=auth.allow_query_token,
+        allow_cookie_token=auth.allow_cookie_token,
+        cookie_name=auth.cookie_name,
+    )
+
+
+def _cors(app: ASGIApp, settings: Settings) -> ASGIApp:
+    """Starlette's CORS layer, when ``[cors] allow_origins`` names any origin."""
+    cors = settings.cors
+    if not cors.allow_origins:
+        return app
+    return CORSMiddleware(
+        app,
+        allow_origins=list(cors.allow_origins),
+        allow_methods=list(cors.allow_methods),
+        allow_headers=list(cors.allow_headers),
+        expose_headers=list(cors.expose_headers),
+        allow_credentials=cors.allow_credentials,
+        max_age=cors.max_age,
+    )
+
+
+def _ordered(caches: Mapping[str, CacheCounts]) -> dict[str, CacheCounts]:
+    """The caches in the order metrics list them: token, identifiers, access, membership."""
+    order = ("token", "identifiers", "access", "membership")
+    return {name: caches[name] for name in order if name in caches}

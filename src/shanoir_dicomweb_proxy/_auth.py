@@ -13,7 +13,6 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -31,88 +30,22 @@ from joserfc.errors import (
 from joserfc.jwk import KeySet
 
 from ._config import AuthSettings, Settings
-from ._errors import ConfigError, ProxyError
+from ._errors import AuthUnavailable, ConfigError, InvalidToken, ProxyError
 from ._headers import header
-from ._observability import RECORD_KEY, RequestRecord
+from ._scope import Principal, get_record, set_principal
 from ._types import ASGIApp, Receive, Scope, Send
 
 __all__ = [
     "AuthMiddleware",
-    "AuthUnavailable",
-    "InvalidToken",
     "KeyStore",
-    "Principal",
     "TokenValidator",
     "dev_token",
-    "get_principal",
 ]
 
 logger = logging.getLogger("shanoir_dicomweb_proxy.auth")
 
-SCOPE_KEY = "shanoir_dicomweb_proxy.principal"
 _ACCEPTED_TYPES = frozenset({"jwt", "at+jwt", "application/at+jwt"})
 _UNREACHABLE = "the identity provider cannot be reached to check tokens"
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is calling, from a validated token.
-
-    ``user_id`` comes from ``[auth] user_claim`` (Shanoir's ``userId``), ``roles`` from
-    ``[auth] roles_claim`` (plus client roles when ``client_roles`` is set), ``expires_at`` is the
-    token's ``exp`` (seconds since the epoch). ``token_id`` is a short hash of the token: the
-    only trace of it that may be logged.
-    """
-
-    subject: str
-    user_id: str | None
-    username: str | None
-    roles: frozenset[str]
-    claims: Mapping[str, Any] = field(repr=False)
-    expires_at: float | None
-    is_admin: bool
-    token_id: str
-
-
-def get_principal(scope: Scope) -> Principal | None:
-    """The principal :class:`AuthMiddleware` put in this scope, if any."""
-    principal: Principal | None = scope.get(SCOPE_KEY)
-    return principal
-
-
-class InvalidToken(ProxyError):
-    """401 with an RFC 6750 challenge. ``error`` is absent when no token was sent at all.
-
-    ``reason`` says why in a fixed word for metrics and logs (``missing``, ``malformed``,
-    ``expired``, ``bad_signature``, ``wrong_audience``, ...); never the token.
-    """
-
-    status = 401
-    code = "invalid_token"
-
-    def __init__(
-        self,
-        detail: str,
-        *,
-        realm: str,
-        error: str | None = "invalid_token",
-        reason: str = "invalid",
-    ) -> None:
-        challenge = f'Bearer realm="{realm}"'
-        if error is not None:
-            challenge += f', error="{error}", error_description="{detail}"'
-        super().__init__(detail, headers={"www-authenticate": challenge})
-        self.reason = reason
-        if error is None:
-            self.code = "missing_token"
-            self.reason = "missing"
-
-
-class AuthUnavailable(ProxyError):
-    """Tokens cannot be checked now (the identity provider cannot be reached): 503."""
-
-    status = 503
-    code = "auth_unavailable"
 
 
 def _dotted(claims: Mapping[str, Any], path: str) -> Any:
@@ -499,6 +432,7 @@ class AuthMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        record = get_record(scope)
         try:
             token = self._token(scope)
             if token is None:
@@ -507,13 +441,14 @@ class AuthMiddleware:
                 )
             principal = await self.validator.validate(token)
         except ProxyError as exc:
-            record: RequestRecord | None = scope.get(RECORD_KEY)
             if record is not None:
                 record.token_failure = (
                     exc.reason if isinstance(exc, InvalidToken) else "unavailable"
                 )
             raise
-        scope[SCOPE_KEY] = principal
+        if record is not None:
+            record.subject, record.user_id = principal.subject, principal.user_id
+        set_principal(scope, principal)
         await self.app(scope, receive, send)
 
     def _token(self, scope: Scope) -> str | None:

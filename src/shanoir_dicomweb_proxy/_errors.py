@@ -14,8 +14,11 @@ from __future__ import annotations
 
 __all__ = [
     "AccessUnavailable",
+    "AuthUnavailable",
     "BadRequest",
     "ConfigError",
+    "Forbidden",
+    "InvalidToken",
     "MalformedBody",
     "MappingUnavailable",
     "MethodNotAllowed",
@@ -51,6 +54,13 @@ class BadRequest(ProxyError):
 class NotFound(ProxyError):
     status = 404
     code = "not_found"
+
+
+class Forbidden(ProxyError):
+    """A denial answered 403 (``[access] deny_status = 403``), worded like a missing study."""
+
+    status = 403
+    code = "forbidden"
 
 
 class MethodNotAllowed(ProxyError):
@@ -119,6 +129,41 @@ class UpstreamTimeout(UpstreamError):
 
     status = 504
     code = "upstream_timeout"
+
+
+class InvalidToken(ProxyError):
+    """401 with an RFC 6750 challenge. ``error`` is absent when no token was sent at all.
+
+    ``reason`` says why in a fixed word for metrics and logs (``missing``, ``malformed``,
+    ``expired``, ``bad_signature``, ``wrong_audience``, ...); never the token.
+    """
+
+    status = 401
+    code = "invalid_token"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        realm: str,
+        error: str | None = "invalid_token",
+        reason: str = "invalid",
+    ) -> None:
+        challenge = f'Bearer realm="{realm}"'
+        if error is not None:
+            challenge += f', error="{error}", error_description="{detail}"'
+        super().__init__(detail, headers={"www-authenticate": challenge})
+        self.reason = reason
+        if error is None:
+            self.code = "missing_token"
+            self.reason = "missing"
+
+
+class AuthUnavailable(ProxyError):
+    """Tokens cannot be checked now (the identity provider cannot be reached): 503."""
+
+    status = 503
+    code = "auth_unavailable"
 
 
 class MappingUnavailable(ProxyError):

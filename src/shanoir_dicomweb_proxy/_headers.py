@@ -8,15 +8,20 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
+from ._errors import BadRequest
 from ._types import Headers, Scope
 
 __all__ = [
     "LINK_HEADERS",
     "MediaType",
+    "content_length",
+    "header",
     "parse_media_type",
     "public_base_url",
     "request_headers_for_upstream",
     "response_headers_for_client",
+    "split_accept",
+    "wants_dicom_xml",
 ]
 
 # Forwarded upstream: content negotiation, conditional requests and tracing. Everything else
@@ -203,6 +208,16 @@ def header(scope: Scope, name: bytes) -> bytes | None:
         if key.lower() == name:
             return bytes(value)
     return None
+
+
+def content_length(scope: Scope) -> int | None:
+    """The request's Content-Length, or None when it has none; 400 when it is not a number."""
+    value = header(scope, b"content-length")
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise BadRequest("invalid Content-Length")
+    return int(value)
 
 
 _HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")

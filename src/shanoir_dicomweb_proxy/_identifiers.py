@@ -9,13 +9,37 @@ acquisition a DICOM series. Clients only see public UIDs (``[mapping] study_root
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
-__all__ = ["IdentifierMap", "SeriesEntry", "UidFormatter"]
+__all__ = [
+    "MAX_ID",
+    "IdentifierMap",
+    "SeriesEntry",
+    "SeriesRegistrar",
+    "UidFormatter",
+    "is_domain_id",
+    "is_uid",
+]
+
+#: The largest domain ID: SQLite's INTEGER, and Shanoir's Java ``long``.
+MAX_ID: Final = 2**63 - 1
 
 _DIGITS = re.compile(r"[1-9][0-9]{0,19}")
+# PS3.5 §9.1: digits and dots, at most 64 characters. Leading zeros in components are not
+# valid DICOM, but archives hold such UIDs, so they are accepted.
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+
+
+def is_uid(value: object) -> bool:
+    """Whether ``value`` is a string that can be a UID (digits and dots, at most 64)."""
+    return isinstance(value, str) and len(value) <= 64 and _UID.fullmatch(value) is not None
+
+
+def is_domain_id(value: object) -> bool:
+    """Whether ``value`` is an examination or acquisition ID: an int in 1..:data:`MAX_ID`."""
+    return type(value) is int and 0 < value <= MAX_ID
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +74,10 @@ class IdentifierMap(Protocol):
     async def series_by_id(self, acquisition_ids: Collection[int]) -> Mapping[int, SeriesEntry]:
         """Acquisition ID → its entry."""
         ...
+
+
+#: Registers a real series UID under an examination (a series a viewer uploaded).
+SeriesRegistrar = Callable[[int, str], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,10 @@
 """Observability (DESIGN §2, outermost layer): request ids, the access log, Prometheus metrics.
 
-Inner layers note what only they know on the request's :class:`RequestRecord`, found in the
-scope under :data:`RECORD_KEY`: one attribute write, nothing when there is no record (a stack
-without this layer). Nothing that names a patient is ever recorded: no path, no query, no UID,
-no token; metric labels hold route kinds, status codes and fixed words only.
+Inner layers note what only they know on the request's
+:class:`~shanoir_dicomweb_proxy._scope.RequestRecord` (``get_record``): one attribute write,
+nothing when there is no record (a stack without this layer). Nothing that names a patient is
+ever recorded: no path, no query, no UID, no token; metric labels hold route kinds, status
+codes and fixed words only.
 """
 
 from __future__ import annotations
@@ -25,23 +26,17 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from ._config import Settings
 from ._headers import header
-from ._routing import SCOPE_KEY as _REQUEST_KEY
-from ._routing import route_path
+from ._scope import RequestRecord, find_dicomweb_request, route_path, set_record
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
-    "RECORD_KEY",
     "CacheCounts",
     "JsonFormatter",
     "ObservabilityMiddleware",
-    "RequestRecord",
+    "ObservedRequest",
     "configure_logging",
-    "get_record",
 ]
 
-RECORD_KEY: Final = "shanoir_dicomweb_proxy.record"
-#: The route kind of a request that routing did not parse (refused before it, or not a route).
-OTHER_ROUTE: Final = "other"
 #: Metric names start with this.
 PREFIX: Final = "dicomweb_proxy_"
 #: Set by ``serve --workers N`` deployments: every worker writes its metrics there.
@@ -56,47 +51,14 @@ _PLAIN = re.compile(r"[!#$%&'*+\-./:@^_`|~0-9A-Za-z]{1,256}")
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
-class RequestRecord:
-    """What one request's layers note for its access log line and its metrics.
+class ObservedRequest(RequestRecord):
+    """A :class:`RequestRecord` that counts what passes through its ``receive`` and ``send``,
+    and writes itself as the access log line (``str``) or its fields (JSON lines)."""
 
-    Inner layers set ``upstream_seconds`` (time spent on upstream requests, summed),
-    ``decision`` (the access outcome: ``allow``, ``deny``, ``admin``, ``filter``,
-    ``per-instance``, ``error``) and ``token_failure`` (why a token was refused: ``missing``,
-    ``malformed``, ``expired``, ``bad_signature``, ...). The rest belongs to the middleware.
-    """
-
-    __slots__ = (
-        "request_id",
-        "upstream_seconds",
-        "decision",
-        "token_failure",
-        "method",
-        "route",
-        "status",
-        "bytes_in",
-        "bytes_out",
-        "seconds",
-        "subject",
-        "user_id",
-        "started",
-        "_id_header",
-        "_send",
-        "_receive",
-    )
+    __slots__ = ("started", "_id_header", "_send", "_receive")
 
     def __init__(self, request_id: bytes, method: str, send: Send, receive: Receive) -> None:
-        self.request_id = request_id.decode("ascii")
-        self.upstream_seconds = 0.0
-        self.decision: str | None = None
-        self.token_failure: str | None = None
-        self.method = method
-        self.route = OTHER_ROUTE
-        self.status = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.seconds = 0.0
-        self.subject: str | None = None
-        self.user_id: str | None = None
+        super().__init__(request_id.decode("ascii"), method)
         self._id_header = (b"x-request-id", request_id)
         self._send = send
         self._receive = receive
@@ -156,12 +118,6 @@ def _plain(value: str | None) -> str:
     if value is None:
         return "-"
     return value if _PLAIN.fullmatch(value) else orjson.dumps(value).decode()
-
-
-def get_record(scope: Scope) -> RequestRecord | None:
-    """The record of this request, when :class:`ObservabilityMiddleware` runs."""
-    record: RequestRecord | None = scope.get(RECORD_KEY)
-    return record
 
 
 class CacheCounts(Protocol):
@@ -258,15 +214,11 @@ class ObservabilityMiddleware:
         caches: Mapping[str, CacheCounts] | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
-        # Imported here: the auth layer imports this module to annotate its records.
-        from ._auth import SCOPE_KEY as principal_key
-
         self.app = app
         self.access_log = access_log
         self.metrics_path = metrics_path
         self.registry = registry if registry is not None else CollectorRegistry()
         self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
-        self._principal_key = principal_key
         r = self.registry
         self.requests = Counter(
             f"{PREFIX}requests", "Requests answered.", ["route", "status"], registry=r
@@ -317,17 +269,17 @@ class ObservabilityMiddleware:
         supplied = header(scope, b"x-request-id")
         if supplied is None or not _REQUEST_ID.fullmatch(supplied):
             supplied = uuid.uuid4().hex.encode()
-        record = RequestRecord(supplied, scope["method"], send, receive)
-        scope[RECORD_KEY] = record
+        record = ObservedRequest(supplied, scope["method"], send, receive)
+        set_record(scope, record)
         try:
             await self.app(scope, record.receive, record.send)
         finally:
             self._finish(scope, record)
 
-    def _finish(self, scope: Scope, record: RequestRecord) -> None:
+    def _finish(self, scope: Scope, record: ObservedRequest) -> None:
         now = time.perf_counter()
         record.seconds = now - record.started
-        request = scope.get(_REQUEST_KEY)
+        request = find_dicomweb_request(scope)
         if request is not None:
             record.route = request.route
         metrics = self._routes.get(record.route)
@@ -354,10 +306,6 @@ class ObservabilityMiddleware:
         if self._flusher is not None and now >= self._flusher.due:
             self._flusher.flush(now)
         if self.access_log and access_logger.isEnabledFor(logging.INFO):
-            principal = scope.get(self._principal_key)
-            if principal is not None:
-                record.subject = principal.subject
-                record.user_id = principal.user_id
             access_logger.info(record)
 
     def exposition(self) -> bytes:
@@ -411,7 +359,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
         }
-        if isinstance(msg, RequestRecord):
+        if isinstance(msg, ObservedRequest):
             data["message"] = msg.summary()
             data.update(msg.fields())
         else:

@@ -14,17 +14,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
 from ._auth import TokenValidator
 from ._errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
-from ._store import CachingIdentifierMap, SqliteIdentifierMap, SqliteStore, StoreError
+from ._store import SqliteStore, StoreError
 from ._upstream import Upstream
-
-if TYPE_CHECKING:
-    from ._app import DicomWebProxy
 
 __all__ = ["ProbeResult", "Probes", "probe_issuer", "probe_store", "probe_upstream"]
 
@@ -190,19 +187,27 @@ async def probe_store(store: SqliteStore, *, within: float) -> ProbeResult:
 
 
 class Probes:
-    """The probes of one :class:`~shanoir_dicomweb_proxy.DicomWebProxy`: its upstream, its
-    validator (when auth is on), the embedded store it opened; each bounded by
-    ``[server] ready_timeout``.
+    """The probes of one app: its upstream, its validator (when auth is on), the embedded store
+    its backends read; each bounded by ``timeout`` (``[server] ready_timeout``).
+    ``http_backends`` says that the backends are a platform's, which is not probed.
     """
 
-    def __init__(self, app: DicomWebProxy, *, reuse: float = 1.0) -> None:
-        self.upstream = app.upstream
-        self.validator = app.validator
-        self.timeout = app.settings.server.ready_timeout
+    def __init__(
+        self,
+        upstream: Upstream,
+        *,
+        validator: TokenValidator | None,
+        store: SqliteStore | None,
+        timeout: float,
+        http_backends: bool = False,
+        reuse: float = 1.0,
+    ) -> None:
+        self.upstream = upstream
+        self.validator = validator
+        self.timeout = timeout
         self.reuse = reuse
-        self.store = _store(app)
-        backends = (app.settings.mapping.backend, app.settings.access.backend)
-        self.http_backends = self.store is None and "http" in backends
+        self.store = store
+        self.http_backends = store is None and http_backends
         self._last: tuple[float, list[ProbeResult]] | None = None
         self._introspection: tuple[float, ProbeResult] | None = None
         self._lock = asyncio.Lock()
@@ -252,15 +257,3 @@ async def _guarded(name: str, probe: Callable[[], Awaitable[ProbeResult]]) -> Pr
     except Exception as exc:
         logger.exception("the %s probe failed", name)
         return ProbeResult(name, False, f"error: {type(exc).__name__}", time.monotonic() - started)
-
-
-def _store(app: DicomWebProxy) -> SqliteStore | None:
-    """The embedded store the app reads: the one it opened, else the one its map reads."""
-    if app._store is not None:
-        return app._store
-    identifiers = app.identifiers
-    if isinstance(identifiers, CachingIdentifierMap):
-        inner = identifiers.inner
-        if isinstance(inner, SqliteIdentifierMap):
-            return inner.store
-    return None

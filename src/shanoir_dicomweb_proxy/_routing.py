@@ -8,125 +8,28 @@ way through.
 
 from __future__ import annotations
 
-import enum
 import re
-from dataclasses import dataclass, replace
-from urllib.parse import parse_qsl, quote
+from dataclasses import replace
+from urllib.parse import parse_qsl
 
 from ._errors import (
     BadRequest,
     MethodNotAllowed,
     NotAcceptable,
     NotFound,
+    PayloadTooLarge,
     UnsupportedMediaType,
 )
-from ._headers import header, parse_media_type, split_accept
+from ._headers import content_length, header, parse_media_type, split_accept
+from ._identifiers import is_uid
+from ._request import DicomWebRequest, Level, Resource, Service
+from ._scope import route_path, set_dicomweb_request
 from ._types import ASGIApp, Receive, Scope, Send
 
-__all__ = [
-    "DicomWebRequest",
-    "Level",
-    "Resource",
-    "RoutingMiddleware",
-    "Service",
-    "get_dicomweb_request",
-    "parse_route",
-]
+__all__ = ["RoutingMiddleware", "check_negotiation", "parse_route"]
 
-SCOPE_KEY = "shanoir_dicomweb_proxy.request"
+_SEGMENT_LEVEL = {level.segment: level for level in Level}
 
-
-class Service(enum.StrEnum):
-    QIDO = "qido"
-    WADO = "wado"
-    STOW = "stow"
-
-
-class Resource(enum.StrEnum):
-    SEARCH = "search"
-    RETRIEVE = "retrieve"
-    METADATA = "metadata"
-    FRAMES = "frames"
-    RENDERED = "rendered"
-    THUMBNAIL = "thumbnail"
-    BULKDATA = "bulkdata"
-    STORE = "store"
-
-
-class Level(enum.StrEnum):
-    STUDY = "study"
-    SERIES = "series"
-    INSTANCE = "instance"
-
-
-@dataclass(frozen=True, slots=True)
-class DicomWebRequest:
-    """One parsed DICOMweb request, the object the layers of the stack speak through.
-
-    For a search, ``level`` is the level searched for and the UIDs are the scope of the search
-    (``/studies/{study}/series`` has level SERIES and ``study`` set). For every other request
-    the UIDs name the resource addressed. ``query`` holds the decoded query parameters in order.
-    """
-
-    method: str
-    service: Service
-    resource: Resource
-    level: Level
-    study: str | None = None
-    series: str | None = None
-    instance: str | None = None
-    frames: tuple[int, ...] = ()
-    bulk_path: tuple[str, ...] = ()
-    query: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def route(self) -> str:
-        """A short route kind for logs and metrics, such as ``wado.frames.instance``."""
-        return f"{self.service}.{self.resource}.{self.level}"
-
-    def path(self) -> str:
-        """The path of this request relative to a DICOMweb root, with a leading slash."""
-        if self.resource is Resource.STORE:
-            return "/studies" if self.study is None else f"/studies/{self.study}"
-        parts: list[str] = []
-        if self.study is not None:
-            parts += ["studies", self.study]
-        if self.series is not None:
-            parts += ["series", self.series]
-        if self.instance is not None:
-            parts += ["instances", self.instance]
-        if self.resource is Resource.SEARCH:
-            parts.append(_LEVEL_SEGMENT[self.level])
-        elif self.resource is Resource.BULKDATA:
-            parts += self.bulk_path
-        else:
-            if self.frames:
-                parts += ["frames", ",".join(map(str, self.frames))]
-            if self.resource in _SUFFIX_RESOURCES:
-                parts.append(str(self.resource))
-        return "/" + "/".join(parts)
-
-    def query_string(self) -> str:
-        """The query for the upstream.
-
-        Values are percent-encoded except for ``* , ^ ? : / ;``: DICOM wildcards (PS3.18
-        §8.3.4.6), comma lists (§8.3.4.1, ``includefield``, ``viewport``), PN component
-        separators, and media types in ``accept=``. Orthanc does not percent-decode query
-        strings, so the only way to make ``PatientName=Doe^J*`` match there is to send those
-        characters literally, which RFC 3986 allows.
-        """
-        return "&".join(f"{key}={quote(value, safe=_QUERY_SAFE)}" for key, value in self.query)
-
-
-_QUERY_SAFE = "*,^?:/;"
-_LEVEL_SEGMENT = {Level.STUDY: "studies", Level.SERIES: "series", Level.INSTANCE: "instances"}
-_SEGMENT_LEVEL = {v: k for k, v in _LEVEL_SEGMENT.items()}
-_DEPTH = {Level.STUDY: 0, Level.SERIES: 1, Level.INSTANCE: 2}
-_SUFFIX_RESOURCES = frozenset({Resource.METADATA, Resource.RENDERED, Resource.THUMBNAIL})
-
-# PS3.5 §9.1: digits and dots, at most 64 characters. Leading zeros in components are not
-# valid DICOM, but archives hold such UIDs, so they are accepted here.
-_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _FRAMES = re.compile(r"[1-9][0-9]{0,8}(?:,[1-9][0-9]{0,8})*")
 # A BulkDataURI path below an instance: Orthanc's ``bulk/7fe00010`` or ``bulk/00540016/0/...``,
 # dcm4chee's ``bulkdata/7FE00010``. Tags are 8 hex digits, item indices decimal.
@@ -138,7 +41,7 @@ _STORE_METHODS = ("GET", "HEAD", "POST", "OPTIONS")
 
 
 def _uid(segment: str) -> str:
-    if len(segment) > 64 or not _UID.fullmatch(segment):
+    if not is_uid(segment):
         raise NotFound("not a DICOMweb resource")
     return segment
 
@@ -193,7 +96,7 @@ def _parse_path(method: str, segments: list[str]) -> tuple[DicomWebRequest, tupl
         word = rest[0]
         # In-study searches: /studies/{s}/series, /studies/{s}/instances,
         # /studies/{s}/series/{se}/instances.
-        if word in _SEGMENT_LEVEL and _DEPTH[_SEGMENT_LEVEL[word]] > _DEPTH[level]:
+        if word in _SEGMENT_LEVEL and _SEGMENT_LEVEL[word].depth > level.depth:
             return make(Service.QIDO, Resource.SEARCH, _SEGMENT_LEVEL[word]), _READ_METHODS
         if word in ("metadata", "rendered", "thumbnail"):
             return make(Service.WADO, Resource(word)), _READ_METHODS
@@ -237,13 +140,6 @@ def _parse_query(raw: bytes) -> tuple[tuple[str, str], ...]:
         if key in ("limit", "offset") and not (value.isascii() and value.isdigit()):
             raise BadRequest(f"{key} must be a non-negative integer")
     return tuple(pairs)
-
-
-def route_path(scope: Scope) -> str:
-    """The request path below the mount point (``root_path``) of this app."""
-    path: str = scope["path"]
-    root_path: str = scope.get("root_path", "")
-    return path[len(root_path) :] if root_path and path.startswith(root_path) else path
 
 
 def parse_route(scope: Scope, *, base_path: str) -> tuple[DicomWebRequest, tuple[str, ...]]:
@@ -321,27 +217,21 @@ def check_negotiation(scope: Scope, request: DicomWebRequest) -> None:
         raise NotAcceptable(f"this resource cannot be answered as {accept.decode('latin-1')[:100]}")
 
 
-def get_dicomweb_request(scope: Scope) -> DicomWebRequest:
-    """The request parsed by :class:`RoutingMiddleware` for this scope."""
-    request: DicomWebRequest = scope[SCOPE_KEY]
-    return request
-
-
-def set_dicomweb_request(scope: Scope, request: DicomWebRequest) -> None:
-    """Replace the parsed request (the rewrite layer does, to address the upstream's UIDs)."""
-    scope[SCOPE_KEY] = request
-
-
 class RoutingMiddleware:
     """Parse the DICOMweb route; answer OPTIONS; refuse everything that is not a route.
 
-    Puts a :class:`DicomWebRequest` in the scope for the layers below. Non-HTTP scopes pass
+    Puts a :class:`DicomWebRequest` in the scope for the layers below. An upload whose
+    Content-Length exceeds ``max_upload_bytes`` is refused here (413), before anything else
+    looks at it; the bytes of a chunked one are counted where it is read. Non-HTTP scopes pass
     straight through.
     """
 
-    def __init__(self, app: ASGIApp, *, base_path: str = "") -> None:
+    def __init__(
+        self, app: ASGIApp, *, base_path: str = "", max_upload_bytes: int | None = None
+    ) -> None:
         self.app = app
         self.base_path = base_path
+        self.max_upload_bytes = max_upload_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -361,5 +251,9 @@ class RoutingMiddleware:
             await send({"type": "http.response.body", "body": b""})
             return
         check_negotiation(scope, request)
+        if request.method == "POST":
+            length, limit = content_length(scope), self.max_upload_bytes
+            if length is not None and limit is not None and length > limit:
+                raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
         set_dicomweb_request(scope, request)
         await self.app(scope, receive, send)

@@ -15,8 +15,8 @@ from ._sqlite import (
     ImportGrant,
     ImportRow,
     StoreError,
-    _check_grant,
-    _check_row,
+    check_grant,
+    check_row,
 )
 
 _CSV_COLUMNS = ("exam_id", "study_uid", "acquisition_id", "series_uid")
@@ -78,23 +78,23 @@ def _json_rows(text: str) -> Iterator[ImportRow | ImportGrant]:
         exam_id: Any = item.get("exam_id")
         study_uid: Any = item.get("study_uid")
         if "acquisitions" not in item and "grants" not in item:
-            _check_keys(where, item, _FLAT_KEYS)
+            check_keys(where, item, _FLAT_KEYS)
             acquisition_id, series_uid = item.get("acquisition_id"), item.get("series_uid")
             yield _row(where, exam_id, study_uid, acquisition_id, series_uid)
             continue
-        _check_keys(where, item, _NESTED_KEYS)
+        check_keys(where, item, _NESTED_KEYS)
         yield _row(where, exam_id, study_uid)
         for number, acquisition in enumerate(_objects(item, "acquisitions", where), 1):
             inner = f"{where}, acquisition {number}"
-            _check_keys(inner, acquisition, _ACQUISITION_KEYS)
+            check_keys(inner, acquisition, _ACQUISITION_KEYS)
             series = acquisition.get("acquisition_id"), acquisition.get("series_uid")
             yield _row(inner, exam_id, study_uid, *series)
         for number, grant in enumerate(_objects(item, "grants", where), 1):
             inner = f"{where}, grant {number}"
-            _check_keys(inner, grant, _GRANT_KEYS)
+            check_keys(inner, grant, _GRANT_KEYS)
             user: Any = grant.get("user")
             action: Any = grant.get("action")
-            _check_grant(user, exam_id, action, inner)
+            check_grant(user, exam_id, action, inner)
             yield ImportGrant(user, exam_id, action, where=inner)
 
 
@@ -113,7 +113,7 @@ def _row(
     where: str, exam_id: Any, study_uid: Any, acquisition_id: Any = None, series_uid: Any = None
 ) -> ImportRow:
     row = ImportRow(exam_id, study_uid, acquisition_id, series_uid, where=where)
-    _check_row(row, where)
+    check_row(row, where)
     return row
 
 
@@ -152,7 +152,8 @@ def _json_array(text: str) -> Iterator[tuple[int, int, object]]:
         raise StoreError(f"line {line_of(skip(pos + 1))}: unexpected text after the array")
 
 
-def _check_keys(where: str, item: Mapping[str, object], allowed: frozenset[str]) -> None:
+def check_keys(where: str, item: Mapping[str, object], allowed: frozenset[str]) -> None:
+    """Only ``allowed`` keys in ``item``, else :class:`StoreError` naming the first other."""
     unknown = sorted(set(item) - allowed)
     if unknown:
         raise StoreError(

@@ -1,21 +1,17 @@
-"""The SQLite file of the embedded store, and the identifier map answered from it."""
+"""The SQLite file of the embedded store."""
 
 from __future__ import annotations
 
-import re
 import sqlite3
 import threading
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-
-import anyio
-import anyio.to_thread
+from typing import Any
 
 from .._access import ACTIONS, Action, grant_covers
-from .._identifiers import SeriesEntry
+from .._identifiers import SeriesEntry, is_domain_id, is_uid
 
 
 class StoreError(Exception):
@@ -62,8 +58,6 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 _APPLICATION_ID = 0x53445750
 # SQLite before 3.32 allows 999 parameters per statement.
 _CHUNK = 500
-_MAX_ID = 2**63 - 1  # SQLite's INTEGER
-_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +173,7 @@ class SqliteStore:
 
     def register_study(self, study_uid: str) -> int:
         """The examination ID of ``study_uid``, registered with the next ID if it is new."""
-        _check_text("study_uid", study_uid)
+        check_text("study_uid", study_uid)
         with self._write() as conn:
             return _register_study(conn, study_uid)[0]
 
@@ -187,7 +181,7 @@ class SqliteStore:
         """The acquisition ID of ``series_uid`` in examination ``exam_id``, registered with
         the next ID if it is new; :class:`StoreConflict` if it belongs to another examination.
         """
-        _check_text("series_uid", series_uid)
+        check_text("series_uid", series_uid)
         with self._write() as conn:
             return _register_series(conn, exam_id, series_uid)[0]
 
@@ -197,10 +191,10 @@ class SqliteStore:
         A series already registered under another examination is left out and reported in
         ``conflicts``; the others are registered.
         """
-        _check_text("study_uid", study_uid)
+        check_text("study_uid", study_uid)
         uids = list(dict.fromkeys(series_uids))
         for uid in uids:
-            _check_text("series_uid", uid)
+            check_text("series_uid", uid)
         series: dict[str, int] = {}
         conflicts: list[str] = []
         new_series = 0
@@ -234,7 +228,7 @@ class SqliteStore:
         with self._write() as conn:
             for count, row in enumerate(rows, 1):
                 where = row.where or f"row {count}"
-                _check_row(row, where)
+                check_row(row, where)
                 key = (row.exam_id, row.study_uid, row.acquisition_id, row.series_uid)
                 if key in seen:
                     raise StoreConflict(f"{where}: duplicate of {seen[key]}")
@@ -260,7 +254,7 @@ class SqliteStore:
     def revoke(self, user: str, exam_id: int, action: Action) -> bool:
         """Remove that grant; False if there was none (a ``download`` grant is not touched by
         revoking ``read``, and still allows it)."""
-        _check_grant(user, exam_id, action)
+        check_grant(user, exam_id, action)
         with self._write() as conn:
             cursor = conn.execute(
                 "DELETE FROM grants WHERE user = ? AND exam_id = ? AND action = ?",
@@ -495,7 +489,7 @@ def _register_series(conn: sqlite3.Connection, exam_id: int, uid: str) -> tuple[
 def _grant(
     conn: sqlite3.Connection, user: str, exam_id: int, action: Action, where: str = ""
 ) -> bool:
-    _check_grant(user, exam_id, action, where)
+    check_grant(user, exam_id, action, where)
     if not _exists(conn, "examinations", "exam_id", exam_id):
         raise StoreError(
             f"{_at(where)}examination {exam_id} is not in the store (store sync or store "
@@ -515,13 +509,13 @@ def _covering(action: Action) -> tuple[Action, ...]:
     return tuple(granted for granted in ACTIONS if grant_covers(granted, action))
 
 
-def _check_grant(user: object, exam_id: object, action: object, where: str = "") -> None:
+def check_grant(user: object, exam_id: object, action: object, where: str = "") -> None:
     if not isinstance(user, str) or not user or user != user.strip():
         raise StoreError(
             f"{_at(where)}user: expected a user ID or subject (not empty, no surrounding "
             f"spaces), got {user!r}"
         )
-    if type(exam_id) is not int or not 0 < exam_id <= _MAX_ID:
+    if not is_domain_id(exam_id):
         raise StoreError(f"{_at(where)}exam_id: expected a positive integer, got {exam_id!r}")
     if action not in ACTIONS:
         raise StoreError(
@@ -603,31 +597,33 @@ def _origin(origin: dict[tuple[str, object], str], kind: str, key: object) -> st
     return f"by {where}" if where else "in the store"
 
 
-def _check_text(name: str, value: object) -> None:
+def check_text(name: str, value: object) -> None:
     if not isinstance(value, str) or not value:
         raise StoreError(f"{name}: expected a non-empty string, got {value!r}")
 
 
-def _check_row(row: ImportRow, where: str) -> None:
-    _check_id(where, "exam_id", row.exam_id)
-    _check_uid(where, "study_uid", row.study_uid)
+def check_row(row: ImportRow, where: str) -> None:
+    check_id(where, "exam_id", row.exam_id)
+    check_uid(where, "study_uid", row.study_uid)
     if (row.acquisition_id is None) != (row.series_uid is None):
         raise StoreError(
             f"{where}: acquisition_id and series_uid go together (both, or neither for an "
             "examination without acquisitions)"
         )
     if row.acquisition_id is not None:
-        _check_id(where, "acquisition_id", row.acquisition_id)
-        _check_uid(where, "series_uid", row.series_uid)
+        check_id(where, "acquisition_id", row.acquisition_id)
+        check_uid(where, "series_uid", row.series_uid)
 
 
-def _check_id(where: str, name: str, value: object) -> None:
-    if type(value) is not int or not 0 < value <= _MAX_ID:
+def check_id(where: str, name: str, value: object) -> None:
+    """An examination or acquisition ID, else :class:`StoreError` naming ``where`` and ``name``."""
+    if not is_domain_id(value):
         raise StoreError(f"{where}: {name}: expected a positive integer, got {value!r}")
 
 
-def _check_uid(where: str, name: str, value: object) -> None:
-    if not isinstance(value, str) or len(value) > 64 or not _UID.fullmatch(value):
+def check_uid(where: str, name: str, value: object) -> None:
+    """A UID, else :class:`StoreError` naming ``where`` and ``name``."""
+    if not is_uid(value):
         raise StoreError(
             f"{where}: {name}: expected a UID (digits and dots, at most 64 characters), "
             f"got {value!r}"
@@ -641,55 +637,4 @@ def _texts(values: Iterable[str]) -> list[str]:
 def _ids(values: Iterable[int]) -> list[int]:
     # An ID beyond SQLite's INTEGER cannot be stored, so it is not known (rather than an
     # OverflowError on a public UID of 20 digits).
-    return list({v for v in values if isinstance(v, int) and 0 < v <= _MAX_ID})
-
-
-_T = TypeVar("_T")
-
-
-class SqliteIdentifierMap:
-    """The ``IdentifierMap`` of a :class:`SqliteStore`: each batch is one call in a worker
-    thread (``anyio.to_thread``), one at a time.
-
-    One at a time because the store serializes on its lock anyway: queued tasks wait here, on
-    the event loop, rather than as threads blocked on the lock holding tokens of anyio's
-    shared thread pool (which the upload spooling also uses). The store is not closed here:
-    whoever opened it closes it.
-    """
-
-    def __init__(self, store: SqliteStore) -> None:
-        self.store = store
-        self._limiter = anyio.CapacityLimiter(1)
-
-    def __repr__(self) -> str:
-        return f"SqliteIdentifierMap({self.store!r})"
-
-    async def _run(self, func: Callable[[list[Any]], _T], keys: Collection[Any]) -> _T:
-        return await anyio.to_thread.run_sync(func, list(keys), limiter=self._limiter)
-
-    async def studies_by_uid(self, uids: Collection[str]) -> Mapping[str, int]:
-        """Real study UID → examination ID."""
-        return await self._run(self.store.lookup_studies_by_uid, uids) if uids else {}
-
-    async def studies_by_id(self, exam_ids: Collection[int]) -> Mapping[int, str]:
-        """Examination ID → real study UID."""
-        return await self._run(self.store.lookup_studies_by_id, exam_ids) if exam_ids else {}
-
-    async def series_by_uid(self, uids: Collection[str]) -> Mapping[str, SeriesEntry]:
-        """Real series UID → its entry."""
-        return await self._run(self.store.lookup_series_by_uid, uids) if uids else {}
-
-    async def series_by_id(self, acquisition_ids: Collection[int]) -> Mapping[int, SeriesEntry]:
-        """Acquisition ID → its entry."""
-        if not acquisition_ids:
-            return {}
-        return await self._run(self.store.lookup_series_by_id, acquisition_ids)
-
-    async def register_series(self, exam_id: int, series_uid: str) -> SeriesEntry:
-        """Register ``series_uid`` under ``exam_id`` (see :meth:`SqliteStore.register_series`)."""
-
-        def register(_: list[Any]) -> int:
-            return self.store.register_series(exam_id, series_uid)
-
-        acquisition_id = await self._run(register, ())
-        return SeriesEntry(acquisition_id, exam_id, series_uid)
+    return list({v for v in values if is_domain_id(v)})

@@ -14,14 +14,20 @@ import anyio.to_thread
 import httpx
 import orjson
 
+from .._dicom import (
+    SERIES_INSTANCE_UID,
+    SERIES_NUMBER,
+    STUDY_DATE,
+    STUDY_INSTANCE_UID,
+    STUDY_TIME,
+    json_value,
+)
 from .._errors import UpstreamError
 from .._upstream import Upstream
 from ._sqlite import (
     SqliteStore,
 )
 
-_STUDY_UID, _SERIES_UID = "0020000D", "0020000E"
-_STUDY_DATE, _STUDY_TIME, _SERIES_NUMBER = "00080020", "00080030", "00200011"
 _ACCEPT = [(b"accept", b"application/dicom+json")]
 
 
@@ -168,33 +174,25 @@ async def _qido(upstream: Upstream, target: str) -> tuple[list[dict[str, Any]], 
     return page, any(w.strip().startswith("299") for w in warnings)
 
 
-def _value(row: Mapping[str, Any], tag: str) -> object:
-    element = row.get(tag)
-    if not isinstance(element, dict):
-        return None
-    values = element.get("Value")
-    return values[0] if isinstance(values, list) and values else None
-
-
-def _uid(row: Mapping[str, Any], tag: str) -> str:
-    value = _value(row, tag)
+def _uid(row: Mapping[str, Any], tag: int) -> str:
+    value = json_value(row, tag)
     return value.strip() if isinstance(value, str) else ""
 
 
-def _text(row: Mapping[str, Any], tag: str) -> str:
-    value = _value(row, tag)
+def _text(row: Mapping[str, Any], tag: int) -> str:
+    value = json_value(row, tag)
     return value if isinstance(value, str) else ""
 
 
 def _study_order(row: Mapping[str, Any]) -> tuple[str, str, str]:
-    return _text(row, _STUDY_DATE), _text(row, _STUDY_TIME), _uid(row, _STUDY_UID)
+    return _text(row, STUDY_DATE), _text(row, STUDY_TIME), _uid(row, STUDY_INSTANCE_UID)
 
 
 def _series_order(row: Mapping[str, Any]) -> tuple[bool, int, str]:
     # SeriesNumber is IS: a JSON number, or a string from some servers; absent sorts last.
-    value = _value(row, _SERIES_NUMBER)
+    value = json_value(row, SERIES_NUMBER)
     try:
         number = int(str(value).strip()) if value is not None else None
     except ValueError:
         number = None
-    return number is None, number or 0, _uid(row, _SERIES_UID)
+    return number is None, number or 0, _uid(row, SERIES_INSTANCE_UID)

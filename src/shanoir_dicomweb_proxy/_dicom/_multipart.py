@@ -12,13 +12,14 @@ from typing import Protocol
 
 from python_multipart.multipart import MultipartParser
 
-from ._errors import MalformedBody
+from .._errors import MalformedBody
 
 __all__ = [
     "BodyRewriter",
     "BufferedPart",
     "Chunk",
     "MultipartRewriter",
+    "PartHeaders",
     "PartRewriter",
     "PassPart",
     "WholeBody",

@@ -17,23 +17,28 @@ Every representation (DICOM JSON, DICOM XML, Part 10) offers its datasets throug
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ._tags import (
+    REFERENCED_SOP_INSTANCE_UID,
+    REFERENCED_STUDY_SEQUENCE,
+    RETRIEVE_URL,
+    SERIES_INSTANCE_UID,
+    STUDY_INSTANCE_UID,
+)
+
 __all__ = [
+    "TRANSLATED_TAGS",
+    "UID_IN_TEXT",
     "DatasetView",
+    "Resolve",
     "Translation",
     "UidCollector",
     "apply_translation",
     "collect_uids",
 ]
-
-STUDY_INSTANCE_UID = 0x0020000D
-SERIES_INSTANCE_UID = 0x0020000E
-REFERENCED_STUDY_SEQUENCE = 0x00081110
-REFERENCED_SOP_INSTANCE_UID = 0x00081155
-RETRIEVE_URL = 0x00081190
 
 #: The tags whose values this module may change; a representation may skip everything else.
 TRANSLATED_TAGS = frozenset(
@@ -123,6 +128,9 @@ class Translation:
 
 _LINK_UID = re.compile(r"/(studies|series)/([0-9.]+)")
 
+#: Looks up what a collector gathered, in one batch.
+Resolve = Callable[[UidCollector], Awaitable[Translation]]
+
 
 def collect_uids(dataset: DatasetView, into: UidCollector) -> None:
     """Gather the study and series UIDs of ``dataset`` at every depth, links included."""
@@ -195,3 +203,8 @@ def apply_translation(
                     item.put(REFERENCED_SOP_INSTANCE_UID, known if ok else None)
             apply_translation(item, translation, study_known=study_known)
     return keep
+
+
+#: A UID quoted in free text (a Warning, an upstream's error message): three or more
+#: dot-separated numbers.
+UID_IN_TEXT = re.compile(r"\b[0-9]+(?:\.[0-9]+){2,}\b")

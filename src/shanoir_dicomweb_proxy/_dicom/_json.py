@@ -1,4 +1,4 @@
-"""Identifier translation in DICOM JSON and DICOM XML bodies, as streams (DESIGN §3).
+"""The DICOM JSON model (PS3.18 Annex F), and identifier translation in its bodies, as streams.
 
 A JSON array (search results, metadata) is cut into its top-level objects as the bytes arrive
 and each batch of complete objects is parsed with orjson, translated with one lookup, and
@@ -10,30 +10,29 @@ second parse of exactly that slice confirms it.
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
 
-from ._errors import UpstreamError
-from ._translate import (
+from .._errors import UpstreamError
+from ._tags import json_key
+from ._uids import (
     DatasetView,
+    Resolve,
     Translation,
     UidCollector,
     apply_translation,
     collect_uids,
 )
 
-__all__ = ["JsonRewriter", "Resolve", "translate_xml"]
-
-Resolve = Callable[[UidCollector], Awaitable[Translation]]
+__all__ = ["JsonDataset", "JsonRewriter", "json_value"]
 
 _WHITESPACE = b" \t\r\n"
 _NO_TRANSLATION = Translation(studies={}, series={})
 
 
-class _JsonDataset:
+class JsonDataset:
     """A DICOM JSON object (PS3.18 Annex F) as a :class:`DatasetView`."""
 
     __slots__ = ("data", "_sequences", "_bulk")
@@ -42,13 +41,11 @@ class _JsonDataset:
         """``sequences`` and ``bulk`` may say, from a look at the raw bytes, that the object
         holds no sequence or no BulkDataURI: its elements are then not looked through."""
         self.data = data
-        self._sequences: list[tuple[int, list[_JsonDataset]]] = []
+        self._sequences: list[tuple[int, list[JsonDataset]]] = []
         if sequences:
             for key, element in data.items():
                 if type(element) is dict and element.get("vr") == "SQ" and element.get("Value"):
-                    items = [
-                        _JsonDataset(i, bulk=bulk) for i in element["Value"] if type(i) is dict
-                    ]
+                    items = [JsonDataset(i, bulk=bulk) for i in element["Value"] if type(i) is dict]
                     self._sequences.append((int(key, 16), items))
         self._bulk = (
             [e for e in data.values() if type(e) is dict and "BulkDataURI" in e] if bulk else []
@@ -139,7 +136,7 @@ class JsonRewriter:
                 raise UpstreamError("the upstream sent malformed DICOM JSON") from exc
             self._buffer = bytearray()
             if type(value) is dict:
-                view = _JsonDataset(value)
+                view = JsonDataset(value)
                 translation = await self._translate([view])
                 apply_translation(view, translation, study_known=self._study_known)
             return orjson.dumps(value)
@@ -152,7 +149,7 @@ class JsonRewriter:
         """Translate every complete object in the buffer; keep the incomplete rest."""
         if self._done or (len(self._buffer) < self._retry_at and not final):
             return b""
-        objects: list[_JsonDataset] = []
+        objects: list[JsonDataset] = []
         buffer = self._buffer
         view = memoryview(buffer)
         pos = self._pos
@@ -177,7 +174,7 @@ class JsonRewriter:
                     raise UpstreamError("the upstream's DICOM JSON array holds a non-object")
                 has_sequences = buffer.find(b'"SQ"', pos, end) >= 0
                 has_bulk = buffer.find(b'"BulkDataURI"', pos, end) >= 0
-                objects.append(_JsonDataset(value, sequences=has_sequences, bulk=has_bulk))
+                objects.append(JsonDataset(value, sequences=has_sequences, bulk=has_bulk))
                 self._hint = end - pos
                 pos = end
         finally:
@@ -193,7 +190,7 @@ class JsonRewriter:
         out = await self._translate_rows(objects)
         return out + (b"]" if self._done else b"")
 
-    async def _translate(self, views: list[_JsonDataset]) -> Translation:
+    async def _translate(self, views: list[JsonDataset]) -> Translation:
         collector = UidCollector()
         for view in views:
             collect_uids(view, collector)
@@ -201,7 +198,7 @@ class JsonRewriter:
             return _NO_TRANSLATION
         return await self._resolve(collector)
 
-    async def _translate_rows(self, views: list[_JsonDataset]) -> bytes:
+    async def _translate_rows(self, views: list[JsonDataset]) -> bytes:
         if not views:
             return b""
         if self._rows is not None:
@@ -258,90 +255,8 @@ def _next_value(view: memoryview, start: int, hint: int) -> tuple[Any, int] | No
         window *= 2
 
 
-# DICOM XML (PS3.19 Native DICOM Model), one dataset per multipart part. Its namespace is
-# written back as the default one (ElementTree would otherwise invent an "ns0" prefix).
-ET.register_namespace("", "http://dicom.nema.org/PS3.19/models/NativeDICOM")
-
-
-def _local(tag: str) -> str:
-    return tag.rpartition("}")[2]
-
-
-class _XmlDataset:
-    """A ``NativeDicomModel`` or ``Item`` element as a :class:`DatasetView`."""
-
-    __slots__ = ("_element",)
-
-    def __init__(self, element: ET.Element) -> None:
-        self._element = element
-
-    def _attribute(self, tag: int) -> ET.Element | None:
-        wanted = f"{tag:08X}"
-        for child in self._element:
-            if _local(child.tag) == "DicomAttribute" and child.get("tag", "").upper() == wanted:
-                return child
-        return None
-
-    def get(self, tag: int) -> list[str] | None:
-        attribute = self._attribute(tag)
-        if attribute is None:
-            return None
-        return [v.text or "" for v in attribute if _local(v.tag) == "Value"]
-
-    def put(self, tag: int, values: list[str] | None) -> None:
-        attribute = self._attribute(tag)
-        assert attribute is not None
-        namespace = attribute.tag[: -len("DicomAttribute")]
-        for child in [v for v in attribute if _local(v.tag) == "Value"]:
-            attribute.remove(child)
-        for number, text in enumerate(values or (), start=1):
-            value = ET.SubElement(attribute, namespace + "Value", number=str(number))
-            value.text = text
-
-    def sequences(self) -> Iterable[tuple[int, Iterable[DatasetView]]]:
-        for child in self._element:
-            if _local(child.tag) == "DicomAttribute" and child.get("vr") == "SQ":
-                items = [_XmlDataset(i) for i in child if _local(i.tag) == "Item"]
-                yield int(child.get("tag", "0"), 16), items
-
-    def map_links(self, rewrite: Callable[[str], str | None]) -> None:
-        for child in self._element:
-            if _local(child.tag) != "DicomAttribute":
-                continue
-            for bulk in [b for b in child if _local(b.tag) == "BulkData"]:
-                # PS3.19 says "uri"; Orthanc writes "URI".
-                for name, uri in list(bulk.attrib.items()):
-                    if name.lower() != "uri":
-                        continue
-                    new = rewrite(uri)
-                    if new is None:
-                        child.remove(bulk)
-                    else:
-                        bulk.set(name, new)
-
-
-async def translate_xml(body: bytes, resolve: Resolve, *, study_known: bool) -> bytes | None:
-    """Translate one DICOM XML dataset; None when it must be left out."""
-    try:
-        root = ET.fromstring(body)  # noqa: S314 (from the upstream PACS; expat refuses entity bombs)
-    except ET.ParseError as exc:
-        raise UpstreamError("the upstream sent malformed DICOM XML") from exc
-    view = _XmlDataset(root)
-    collector = UidCollector()
-    collect_uids(view, collector)
-    if collector.studies or collector.series:
-        translation = await resolve(collector)
-        if not apply_translation(view, translation, study_known=study_known):
-            return None
-    written: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
-    return written
-
-
-def xml_value(body: bytes, tag: int) -> str | None:
-    """The first value of ``tag`` at the top level of one DICOM XML dataset, or None."""
-    try:
-        root = ET.fromstring(body)  # noqa: S314 (see translate_xml)
-    except ET.ParseError as exc:
-        raise UpstreamError("the upstream sent malformed DICOM XML") from exc
-    values = _XmlDataset(root).get(tag)
-    return values[0] if values else None
+def json_value(row: Mapping[str, Any], tag: int) -> object:
+    """The first value of ``tag`` in a DICOM JSON object, or None."""
+    element = row.get(json_key(tag))
+    values = element.get("Value") if isinstance(element, dict) else None
+    return values[0] if isinstance(values, list) and values else None

@@ -1,9 +1,10 @@
 """STOW-RS with identifiers translated and write rights decided per instance (DESIGN §3, §4).
 
-The upload is parsed as it arrives: each ``application/dicom`` part goes through a
-:class:`~._part10.Part10Rewriter` that first reads its header (SOP Class, SOP Instance, Study
-and Series Instance UIDs) to decide on it, then rewrites the public study and series UIDs it
-holds, top level and nested, to the real ones while its pixel data streams through. Admitted
+The upload is parsed as it arrives: each ``application/dicom`` part goes through a Part 10
+rewriter (:mod:`shanoir_dicomweb_proxy._dicom`) that first reads its header (SOP Class, SOP
+Instance, Study and Series Instance UIDs) to decide on it, then rewrites the public study and
+series UIDs it holds, top level and nested, to the real ones while its pixel data streams
+through. Admitted
 instances are spooled (to disk past 1 MiB); refused ones are left out. Only when the whole body
 has been read and every part was a whole DICOM file does the PACS get the spooled batch, with
 a Content-Length: a malformed or truncated upload stores nothing.
@@ -19,39 +20,50 @@ from __future__ import annotations
 
 import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
-import anyio
-import anyio.to_thread
 import orjson
 
-from ._bodies import _JsonDataset, _XmlDataset
-from ._errors import (
-    BadRequest,
-    MalformedBody,
-    PayloadTooLarge,
-    ProxyError,
-    UnsupportedMediaType,
+from .._dicom import (
+    FAILED_SOP_SEQUENCE,
+    FAILURE_REASON,
+    REFERENCED_SOP_CLASS_UID,
+    REFERENCED_SOP_INSTANCE_UID,
+    REFERENCED_SOP_SEQUENCE,
+    RETRIEVE_URL,
+    SERIES_INSTANCE_UID,
+    SOP_CLASS_UID,
+    SOP_INSTANCE_UID,
+    STUDY_INSTANCE_UID,
+    DatasetView,
+    JsonDataset,
+    MultipartRewriter,
+    Part10Rewriter,
+    PartHeaders,
+    Translation,
+    UidCollector,
+    XmlDataset,
+    json_key,
+    json_value,
+    to_xml,
 )
-from ._headers import header, parse_media_type, wants_dicom_xml
-from ._multipart import MultipartRewriter, PartHeaders
-from ._part10 import Part10Rewriter
-from ._routing import DicomWebRequest, Level, Resource, Service, get_dicomweb_request
-from ._translate import DatasetView, Translation, UidCollector
-from ._translating import IdentifierTranslator, json_value, run_search
-from ._types import ASGIApp, Message, Receive, Scope, Send
-from ._upstream import _SPOOL_IN_MEMORY, _SPOOL_WRITE, spool_body
+from .._errors import BadRequest, MalformedBody, ProxyError, UnsupportedMediaType
+from .._headers import header, parse_media_type, wants_dicom_xml
+from .._identifiers import SeriesRegistrar
+from .._request import DicomWebRequest, Level, Resource, Service
+from .._scope import WriteCheck, get_dicomweb_request, get_instance_audit, get_write_check
+from .._spool import SPOOL_IN_MEMORY, spool_body, spooled_receive
+from .._subrequests import search_json
+from .._types import ASGIApp, Message, Receive, Scope, Send
+from ._translator import IdentifierTranslator
 
 __all__ = [
     "CANNOT_UNDERSTAND",
     "NOT_AUTHORIZED",
     "PROCESSING_FAILURE",
-    "SeriesRegistrar",
     "StowMiddleware",
-    "set_instance_audit",
-    "set_write_check",
 ]
 
 #: FailureReason (0008,1197) values (PS3.4 C-STORE statuses).
@@ -59,36 +71,8 @@ NOT_AUTHORIZED: Final = 0x0124  # no write right, unknown examination, or not th
 PROCESSING_FAILURE: Final = 0x0110  # the PACS did not store it
 CANNOT_UNDERSTAND: Final = 0xC000  # no SOP Instance, Study or Series Instance UID
 
-_SOP_CLASS: Final = 0x00080016
-_SOP_INSTANCE: Final = 0x00080018
-_STUDY: Final = 0x0020000D
-_SERIES: Final = 0x0020000E
-_REFERENCED_SOP_SEQUENCE: Final = 0x00081199
-_FAILED_SOP_SEQUENCE: Final = 0x00081198
-_REFERENCED_SOP_INSTANCE: Final = 0x00081155
-
 _VERIFY_BATCH: Final = 100
 _MAX_ANSWER: Final = 16 * 1024 * 1024
-
-#: Given examination IDs, those the caller may write into.
-WriteCheck = Callable[[frozenset[int]], Awaitable[Collection[int]]]
-#: Register a real series UID under an examination.
-SeriesRegistrar = Callable[[int, str], Awaitable[None]]
-#: Write one audit line about one instance (fields added to the request's line).
-InstanceAudit = Callable[[dict[str, Any]], None]
-
-_WRITE_KEY = "shanoir_dicomweb_proxy.write_check"
-_AUDIT_KEY = "shanoir_dicomweb_proxy.instance_audit"
-
-
-def set_write_check(scope: Scope, check: WriteCheck) -> None:
-    """Restrict what an upload may store in this request to examinations ``check`` allows."""
-    scope[_WRITE_KEY] = check
-
-
-def set_instance_audit(scope: Scope, audit: InstanceAudit) -> None:
-    """Have an upload audit each of its instances through ``audit``."""
-    scope[_AUDIT_KEY] = audit
 
 
 @dataclass(slots=True)
@@ -117,7 +101,7 @@ class _Upload:
 class StowMiddleware:
     """Store uploads through the identifier map and the write rights (see the module).
 
-    Sits below :class:`~._translating.TranslationMiddleware`, which has turned the path's
+    Sits below :class:`~._middleware.TranslationMiddleware`, which has turned the path's
     study into the real one and translates this layer's answer (its RetrieveURLs) back.
     Every other request passes through.
     """
@@ -143,12 +127,8 @@ class StowMiddleware:
             await self.app(scope, receive, send)
             return
         boundary = _upload_boundary(scope)
-        length = header(scope, b"content-length")
-        limit = self.max_upload_bytes
-        if limit is not None and length is not None and length.isdigit() and int(length) > limit:
-            raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
-        upload = _Upload(request.study, scope.get(_WRITE_KEY))
-        with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as spool:
+        upload = _Upload(request.study, get_write_check(scope))
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
             size = await self._read(receive, boundary, upload, spool)
             if size is None:
                 return  # the client left: nothing was sent upstream
@@ -160,7 +140,7 @@ class StowMiddleware:
             if admitted:
                 stored, failed = await self._store(scope, receive, request, boundary, spool, size)
         await self._settle(scope, receive, admitted, stored, failed)
-        audit = scope.get(_AUDIT_KEY)
+        audit = get_instance_audit(scope)
         if audit is not None:
             for instance in upload.instances:
                 audit(_audit_fields(instance))
@@ -195,9 +175,9 @@ class StowMiddleware:
 
     async def _admit(self, view: DatasetView, instance: _Instance, upload: _Upload) -> int | None:
         """Decide on one instance from its header: None to store it, else why not."""
-        instance.sop_class = _first(view.get(_SOP_CLASS))
-        instance.sop_instance = _first(view.get(_SOP_INSTANCE))
-        study, series = _first(view.get(_STUDY)), _first(view.get(_SERIES))
+        instance.sop_class = _first(view.get(SOP_CLASS_UID))
+        instance.sop_instance = _first(view.get(SOP_INSTANCE_UID))
+        study, series = _first(view.get(STUDY_INSTANCE_UID)), _first(view.get(SERIES_INSTANCE_UID))
         if not (instance.sop_instance and study and series):
             return CANNOT_UNDERSTAND
         translator = self.translator
@@ -260,7 +240,7 @@ class StowMiddleware:
         answer = _Collected()
         try:
             await self.app(
-                {**scope, "headers": headers}, _spooled_receive(spool, receive), answer.send
+                {**scope, "headers": headers}, spooled_receive(spool, receive), answer.send
             )
         except ProxyError:
             return set(), {}  # what was stored is found out by a search
@@ -299,8 +279,8 @@ class StowMiddleware:
             batch = instances[start : start + _VERIFY_BATCH]
             query = (
                 ("SOPInstanceUID", ",".join(i.sop_instance for i in batch)),
-                ("includefield", "0020000D"),
-                ("includefield", "0020000E"),
+                ("includefield", json_key(STUDY_INSTANCE_UID)),
+                ("includefield", json_key(SERIES_INSTANCE_UID)),
             )
             search = DicomWebRequest(
                 method="GET",
@@ -309,33 +289,28 @@ class StowMiddleware:
                 level=Level.INSTANCE,
                 query=query,
             )
-            _, body = await run_search(
-                self.app, scope, receive, search, accept=b"application/dicom+json"
-            )
-            rows = orjson.loads(body or b"[]")
             held = {
-                (json_value(r, "0020000D"), json_value(r, "0020000E"), json_value(r, "00080018"))
-                for r in rows
-                if isinstance(r, dict)
+                (
+                    json_value(row, STUDY_INSTANCE_UID),
+                    json_value(row, SERIES_INSTANCE_UID),
+                    json_value(row, SOP_INSTANCE_UID),
+                )
+                for row in await search_json(self.app, scope, receive, search)
             }
             found |= {i.sop_instance for i in batch if (i.study, i.series, i.sop_instance) in held}
         return found
 
 
 def _upload_boundary(scope: Scope) -> bytes:
-    raw = header(scope, b"content-type")
-    if raw is None:
-        raise UnsupportedMediaType('an upload must be multipart/related; type="application/dicom"')
-    media = parse_media_type(raw.decode("latin-1"))
-    boundary = media.params.get("boundary")
-    if media.type != "multipart/related" or not boundary:
-        raise UnsupportedMediaType('an upload must be multipart/related; type="application/dicom"')
+    """The boundary of the upload, which routing has checked to be multipart/related with a
+    boundary and a STOW part type; of those, only application/dicom parts can be translated."""
+    media = parse_media_type((header(scope, b"content-type") or b"").decode("latin-1"))
     related = media.related_type
     if related is not None and related != "application/dicom":
         raise UnsupportedMediaType(
             f"uploads of {related} are not supported: send application/dicom parts"
         )
-    return boundary.encode("latin-1")
+    return media.params.get("boundary", "").encode("latin-1")
 
 
 async def _writable(upload: _Upload, exam: int) -> bool:
@@ -348,22 +323,6 @@ async def _writable(upload: _Upload, exam: int) -> bool:
 
 def _first(values: list[str] | None) -> str:
     return values[0] if values else ""
-
-
-def _spooled_receive(spool: IO[bytes], receive: Receive) -> Receive:
-    """A ``receive`` giving the spooled body, then the client's own (its disconnect)."""
-    done = False
-
-    async def next_message() -> Message:
-        nonlocal done
-        if done:
-            return await receive()
-        chunk = await anyio.to_thread.run_sync(spool.read, _SPOOL_WRITE)
-        if len(chunk) < _SPOOL_WRITE:
-            done = True
-        return {"type": "http.request", "body": chunk, "more_body": not done}
-
-    return next_message
 
 
 class _Collected:
@@ -387,24 +346,24 @@ def _outcome(content_type: bytes, body: bytes) -> tuple[set[str], dict[str, int]
     view: DatasetView
     try:
         if b"xml" in content_type:
-            view = _XmlDataset(ET.fromstring(body))  # noqa: S314 (the PACS's answer)
+            view = XmlDataset(ET.fromstring(body))  # noqa: S314 (the PACS's answer)
         else:
             data = orjson.loads(body)
             if not isinstance(data, dict):
                 return set(), {}
-            view = _JsonDataset(data)
+            view = JsonDataset(data)
     except (ET.ParseError, orjson.JSONDecodeError):
         return set(), {}
     stored: set[str] = set()
     failed: dict[str, int] = {}
     for tag, items in view.sequences():
         for item in items:
-            uid = _first(item.get(_REFERENCED_SOP_INSTANCE))
+            uid = _first(item.get(REFERENCED_SOP_INSTANCE_UID))
             if not uid:
                 continue
-            if tag == _REFERENCED_SOP_SEQUENCE:
+            if tag == REFERENCED_SOP_SEQUENCE:
                 stored.add(uid)
-            elif tag == _FAILED_SOP_SEQUENCE:
+            elif tag == FAILED_SOP_SEQUENCE:
                 failed[uid] = PROCESSING_FAILURE
     return stored, failed
 
@@ -429,36 +388,29 @@ async def _answer(
     status = 200 if not failed else 202 if stored else 409
     dataset: dict[str, Any] = {}
     if path_study is not None:
-        dataset["00081190"] = _url(f"{upstream_url}/studies/{path_study}")
+        dataset[json_key(RETRIEVE_URL)] = _url(f"{upstream_url}/studies/{path_study}")
     if failed:
-        dataset["00081198"] = {
-            "vr": "SQ",
-            "Value": [
-                {
-                    "00081150": _ui(i.sop_class),
-                    "00081155": _ui(i.sop_instance),
-                    "00081197": {"vr": "US", "Value": [i.failure]},
-                }
-                for i in failed
-            ],
-        }
+        dataset[json_key(FAILED_SOP_SEQUENCE)] = _sequence(
+            {
+                json_key(REFERENCED_SOP_CLASS_UID): _ui(i.sop_class),
+                json_key(REFERENCED_SOP_INSTANCE_UID): _ui(i.sop_instance),
+                json_key(FAILURE_REASON): {"vr": "US", "Value": [i.failure]},
+            }
+            for i in failed
+        )
     if stored:
-        dataset["00081199"] = {
-            "vr": "SQ",
-            "Value": [
-                {
-                    "00081150": _ui(i.sop_class),
-                    "00081155": _ui(i.sop_instance),
-                    "00081190": _url(
-                        f"{upstream_url}/studies/{i.study}/series/{i.series}"
-                        f"/instances/{i.sop_instance}"
-                    ),
-                }
-                for i in stored
-            ],
-        }
+        dataset[json_key(REFERENCED_SOP_SEQUENCE)] = _sequence(
+            {
+                json_key(REFERENCED_SOP_CLASS_UID): _ui(i.sop_class),
+                json_key(REFERENCED_SOP_INSTANCE_UID): _ui(i.sop_instance),
+                json_key(RETRIEVE_URL): _url(
+                    f"{upstream_url}/studies/{i.study}/series/{i.series}/instances/{i.sop_instance}"
+                ),
+            }
+            for i in stored
+        )
     if wants_dicom_xml(scope):
-        body, media = _to_xml(dataset), b"application/dicom+xml"
+        body, media = to_xml(dataset), b"application/dicom+xml"
     else:
         body, media = orjson.dumps(dataset), b"application/dicom+json"
     headers = [(b"content-type", media), (b"content-length", str(len(body)).encode())]
@@ -474,25 +426,5 @@ def _url(url: str) -> dict[str, Any]:
     return {"vr": "UR", "Value": [url]}
 
 
-_NATIVE = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
-
-
-def _to_xml(dataset: dict[str, Any]) -> bytes:
-    """The PS3.19 Native DICOM Model of this module's small answers."""
-    root = ET.Element(f"{{{_NATIVE}}}NativeDicomModel")
-
-    def fill(element: ET.Element, data: dict[str, Any]) -> None:
-        for tag, attribute in data.items():
-            attributes = {"tag": tag, "vr": attribute["vr"]}
-            node = ET.SubElement(element, f"{{{_NATIVE}}}DicomAttribute", attributes)
-            for number, value in enumerate(attribute.get("Value", []), start=1):
-                if attribute["vr"] == "SQ":
-                    item = ET.SubElement(node, f"{{{_NATIVE}}}Item", number=str(number))
-                    fill(item, value)
-                else:
-                    child = ET.SubElement(node, f"{{{_NATIVE}}}Value", number=str(number))
-                    child.text = str(value)
-
-    fill(root, dataset)
-    written: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
-    return written
+def _sequence(items: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    return {"vr": "SQ", "Value": list(items)}

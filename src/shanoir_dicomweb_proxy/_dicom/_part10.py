@@ -1,7 +1,7 @@
 """Streaming rewrite of the study and series UIDs inside one DICOM Part 10 file.
 
 One instance of a ``multipart/related; type="application/dicom"`` retrieve answer is parsed
-as it arrives; the rules of :mod:`._translate` are applied to a :class:`DatasetView` of its
+as it arrives; the rules of :mod:`._uids` are applied to a :class:`DatasetView` of its
 elements, and the file is written out again byte for byte except for the changed values and
 the lengths that enclose them.
 
@@ -22,12 +22,13 @@ from typing import Final
 
 from pydicom.datadict import dictionary_VR
 
-from ._errors import MalformedBody
+from .._errors import MalformedBody
 from ._multipart import Chunk
-from ._translate import (
-    STUDY_INSTANCE_UID,
+from ._tags import SERIES_INSTANCE_UID, SOP_CLASS_UID, SOP_INSTANCE_UID, STUDY_INSTANCE_UID
+from ._uids import (
     TRANSLATED_TAGS,
     DatasetView,
+    Resolve,
     Translation,
     UidCollector,
     apply_translation,
@@ -40,9 +41,8 @@ _UNDEFINED: Final = 0xFFFFFFFF
 _ITEM: Final = 0xFFFEE000
 _ITEM_END: Final = 0xFFFEE00D
 _SEQUENCE_END: Final = 0xFFFEE0DD
-_SERIES_INSTANCE_UID: Final = 0x0020000E
 # SOP Class and SOP Instance UIDs, readable by an ``admit`` hook.
-_ADMIT_TAGS: Final = frozenset({0x00080016, 0x00080018})
+_ADMIT_TAGS: Final = frozenset({SOP_CLASS_UID, SOP_INSTANCE_UID})
 
 _IMPLICIT_LE: Final = "1.2.840.10008.1.2"
 _EXPLICIT_BE: Final = "1.2.840.10008.1.2.2"
@@ -278,7 +278,7 @@ class Part10Rewriter:
 
     def __init__(
         self,
-        resolve: Callable[[UidCollector], Awaitable[Translation]],
+        resolve: Resolve,
         *,
         study_known: bool,
         max_buffer: int = 64 * 1024 * 1024,
@@ -596,7 +596,7 @@ class Part10Rewriter:
             if not stack:
                 # The top-level decisions, before taking the element.
                 if not first_done:
-                    if tag > _SERIES_INSTANCE_UID:
+                    if tag > SERIES_INSTANCE_UID:
                         self._pos = pos
                         return _FIRST
                 elif not is_sequence and (length == _UNDEFINED or length >= large):

@@ -1,18 +1,26 @@
-"""A TTL cache in front of any identifier map."""
+"""TTL caches in front of any identifier map and any access policy."""
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Awaitable, Callable, Collection, Hashable, Mapping
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, cast
 
 import anyio
 import anyio.to_thread
-from cachetools import TTLCache
+from cachetools import TLRUCache, TTLCache
 
+from .._access import AccessPolicy, Action, Visible, user_key, within
 from .._identifiers import IdentifierMap, SeriesEntry
+from .._scope import Principal
+
+__all__ = ["CachingAccessPolicy", "CachingIdentifierMap"]
 
 _K = TypeVar("_K", bound=Hashable)
 _V = TypeVar("_V")
+_T = TypeVar("_T")
 _ABSENT: Any = object()
 
 
@@ -182,3 +190,143 @@ class CachingIdentifierMap:
             self.inner.series_by_id,
             lambda _, entry: self._series_by_uid.learn(entry.series_uid, entry),
         )
+
+
+@dataclass(eq=False)
+class _Flight(Generic[_T]):
+    """A call to the inner policy that identical concurrent calls wait for."""
+
+    done: anyio.Event = field(default_factory=anyio.Event)
+    answered: bool = False
+    answer: _T | None = None
+    error: Exception | None = None
+
+
+class CachingAccessPolicy:
+    """TTL caches (cachetools) in front of any :class:`AccessPolicy`.
+
+    ``visible`` answers are kept per (user key, action), ``allowed`` answers per (user key,
+    action, examination), denials included; an ``allowed`` question is answered from a kept
+    ``visible`` answer when there is one. An answer is kept ``ttl`` seconds (``0``: nothing is
+    kept), and never past the expiry of the token it was asked for; a principal whose token
+    has expired is never answered from the cache. Failures are not kept. Concurrent identical
+    questions share one call. ``timer`` gives the time in seconds since the epoch (the clock
+    of ``Principal.expires_at``).
+    """
+
+    def __init__(
+        self,
+        inner: AccessPolicy,
+        *,
+        ttl: float,
+        maxsize: int = 100_000,
+        visible_maxsize: int = 10_000,
+        timer: Callable[[], float] = time.time,
+    ) -> None:
+        if ttl < 0:
+            raise ValueError("ttl must be >= 0")
+        if maxsize < 1 or visible_maxsize < 1:
+            raise ValueError("maxsize and visible_maxsize must be >= 1")
+        self.inner = inner
+        self.ttl = ttl
+        self._timer = timer
+        # Values are (deadline, answer): the token's expiry bounds the entry's life.
+        self._visible: TLRUCache[tuple[str, Action], tuple[float, Visible]] = TLRUCache(
+            maxsize=visible_maxsize, ttu=self._expiry, timer=timer
+        )
+        self._allowed: TLRUCache[tuple[str, Action, int], tuple[float, bool]] = TLRUCache(
+            maxsize=maxsize, ttu=self._expiry, timer=timer
+        )
+        self._flights: dict[Hashable, _Flight[Any]] = {}
+        #: Questions answered from the caches, and those that were not (metrics).
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    def __repr__(self) -> str:
+        return f"CachingAccessPolicy({self.inner!r}, ttl={self.ttl})"
+
+    def _expiry(self, key: object, value: tuple[float, object], now: float) -> float:
+        return min(now + self.ttl, value[0])
+
+    def _deadline(self, principal: Principal) -> float | None:
+        """Until when answers for ``principal`` may be kept; None: not at all."""
+        deadline = math.inf if principal.expires_at is None else principal.expires_at
+        return deadline if self.ttl > 0 and deadline > self._timer() else None
+
+    async def visible(self, principal: Principal, action: Action) -> Visible:
+        """The inner policy's answer, kept per user and action."""
+        deadline = self._deadline(principal)
+        if deadline is None:
+            return await self.inner.visible(principal, action)
+        key = user_key(principal), action
+        hit = self._visible.get(key)
+        if hit is not None:
+            self.cache_hits += 1
+            return hit[1]
+        self.cache_misses += 1
+
+        async def ask() -> Visible:
+            answer = await self.inner.visible(principal, action)
+            self._visible[key] = (deadline, answer)
+            return answer
+
+        return await self._shared(("visible", *key), ask)
+
+    async def allowed(
+        self, principal: Principal, action: Action, exam_ids: Collection[int]
+    ) -> frozenset[int]:
+        """The inner policy's answer, kept per user, action and examination."""
+        deadline = self._deadline(principal)
+        if deadline is None:
+            return await self.inner.allowed(principal, action, exam_ids)
+        user = user_key(principal)
+        visible = self._visible.get((user, action))
+        if visible is not None:
+            self.cache_hits += 1
+            return within(visible[1], exam_ids)
+        found: set[int] = set()
+        missing: list[int] = []
+        for exam_id in set(exam_ids):
+            hit = self._allowed.get((user, action, exam_id))
+            if hit is None:
+                missing.append(exam_id)
+            elif hit[1]:
+                found.add(exam_id)
+        if not missing:
+            self.cache_hits += 1
+            return frozenset(found)
+        self.cache_misses += 1
+
+        async def ask() -> frozenset[int]:
+            answer = await self.inner.allowed(principal, action, missing)
+            for exam_id in missing:
+                self._allowed[user, action, exam_id] = (deadline, exam_id in answer)
+            return answer.intersection(missing)
+
+        return frozenset(
+            found | await self._shared(("allowed", user, action, *sorted(missing)), ask)
+        )
+
+    async def _shared(self, key: Hashable, ask: Callable[[], Awaitable[_T]]) -> _T:
+        """``ask()``, or the answer (or error) of the identical call already under way."""
+        flight: _Flight[_T] | None = self._flights.get(key)
+        if flight is not None:
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            if flight.answered:
+                return cast(_T, flight.answer)
+            # that call was cancelled: ask again
+        mine = _Flight[_T]()
+        self._flights[key] = mine
+        try:
+            answer = await ask()
+            mine.answer, mine.answered = answer, True
+            return answer
+        except Exception as exc:
+            mine.error = exc
+            raise
+        finally:
+            if self._flights.get(key) is mine:
+                del self._flights[key]
+            mine.done.set()

@@ -1,14 +1,14 @@
-"""Rewriting of what the upstream says into what the client may see.
+"""Links without identifier translation (``[mapping] backend = "identity"``).
 
-Links first: RetrieveURL (0008,1190), BulkDataURI and Content-Location name the upstream's
-own base URL; they are rewritten to the proxy's public base, as a stream, chunk by chunk.
+RetrieveURL (0008,1190), BulkDataURI and Content-Location name the upstream's own base URL;
+they are rewritten to the proxy's public base, as a stream, chunk by chunk.
 """
 
 from __future__ import annotations
 
-from ._headers import LINK_HEADERS, parse_media_type, public_base_url
-from ._multipart import BodyRewriter, BufferedPart, MultipartRewriter, PassPart
-from ._types import ASGIApp, Message, Receive, Scope, Send
+from .._dicom import BodyRewriter, BufferedPart, MultipartRewriter, PassPart
+from .._headers import LINK_HEADERS, parse_media_type, public_base_url
+from .._types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["LinkRewriter", "RewriteMiddleware"]
 

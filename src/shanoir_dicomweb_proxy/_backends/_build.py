@@ -1,0 +1,264 @@
+"""The backends ``[mapping]`` and ``[access]`` configure, built once (DESIGN §5).
+
+:func:`build_identifier_map` and :func:`build_access_policy` build one each, behind its cache;
+:meth:`Backends.build` builds both for an app, sharing one embedded store between them, and
+keeps what the app needs besides (the store to probe, the caches to count, how an upload
+registers a new series).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Self
+
+from .._access import AccessPolicy, Action, AllowAll, Visible
+from .._config import Settings
+from .._errors import ConfigError
+from .._identifiers import IdentifierMap, SeriesRegistrar
+from .._scope import Principal
+from .._store import SqliteStore, StoreError
+from ._cache import CachingAccessPolicy, CachingIdentifierMap
+from ._platform import HttpAccessPolicy, HttpIdentifierMap
+from ._sqlite import SqliteAccessPolicy, SqliteIdentifierMap
+from ._static import StaticAccessPolicy, StaticIdentifierMap
+
+__all__ = [
+    "Backends",
+    "ManagedAccessPolicy",
+    "ManagedIdentifierMap",
+    "build_access_policy",
+    "build_identifier_map",
+    "open_store",
+]
+
+_logger = logging.getLogger("shanoir_dicomweb_proxy.mapping")
+
+_MAXSIZE = 100_000
+
+Closer = Callable[[], Awaitable[None]]
+
+
+class _Owning:
+    """Owns what a backend opened (its store, its HTTP client): call :meth:`aclose` (or use
+    ``async with``) when done."""
+
+    _closers: list[Closer]
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release what the backend holds (the store it opened, its HTTP client); idempotent."""
+        closers, self._closers = self._closers, []
+        for close in closers:
+            await close()
+
+
+class ManagedIdentifierMap(CachingIdentifierMap, _Owning):
+    """The configured backend behind its cache, owning what the backend opened: call
+    :meth:`aclose` (or use ``async with``) when done.
+    """
+
+    def __init__(
+        self, inner: IdentifierMap, *, ttl: float, maxsize: int, closers: Iterable[Closer] = ()
+    ) -> None:
+        super().__init__(inner, ttl=ttl, maxsize=maxsize)
+        self._closers = list(closers)
+
+
+class ManagedAccessPolicy(_Owning):
+    """The configured policy (behind its cache, but for ``allow_all``), owning what its backend
+    opened: call :meth:`aclose` (or use ``async with``) when done."""
+
+    def __init__(
+        self,
+        policy: AccessPolicy,
+        *,
+        closers: Iterable[Closer] = (),
+        cache: CachingAccessPolicy | None = None,
+    ) -> None:
+        self.policy = policy
+        #: The cache in front of the backend (None for ``allow_all``).
+        self.cache = cache
+        self._closers = list(closers)
+
+    def __repr__(self) -> str:
+        return f"ManagedAccessPolicy({self.policy!r})"
+
+    async def visible(self, principal: Principal, action: Action) -> Visible:
+        """Every examination ``principal`` may ``action``: :data:`ALL`, or their IDs."""
+        return await self.policy.visible(principal, action)
+
+    async def allowed(
+        self, principal: Principal, action: Action, exam_ids: Collection[int]
+    ) -> frozenset[int]:
+        """The subset of ``exam_ids`` that ``principal`` may ``action``."""
+        return await self.policy.allowed(principal, action, exam_ids)
+
+
+def build_identifier_map(
+    settings: Settings, *, store: SqliteStore | None = None
+) -> ManagedIdentifierMap | None:
+    """The identifier map ``[mapping]`` configures, behind a cache of ``cache_ttl`` seconds;
+    None for ``backend = "identity"``.
+
+    ``sqlite`` uses ``store`` when given (and leaves it open), else opens ``[store] path`` and
+    closes it in :meth:`ManagedIdentifierMap.aclose`. ``static`` reads its file now: a bad
+    file is a :class:`ConfigError`.
+    """
+    mapping = settings.mapping
+    closers: list[Closer] = []
+    inner: IdentifierMap
+    if mapping.backend == "identity":
+        return None
+    if mapping.backend == "sqlite":
+        inner = SqliteIdentifierMap(store if store is not None else _open_store(settings, closers))
+    elif mapping.backend == "static":
+        try:
+            inner = StaticIdentifierMap.from_file(mapping.file)
+        except ConfigError as exc:
+            raise ConfigError(f"[mapping] file: {exc}") from None
+    else:
+        http = HttpIdentifierMap(mapping.url, token=mapping.token)
+        closers.append(http.aclose)
+        inner = http
+    return ManagedIdentifierMap(inner, ttl=mapping.cache_ttl, maxsize=_MAXSIZE, closers=closers)
+
+
+def build_access_policy(
+    settings: Settings, *, store: SqliteStore | None = None
+) -> ManagedAccessPolicy:
+    """The access policy ``[access]`` configures, behind a cache of ``cache_ttl`` seconds
+    (``allow_all`` is not cached).
+
+    ``sqlite`` uses ``store`` when given (the identifier map's, left open), else opens
+    ``[store] path`` and closes it in :meth:`ManagedAccessPolicy.aclose`. ``static`` reads its
+    file now: a bad file is a :class:`ConfigError`.
+    """
+    access = settings.access
+    closers: list[Closer] = []
+    inner: AccessPolicy
+    if access.backend == "allow_all":
+        return ManagedAccessPolicy(AllowAll())
+    if access.backend == "sqlite":
+        inner = SqliteAccessPolicy(store if store is not None else _open_store(settings, closers))
+    elif access.backend == "static":
+        try:
+            inner = StaticAccessPolicy.from_file(access.file)
+        except ConfigError as exc:
+            raise ConfigError(f"[access] file: {exc}") from None
+    else:
+        http = HttpAccessPolicy(access.url, token=access.token)
+        closers.append(http.aclose)
+        inner = http
+    cache = CachingAccessPolicy(inner, ttl=access.cache_ttl)
+    return ManagedAccessPolicy(cache, closers=closers, cache=cache)
+
+
+def open_store(settings: Settings) -> SqliteStore:
+    """Open ``[store] path`` (created if missing); a store that cannot be used is a
+    :class:`ConfigError`."""
+    try:
+        return SqliteStore(settings.store.path)
+    except StoreError as exc:
+        raise ConfigError(f"[store] path: {exc}") from None
+
+
+def _open_store(settings: Settings, closers: list[Closer]) -> SqliteStore:
+    """:func:`open_store`, with its closer added to ``closers``."""
+    store = open_store(settings)
+
+    async def close() -> None:
+        store.close()
+
+    closers.append(close)
+    return store
+
+
+@dataclass(eq=False)
+class Backends:
+    """The identifier map and the access policy of one app, and what comes with them.
+
+    ``store`` is the embedded store they read (for the readiness probe), ``registrar`` how an
+    upload registers a new series (with the embedded store's map only), ``identifier_cache``
+    and ``access_cache`` the caches whose counts are exported. :meth:`aclose` closes what
+    :meth:`build` opened, never what it was given.
+    """
+
+    identifiers: IdentifierMap
+    access: AccessPolicy
+    store: SqliteStore | None = None
+    registrar: SeriesRegistrar | None = None
+    identifier_cache: CachingIdentifierMap | None = None
+    access_cache: CachingAccessPolicy | None = None
+    _closers: list[Closer] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        *,
+        identifiers: IdentifierMap | None = None,
+        access: AccessPolicy | None = None,
+    ) -> Backends:
+        """What ``[mapping]`` and ``[access]`` configure, but for the map and the policy a host
+        app gives; one embedded store serves both ``sqlite`` backends."""
+        closers: list[Closer] = []
+        wants_store = (identifiers is None and settings.mapping.backend == "sqlite") or (
+            access is None and settings.access.backend == "sqlite"
+        )
+        store = _open_store(settings, closers) if wants_store else None
+        registrar: SeriesRegistrar | None = None
+        identifier_cache: CachingIdentifierMap | None = None
+        access_cache: CachingAccessPolicy | None = None
+        if identifiers is None:
+            managed_map = build_identifier_map(settings, store=store)
+            if managed_map is None:
+                raise ConfigError(
+                    f'{settings.source}: [mapping] backend = "identity" translates nothing: '
+                    "there is no identifier map to build"
+                )
+            closers.append(managed_map.aclose)
+            identifiers = identifier_cache = managed_map
+            if isinstance(managed_map.inner, SqliteIdentifierMap):
+                registrar = _registrar(managed_map.inner, managed_map)
+        elif isinstance(identifiers, CachingIdentifierMap):
+            identifier_cache = identifiers
+            if store is None and isinstance(identifiers.inner, SqliteIdentifierMap):
+                store = identifiers.inner.store  # a host app's store: probed, not closed
+        if access is None and settings.access.backend == "allow_all":
+            access = AllowAll()  # as such: the access layer then looks nothing up
+        elif access is None:
+            managed_policy = build_access_policy(settings, store=store)
+            closers.append(managed_policy.aclose)
+            access, access_cache = managed_policy, managed_policy.cache
+        elif isinstance(access, ManagedAccessPolicy):
+            access_cache = access.cache
+        elif isinstance(access, CachingAccessPolicy):
+            access_cache = access
+        return cls(identifiers, access, store, registrar, identifier_cache, access_cache, closers)
+
+    async def aclose(self) -> None:
+        """Close what :meth:`build` opened (the store last); idempotent."""
+        closers, self._closers = self._closers, []
+        for close in reversed(closers):
+            await close()
+
+
+def _registrar(sqlite_map: SqliteIdentifierMap, cache: CachingIdentifierMap) -> SeriesRegistrar:
+    """Register an uploaded series in the embedded store, and teach the cache."""
+
+    async def register(exam_id: int, series_uid: str) -> None:
+        try:
+            entry = await sqlite_map.register_series(exam_id, series_uid)
+        except StoreError as exc:  # registered under another examination meanwhile
+            _logger.warning("an uploaded series was not registered: %s", exc)
+            return
+        cache.learn_series(entry)
+
+    return register

@@ -1,0 +1,122 @@
+"""The Native DICOM Model (PS3.19 §A.1): DICOM XML, one dataset per multipart part."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .._errors import UpstreamError
+from ._uids import DatasetView, Resolve, UidCollector, apply_translation, collect_uids
+
+__all__ = ["XmlDataset", "to_xml", "translate_xml", "xml_value"]
+
+NATIVE_NAMESPACE = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
+
+# Written back as the default namespace (ElementTree would otherwise invent an "ns0" prefix).
+ET.register_namespace("", NATIVE_NAMESPACE)
+
+
+def _local(tag: str) -> str:
+    return tag.rpartition("}")[2]
+
+
+class XmlDataset:
+    """A ``NativeDicomModel`` or ``Item`` element as a :class:`DatasetView`."""
+
+    __slots__ = ("_element",)
+
+    def __init__(self, element: ET.Element) -> None:
+        self._element = element
+
+    def _attribute(self, tag: int) -> ET.Element | None:
+        wanted = f"{tag:08X}"
+        for child in self._element:
+            if _local(child.tag) == "DicomAttribute" and child.get("tag", "").upper() == wanted:
+                return child
+        return None
+
+    def get(self, tag: int) -> list[str] | None:
+        attribute = self._attribute(tag)
+        if attribute is None:
+            return None
+        return [v.text or "" for v in attribute if _local(v.tag) == "Value"]
+
+    def put(self, tag: int, values: list[str] | None) -> None:
+        attribute = self._attribute(tag)
+        assert attribute is not None
+        namespace = attribute.tag[: -len("DicomAttribute")]
+        for child in [v for v in attribute if _local(v.tag) == "Value"]:
+            attribute.remove(child)
+        for number, text in enumerate(values or (), start=1):
+            value = ET.SubElement(attribute, namespace + "Value", number=str(number))
+            value.text = text
+
+    def sequences(self) -> Iterable[tuple[int, Iterable[DatasetView]]]:
+        for child in self._element:
+            if _local(child.tag) == "DicomAttribute" and child.get("vr") == "SQ":
+                items = [XmlDataset(i) for i in child if _local(i.tag) == "Item"]
+                yield int(child.get("tag", "0"), 16), items
+
+    def map_links(self, rewrite: Callable[[str], str | None]) -> None:
+        for child in self._element:
+            if _local(child.tag) != "DicomAttribute":
+                continue
+            for bulk in [b for b in child if _local(b.tag) == "BulkData"]:
+                # PS3.19 says "uri"; Orthanc writes "URI".
+                for name, uri in list(bulk.attrib.items()):
+                    if name.lower() != "uri":
+                        continue
+                    new = rewrite(uri)
+                    if new is None:
+                        child.remove(bulk)
+                    else:
+                        bulk.set(name, new)
+
+
+async def translate_xml(body: bytes, resolve: Resolve, *, study_known: bool) -> bytes | None:
+    """Translate one DICOM XML dataset; None when it must be left out."""
+    try:
+        root = ET.fromstring(body)  # noqa: S314 (from the upstream PACS; expat refuses entity bombs)
+    except ET.ParseError as exc:
+        raise UpstreamError("the upstream sent malformed DICOM XML") from exc
+    view = XmlDataset(root)
+    collector = UidCollector()
+    collect_uids(view, collector)
+    if collector.studies or collector.series:
+        translation = await resolve(collector)
+        if not apply_translation(view, translation, study_known=study_known):
+            return None
+    written: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return written
+
+
+def xml_value(body: bytes, tag: int) -> str | None:
+    """The first value of ``tag`` at the top level of one DICOM XML dataset, or None."""
+    try:
+        root = ET.fromstring(body)  # noqa: S314 (see translate_xml)
+    except ET.ParseError as exc:
+        raise UpstreamError("the upstream sent malformed DICOM XML") from exc
+    values = XmlDataset(root).get(tag)
+    return values[0] if values else None
+
+
+def to_xml(dataset: dict[str, Any]) -> bytes:
+    """A small DICOM JSON object (strings, numbers, sequences; no bulk data) as DICOM XML."""
+    root = ET.Element(f"{{{NATIVE_NAMESPACE}}}NativeDicomModel")
+
+    def fill(element: ET.Element, data: dict[str, Any]) -> None:
+        for tag, attribute in data.items():
+            attributes = {"tag": tag, "vr": attribute["vr"]}
+            node = ET.SubElement(element, f"{{{NATIVE_NAMESPACE}}}DicomAttribute", attributes)
+            for number, value in enumerate(attribute.get("Value", []), start=1):
+                if attribute["vr"] == "SQ":
+                    item = ET.SubElement(node, f"{{{NATIVE_NAMESPACE}}}Item", number=str(number))
+                    fill(item, value)
+                else:
+                    child = ET.SubElement(node, f"{{{NATIVE_NAMESPACE}}}Value", number=str(number))
+                    child.text = str(value)
+
+    fill(root, dataset)
+    written: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return written

@@ -1,0 +1,134 @@
+"""Public UIDs to real ones and back, through an identifier map and the public UID format."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+from .._dicom import UidCollector
+from .._errors import NotFound
+from .._identifiers import IdentifierMap, UidFormatter
+from .._request import DicomWebRequest, Resource, is_series_key, is_study_key, split_uid_list
+
+__all__ = ["IdentifierTranslator", "Known", "NothingMatches"]
+
+
+class NothingMatches(Exception):
+    """A search for identifiers none of which exist: the answer is empty."""
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """Real ↔ public pairs learned while translating one request, and the examination of
+    each real study and series UID."""
+
+    studies: dict[str, str]
+    series: dict[str, str]
+    exams: dict[str, int] = field(default_factory=dict)
+    #: The series of the path stands for itself (``unmapped_series = "expose"``): the map
+    #: cannot say which study it belongs to.
+    unmapped_series: bool = False
+
+
+class IdentifierTranslator:
+    """Public UIDs ↔ real UIDs through an :class:`IdentifierMap` and a :class:`UidFormatter`."""
+
+    def __init__(
+        self, identifiers: IdentifierMap, formatter: UidFormatter, *, expose_unmapped: bool
+    ) -> None:
+        self.identifiers = identifiers
+        self.formatter = formatter
+        self.expose_unmapped = expose_unmapped
+
+    async def real_studies(self, public: Iterable[str]) -> dict[str, str]:
+        """Public study UID → real study UID, for the known ones."""
+        ids = {uid: self.formatter.exam_id(uid) for uid in public}
+        wanted = {i for i in ids.values() if i is not None}
+        found = await self.identifiers.studies_by_id(wanted) if wanted else {}
+        return {uid: found[i] for uid, i in ids.items() if i is not None and i in found}
+
+    async def real_series(self, public: Iterable[str], *, exam_id: int | None) -> dict[str, str]:
+        """Public series UID → real series UID, for the known ones (in ``exam_id`` if given).
+
+        With ``unmapped_series = "expose"``, a value that is not a public UID stands for
+        itself when the map does not know it as a real series UID either.
+        """
+        values = set(public)
+        ids = {uid: self.formatter.acquisition_id(uid) for uid in values}
+        wanted = {i for i in ids.values() if i is not None}
+        entries = await self.identifiers.series_by_id(wanted) if wanted else {}
+        result: dict[str, str] = {}
+        for uid, i in ids.items():
+            entry = entries.get(i) if i is not None else None
+            if entry is not None and (exam_id is None or entry.exam_id == exam_id):
+                result[uid] = entry.series_uid
+        if self.expose_unmapped:
+            others = {uid for uid, i in ids.items() if i is None}
+            mapped = await self.identifiers.series_by_uid(others) if others else {}
+            result.update((uid, uid) for uid in others if uid not in mapped)
+        return result
+
+    async def public(self, collector: UidCollector, known: Known) -> None:
+        """Learn the public UIDs of what ``collector`` holds into ``known``."""
+        studies = collector.studies - known.studies.keys()
+        if studies:
+            found = await self.identifiers.studies_by_uid(studies)
+            for uid, exam_id in found.items():
+                known.studies[uid] = self.formatter.study_uid(exam_id)
+                known.exams[uid] = exam_id
+        series = collector.series - known.series.keys()
+        if series:
+            entries = await self.identifiers.series_by_uid(series)
+            for uid, entry in entries.items():
+                known.series[uid] = self.formatter.series_uid(entry.acquisition_id)
+                known.exams[uid] = entry.exam_id
+
+    async def translate_request(self, request: DicomWebRequest) -> tuple[DicomWebRequest, Known]:
+        """The request with real UIDs; raises NotFound, or NothingMatches for a search."""
+        known = Known({}, {})
+        study = series = None
+        exam_id = None
+        if request.study is not None:
+            found = await self.real_studies([request.study])
+            study = found.get(request.study)
+            if study is None:
+                raise NotFound("no such study")
+            exam_id = self.formatter.exam_id(request.study)
+            assert exam_id is not None
+            known.studies[study] = request.study
+            known.exams[study] = exam_id
+        if request.series is not None:
+            found = await self.real_series([request.series], exam_id=exam_id)
+            series = found.get(request.series)
+            if series is None:
+                raise NotFound("no such series")
+            if series == request.series:
+                known = replace(known, unmapped_series=True)
+            known.series[series] = request.series
+            if exam_id is not None:
+                known.exams[series] = exam_id
+        query = request.query
+        if request.resource is Resource.SEARCH:
+            query = await self._translate_query(query, exam_id)
+        return replace(request, study=study, series=series, query=query), known
+
+    async def _translate_query(
+        self, query: tuple[tuple[str, str], ...], exam_id: int | None
+    ) -> tuple[tuple[str, str], ...]:
+        result: list[tuple[str, str]] = []
+        for key, value in query:
+            if is_study_key(key):
+                values = split_uid_list(value)
+                found = await self.real_studies(values)
+                pairs = [(found[v], v) for v in values if v in found]
+            elif is_series_key(key):
+                values = split_uid_list(value)
+                found = await self.real_series(values, exam_id=exam_id)
+                pairs = [(found[v], v) for v in values if v in found]
+            else:
+                result.append((key, value))
+                continue
+            if not pairs:
+                raise NothingMatches
+            result.append((key, ",".join(real for real, _ in pairs)))
+        return tuple(result)

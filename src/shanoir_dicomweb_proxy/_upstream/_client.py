@@ -1,0 +1,198 @@
+"""The proxy's one HTTP client to the PACS, and how it authenticates there (``[upstream]``).
+
+Errors of the HTTP client are translated into the proxy's hierarchy here
+(:func:`upstream_error`) and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.cookiejar
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Generator
+
+import httpx
+
+from .._config import UpstreamAuthSettings, UpstreamSettings
+from .._errors import ProxyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from ._transport import AiohttpTransport
+
+__all__ = ["Upstream", "upstream_error"]
+
+logger = logging.getLogger("shanoir_dicomweb_proxy.upstream")
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+# Failures that mean "the pooled connection was already dead": Orthanc closes idle
+# connections after 1 s (Keep-Alive: timeout=1), so a request can race that close.
+_STALE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+class Upstream:
+    """The proxy's one HTTP client to the PACS (``[upstream]``).
+
+    Opened in the app's lifespan (or on first use when a host app runs no lifespan for it),
+    closed in the lifespan. ``trust_env=False`` and no cookie jar: a ``Set-Cookie`` meant for
+    one request must never be replayed for another user.
+    """
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.url = settings.url
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+
+    def _build_client(self) -> httpx.AsyncClient:
+        s = self.settings
+        limits = httpx.Limits(
+            max_connections=s.max_connections,
+            max_keepalive_connections=s.max_keepalive_connections,
+            keepalive_expiry=s.keepalive_expiry,
+        )
+        transport = self._transport
+        if transport is None and s.transport == "aiohttp":
+            transport = AiohttpTransport(
+                limits=limits,
+                connect_timeout=s.connect_timeout,
+                read_timeout=s.read_timeout,
+                pool_timeout=s.pool_timeout,
+            )
+        auth: httpx.Auth | None = None
+        if s.auth.type == "basic":
+            auth = httpx.BasicAuth(s.auth.username, s.auth.password)
+        elif s.auth.type == "bearer":
+            auth = _Bearer(s.auth.token)
+        elif s.auth.type == "client_credentials":
+            auth = _ClientCredentials(s.auth, timeout=s.connect_timeout + 10)
+        return httpx.AsyncClient(
+            transport=transport,
+            trust_env=False,
+            follow_redirects=False,
+            auth=auth,
+            cookies=_no_cookies(),
+            timeout=httpx.Timeout(
+                connect=s.connect_timeout,
+                read=s.read_timeout,
+                write=s.write_timeout,
+                pool=s.pool_timeout,
+            ),
+            limits=limits,
+        )
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = self._build_client()
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    async def send(
+        self,
+        method: str,
+        target: str,
+        *,
+        headers: list[tuple[bytes, bytes]],
+        content: AsyncIterator[bytes] | None = None,
+    ) -> httpx.Response:
+        """Send a request and return the streamed response (the caller must ``aclose`` it).
+
+        ``target`` is the path and query below the upstream URL. A request that fails on a
+        stale pooled connection is retried once when it is idempotent.
+        """
+        request = self.client.build_request(
+            method, self.url + target, headers=headers, content=content
+        )
+        attempts = 2 if method in _IDEMPOTENT and content is None else 1
+        for attempt in range(attempts):
+            try:
+                return await self.client.send(request, stream=True)
+            except _STALE as exc:
+                if attempt + 1 < attempts:
+                    logger.debug("retrying %s after a stale connection: %s", method, exc)
+                    continue
+                raise upstream_error(exc) from exc
+            except httpx.HTTPError as exc:
+                raise upstream_error(exc) from exc
+        raise AssertionError("unreachable")
+
+
+def upstream_error(exc: httpx.HTTPError) -> ProxyError:
+    """The proxy's error for a failure of the HTTP client."""
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout("the upstream did not answer in time")
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamUnavailable("the upstream could not be reached")
+    return UpstreamError("the upstream connection failed")
+
+
+class _Bearer(httpx.Auth):
+    def __init__(self, token: str) -> None:
+        self._value = f"Bearer {token}"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = self._value
+        yield request
+
+
+class _ClientCredentials(httpx.Auth):
+    """The proxy's own token for the PACS (OAuth 2.0 client credentials, RFC 6749 §4.4).
+
+    Fetched on first use, shared by all requests, renewed 30 s before it expires, and once more
+    when the PACS answers 401 to an idempotent request. A plain form POST: authlib's httpx
+    integration warns that it is deprecated in the version this project runs with.
+    """
+
+    def __init__(self, settings: UpstreamAuthSettings, *, timeout: float) -> None:
+        self._settings = settings
+        self._timeout = timeout
+        self._token = ""
+        self._renew_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        request.headers["Authorization"] = f"Bearer {await self._get(stale=None)}"
+        response = yield request
+        if response.status_code == 401 and request.method in _IDEMPOTENT:
+            token = await self._get(stale=request.headers["Authorization"][7:])
+            request.headers["Authorization"] = f"Bearer {token}"
+            yield request
+
+    async def _get(self, *, stale: str | None) -> str:
+        async with self._lock:
+            if self._token and self._token != stale and time.monotonic() < self._renew_at:
+                return self._token
+            s = self._settings
+            data = {"grant_type": "client_credentials"}
+            if s.scope:
+                data["scope"] = s.scope
+            try:
+                async with httpx.AsyncClient(trust_env=False, timeout=self._timeout) as client:
+                    response = await client.post(
+                        s.token_url, data=data, auth=(s.client_id, s.client_secret)
+                    )
+                response.raise_for_status()
+                body = response.json()
+                token, expires_in = body["access_token"], float(body.get("expires_in", 60))
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                logger.warning("could not obtain the proxy's upstream token: %s", exc)
+                raise UpstreamError("the proxy could not obtain its own upstream token") from None
+            self._token = str(token)
+            self._renew_at = time.monotonic() + max(expires_in - 30.0, expires_in / 2)
+            return self._token
+
+
+def _no_cookies() -> http.cookiejar.CookieJar:
+    """A jar that stores nothing. httpx copies a ``Cookies`` object into a fresh jar (so a
+    subclass would be lost), but keeps a ``CookieJar`` as it is, with its policy."""
+    return http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))

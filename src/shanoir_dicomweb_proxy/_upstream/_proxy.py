@@ -1,0 +1,248 @@
+"""The innermost layer: the ASGI app that forwards the parsed request to the PACS, streaming."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from typing import IO
+
+import anyio
+import httpx
+import orjson
+
+from .._dicom import UID_IN_TEXT
+from .._errors import ProxyError, UpstreamError, UpstreamRejected
+from .._headers import (
+    content_length,
+    parse_media_type,
+    request_headers_for_upstream,
+    response_headers_for_client,
+)
+from .._request import DicomWebRequest
+from .._scope import get_dicomweb_request, get_record
+from .._spool import SPOOL_IN_MEMORY, read_spool, spool_body
+from .._types import Receive, Scope, Send
+from ._client import Upstream, upstream_error
+
+__all__ = ["UpstreamProxy"]
+
+
+def _upstream_message(body: bytes) -> str:
+    """Orthanc's short error ``Message`` (its errors are JSON without a Content-Type)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    message = data.get("Message") if isinstance(data, dict) else None
+    if not isinstance(message, str):
+        return ""
+    # Never echo identifiers the upstream put in its message.
+    return UID_IN_TEXT.sub("<uid>", message)[:200]
+
+
+class UpstreamProxy:
+    """The innermost ASGI app: forwards the parsed DICOMweb request to the PACS, streaming.
+
+    Request and response bodies flow through with backpressure: a chunk is read from one
+    side only when the other side took the previous one. A client that hangs up cancels the
+    upstream request; an upstream that fails mid-body aborts the client's response.
+    """
+
+    def __init__(self, upstream: Upstream, *, max_upload_bytes: int | None = None) -> None:
+        self.upstream = upstream
+        self.max_upload_bytes = max_upload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._handle(scope, receive, send)
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = get_dicomweb_request(scope)
+        if request.method != "POST":
+            await self._forward_watching(scope, request, receive, send)
+            return
+        length = content_length(scope)
+        if length is not None:  # routing has held it against [server] max_upload_bytes
+            await self._forward_watching(scope, request, receive, send, length=length)
+            return
+        # A chunked upload is spooled first (to disk past 1 MiB, never past the limit) so
+        # that the PACS gets a Content-Length: Orthanc stores the complete parts of a
+        # chunked body that ends early, which would half-store a batch that the client was
+        # told failed. With a Content-Length a truncated body is refused whole.
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
+            length = await spool_body(receive, spool, self.max_upload_bytes)
+            if length is not None:
+                await self._forward_watching(
+                    scope, request, receive, send, length=length, spool=spool
+                )
+
+    async def _forward_watching(
+        self,
+        scope: Scope,
+        request: DicomWebRequest,
+        receive: Receive,
+        send: Send,
+        *,
+        length: int | None = None,
+        spool: IO[bytes] | None = None,
+    ) -> None:
+        """Forward while watching the client: a disconnect cancels the upstream request."""
+        async with anyio.create_task_group() as tg:
+            content: AsyncIterator[bytes] | None = None
+            if spool is not None:
+                content = read_spool(spool)
+                tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
+            elif length is not None:
+                sender, body = anyio.create_memory_object_stream[bytes](0)
+                content = _iterate(body)
+                tg.start_soon(_pump_body, receive, sender, tg.cancel_scope)
+            else:
+                tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
+            try:
+                await self._forward(scope, request, content, length, send)
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def _forward(
+        self,
+        scope: Scope,
+        request: DicomWebRequest,
+        content: AsyncIterator[bytes] | None,
+        length: int | None,
+        send: Send,
+    ) -> None:
+        record = get_record(scope)
+        request_id = record.request_id if record is not None else None
+        headers = request_headers_for_upstream(scope["headers"], request_id=request_id)
+        # Bytes are rewritten on the way back; a compressed body could not be.
+        headers.append((b"accept-encoding", b"identity"))
+        if length is not None:
+            # Some PACS refuse chunked STOW; all of them refuse a body shorter than announced.
+            headers.append((b"content-length", str(length).encode()))
+        target = request.path()
+        query = request.query_string()
+        if query:
+            target += "?" + query
+        # Orthanc answers HEAD with 404: ask for GET and send only the head back.
+        method = "GET" if request.method == "HEAD" else request.method
+        started = time.perf_counter() if record is not None else 0.0
+        try:
+            response = await self.upstream.send(method, target, headers=headers, content=content)
+            try:
+                await self._respond(request, response, send)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+        finally:
+            if record is not None:
+                record.upstream_seconds += time.perf_counter() - started
+
+    async def _respond(
+        self, request: DicomWebRequest, response: httpx.Response, send: Send
+    ) -> None:
+        status = response.status_code
+        if status >= 500:
+            raise UpstreamError(f"the upstream failed with status {status}")
+        if status in (401, 403, 407):
+            raise UpstreamError("the upstream refused the proxy's own credentials")
+        if status >= 400:
+            message = _upstream_message(await _read_capped(response, 65536))
+            raise UpstreamRejected(message or f"the upstream answered {status}", status=status)
+        headers = response_headers_for_client(response.headers.raw)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        if request.method == "HEAD":
+            await send({"type": "http.response.body", "body": b""})
+            return
+        boundary = _multipart_boundary(response)
+        keep = len(boundary) + 8 if boundary is not None else 0
+        tail = b""
+        try:
+            async for chunk in response.aiter_raw():
+                if boundary is not None:
+                    tail = (tail + chunk[-keep:])[-keep:]
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            raise upstream_error(exc) from exc
+        if boundary is not None and b"--" + boundary + b"--" not in tail:
+            # Orthanc ends study and series retrieves at EOF, so a connection lost in the
+            # middle looks like a clean end: only the closing delimiter tells them apart.
+            raise UpstreamError("the upstream's multipart answer ended before its last part")
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def _read_capped(response: httpx.Response, cap: int) -> bytes:
+    data = b""
+    try:
+        async for chunk in response.aiter_raw():
+            data += chunk
+            if len(data) >= cap:
+                break
+    except httpx.HTTPError:
+        pass
+    return data[:cap]
+
+
+def _multipart_boundary(response: httpx.Response) -> bytes | None:
+    content_type = response.headers.get("content-type")
+    if content_type is None:
+        return None
+    media = parse_media_type(content_type)
+    if not media.type.startswith("multipart/") or "boundary" not in media.params:
+        return None
+    return media.params["boundary"].encode("latin-1")
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report from a task group: a ProxyError if any, else the first."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return next((e for e in leaves if isinstance(e, ProxyError)), leaves[0])
+
+
+async def _iterate(stream: anyio.abc.ObjectReceiveStream[bytes]) -> AsyncIterator[bytes]:
+    async with stream:
+        async for chunk in stream:
+            yield chunk
+
+
+async def _pump_body(
+    receive: Receive,
+    sender: anyio.abc.ObjectSendStream[bytes],
+    cancel_scope: anyio.CancelScope,
+) -> None:
+    """Hand the request body to the upstream request one chunk at a time, then watch for a
+    disconnect.
+
+    The stream to the upstream is closed only when the body is complete. On a disconnect it is
+    left open and the upstream request is cancelled instead, so the PACS sees fewer bytes than
+    the Content-Length it was promised and stores nothing.
+    """
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            cancel_scope.cancel()
+            return
+        chunk: bytes = message.get("body", b"")
+        if chunk:
+            await sender.send(chunk)
+        if not message.get("more_body", False):
+            break
+    await sender.aclose()
+    await _watch_disconnect(receive, cancel_scope)
+
+
+async def _watch_disconnect(receive: Receive, cancel_scope: anyio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    cancel_scope.cancel()
