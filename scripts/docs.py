@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from shanoir_dicomweb_proxy._reference import config_reference, replace_generated
+from shanoir_dicomweb_proxy._config_reference import config_reference, replace_generated
 
 DOCUMENT = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 

@@ -1,25 +1,25 @@
-"""Session fixtures: the real Orthanc upstream with sample data, and proxies in front of it."""
+"""Session fixtures: the real Orthanc upstream with sample data, proxies in front of it, and a
+second archive (with a store synced from it) for the translation and access tests.
+
+Helpers shared by the tests are in ``tests/support``; no test imports from this file.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+import httpx
 import pytest
 
+from shanoir_dicomweb_proxy import SqliteStore, Upstream, UpstreamSettings
+from shanoir_dicomweb_proxy._store import sync_store
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, SampleSet, generate_samples
 
-from .archive import archive, real_uids, store_path
-
-__all__ = ["archive", "real_uids", "store_path"]  # session fixtures of the second archive
-
-# Identity mapping, no authentication: the gateway core on its own.
-CORE_SETTINGS: dict[str, Any] = {
-    "auth": {"enabled": False},
-    "mapping": {"backend": "identity"},
-    "access": {"backend": "allow_all"},
-}
+from .support.archive import extra_files
+from .support.settings import CORE_SETTINGS, ProxyFactory
 
 
 @pytest.fixture(scope="session")
@@ -37,9 +37,6 @@ def orthanc(
     with OrthancServer(tmp_path_factory.mktemp("orthanc")) as server:
         assert server.load(samples.files) == len(samples.files)
         yield server
-
-
-ProxyFactory = Callable[..., ProxyServer]
 
 
 @pytest.fixture(scope="session", params=["aiohttp", "httpx"])
@@ -79,3 +76,44 @@ def proxy(orthanc: OrthancServer, proxy_factory: ProxyFactory) -> ProxyServer:
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("work")
+
+
+# --- the second archive ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def archive(
+    tmp_path_factory: pytest.TempPathFactory, samples: SampleSet
+) -> Iterator[OrthancServer]:
+    folder = tmp_path_factory.mktemp("translation")
+    extra = extra_files(samples, folder)
+    with OrthancServer(folder / "orthanc") as server:
+        small = [p for p in samples.files if p != samples.large.path]
+        assert server.load([*small, *extra]) == len(small) + len(extra)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def store_path(tmp_path_factory: pytest.TempPathFactory, archive: OrthancServer) -> Path:
+    path = tmp_path_factory.mktemp("store") / "store.sqlite3"
+    upstream = Upstream(UpstreamSettings(url=archive.dicomweb_url, transport="httpx"))
+
+    async def sync() -> None:
+        with SqliteStore(path) as store:
+            await sync_store(store, upstream)
+        await upstream.aclose()
+
+    anyio.run(sync)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_uids(archive: OrthancServer) -> set[str]:
+    """Every study and series UID the archive holds, from Orthanc's own REST API."""
+    base = archive.dicomweb_url.rsplit("/dicom-web", 1)[0]
+    uids: set[str] = set()
+    with httpx.Client(base_url=base) as http:
+        for level, tag in (("studies", "StudyInstanceUID"), ("series", "SeriesInstanceUID")):
+            for entry in http.get(f"/{level}", params={"expand": ""}).json():
+                uids.add(entry["MainDicomTags"][tag])
+    return uids

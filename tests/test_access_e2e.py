@@ -22,9 +22,9 @@ from shanoir_dicomweb_proxy._auth import dev_token
 from shanoir_dicomweb_proxy._store import SqliteStore
 from shanoir_dicomweb_proxy.testing import OrthancServer
 
-from .archive import SERIES_ROOT, STUDY_ROOT
-from .conftest import ProxyFactory
-from .dicomweb import DICOM, OCTET, XML
+from .support.archive import SERIES_ROOT, STUDY_ROOT
+from .support.dicomweb import DICOM, OCTET, XML
+from .support.settings import ProxyFactory
 
 TTL = 2  # [access] cache_ttl: a revoke holds within it
 

@@ -39,8 +39,8 @@ from shanoir_dicomweb_proxy._scope import Principal
 from shanoir_dicomweb_proxy._store import SqliteStore
 from shanoir_dicomweb_proxy.testing import OrthancServer
 
-from .archive import SERIES_ROOT, STUDY_ROOT
-from .dicomweb import DICOM, OCTET, XML
+from .support.archive import SERIES_ROOT, STUDY_ROOT
+from .support.dicomweb import DICOM, OCTET, XML
 
 JSON = "application/dicom+json"
 SEARCH_XML = "application/dicom+xml"

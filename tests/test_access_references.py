@@ -25,9 +25,9 @@ from shanoir_dicomweb_proxy._auth import dev_token
 from shanoir_dicomweb_proxy._store import SqliteStore, sync_store
 from shanoir_dicomweb_proxy.testing import OrthancServer, SampleSet
 
-from .archive import SERIES_ROOT, STUDY_ROOT
-from .conftest import ProxyFactory
-from .dicomweb import DICOM, XML, parts
+from .support.archive import SERIES_ROOT, STUDY_ROOT
+from .support.dicomweb import DICOM, XML, parts
+from .support.settings import ProxyFactory
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
 SR_SERIES = "1.2.826.0.1.3680043.8.498.4545.2"

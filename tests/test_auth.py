@@ -22,7 +22,7 @@ from joserfc.jwk import ECKey, KeySet, RSAKey
 from shanoir_dicomweb_proxy import Settings
 from shanoir_dicomweb_proxy._auth import dev_token
 
-from .asgi import Answer, build, call
+from .support.asgi import Answer, build, call
 
 ISSUER = "https://idp.test/realms/shanoir-ng"
 AUDIENCE = "dicomweb-proxy"

@@ -14,9 +14,9 @@ from joserfc import jws
 
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer
 
-from .conftest import ProxyFactory
-from .faults import FaultServer
-from .idp import PROXY_CLIENT_ID, PROXY_CLIENT_SECRET, IdentityProvider
+from .support.faults import FaultServer
+from .support.idp import PROXY_CLIENT_ID, PROXY_CLIENT_SECRET, IdentityProvider
+from .support.settings import ProxyFactory
 
 
 def _auth(idp: IdentityProvider, **extra: Any) -> dict[str, Any]:

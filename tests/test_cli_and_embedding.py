@@ -22,7 +22,7 @@ from shanoir_dicomweb_proxy.testing import (
     free_port,
 )
 
-from .conftest import CORE_SETTINGS
+from .support.settings import CORE_SETTINGS
 
 ROOT = Path(__file__).parent.parent
 

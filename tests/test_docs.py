@@ -23,7 +23,7 @@ from shanoir_dicomweb_proxy import (
     Settings,
     UidFormatter,
 )
-from shanoir_dicomweb_proxy import _reference as reference
+from shanoir_dicomweb_proxy import _config_reference as reference
 from shanoir_dicomweb_proxy._auth import dev_token
 from shanoir_dicomweb_proxy.testing import free_port
 

@@ -13,7 +13,7 @@ from dicomweb_client.api import DICOMwebClient
 
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, SampleSet
 
-from .dicomweb import DICOM, OCTET, XML, parts, relink
+from .support.dicomweb import DICOM, OCTET, XML, parts, relink
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from joserfc import jwt
 from joserfc.errors import BadSignatureError, InvalidKeyIdError
 from joserfc.jwk import KeySet
 
-from .idp import USERS, IdentityProvider, TokenError
+from .support.idp import USERS, IdentityProvider, TokenError
 
 
 @pytest.fixture(scope="module")

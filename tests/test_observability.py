@@ -33,9 +33,9 @@ from shanoir_dicomweb_proxy._observability import (
 from shanoir_dicomweb_proxy._store import SqliteStore
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, SampleSet
 
-from .archive import SERIES_ROOT, STUDY_ROOT
-from .asgi import build, call
-from .conftest import CORE_SETTINGS, ProxyFactory
+from .support.archive import SERIES_ROOT, STUDY_ROOT
+from .support.asgi import build, call
+from .support.settings import CORE_SETTINGS, ProxyFactory
 
 HEX_ID = re.compile(r"[0-9a-f]{32}")
 

@@ -24,10 +24,10 @@ from shanoir_dicomweb_proxy import DicomWebProxy, Settings
 from shanoir_dicomweb_proxy._store import SqliteStore
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, dump_toml, free_port
 
-from .asgi import call
-from .conftest import CORE_SETTINGS
-from .faults import FaultServer
-from .idp import PROXY_CLIENT_ID, PROXY_CLIENT_SECRET, IdentityProvider
+from .support.asgi import call
+from .support.faults import FaultServer
+from .support.idp import PROXY_CLIENT_ID, PROXY_CLIENT_SECRET, IdentityProvider
+from .support.settings import CORE_SETTINGS
 
 SQLITE = {
     "mapping": {"backend": "sqlite", "study_root": "1.4.9.1", "series_root": "1.4.9.2"},

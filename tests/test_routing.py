@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from shanoir_dicomweb_proxy import BadRequest, Level, MethodNotAllowed, NotFound, Resource, Service
 from shanoir_dicomweb_proxy._routing import parse_route
 
-from .asgi import build, call
+from .support.asgi import build, call
 
 S, SE, SOP = "1.2.840.1", "1.2.840.1.2", "1.2.840.1.2.3"
 

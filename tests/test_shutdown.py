@@ -15,8 +15,8 @@ import pytest
 
 from shanoir_dicomweb_proxy.testing import ProxyServer
 
-from .conftest import CORE_SETTINGS
-from .faults import SLOW_CHUNKS, FaultServer
+from .support.faults import SLOW_CHUNKS, FaultServer
+from .support.settings import CORE_SETTINGS
 
 RETRIEVE = "/studies/1.2/series/3.4/instances/5.6"
 BODY = SLOW_CHUNKS * 65536  # sent over about 3 s

@@ -34,7 +34,7 @@ from shanoir_dicomweb_proxy._store import (
 )
 from shanoir_dicomweb_proxy.testing import OrthancServer, SampleSet, dump_toml, free_port
 
-from .conftest import CORE_SETTINGS
+from .support.settings import CORE_SETTINGS
 
 STUDY_ROOT, SERIES_ROOT = "1.4.9.12.34.1.8527", "1.4.9.12.34.2.8527"
 _NOWHERE = f"http://127.0.0.1:{free_port()}/dicom-web"

@@ -14,8 +14,8 @@ import pytest
 
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, SampleSet
 
-from .conftest import ProxyFactory
-from .dicomweb import DICOM
+from .support.dicomweb import DICOM
+from .support.settings import ProxyFactory
 
 MB = 1024 * 1024
 

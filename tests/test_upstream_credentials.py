@@ -13,8 +13,8 @@ import pytest
 
 from shanoir_dicomweb_proxy.testing import OrthancServer, SampleSet
 
-from .conftest import ProxyFactory
-from .faults import FaultServer
+from .support.faults import FaultServer
+from .support.settings import ProxyFactory
 
 
 @pytest.fixture(scope="module")

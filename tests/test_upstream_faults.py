@@ -1,7 +1,7 @@
 """What the proxy does when the upstream misbehaves, and what crosses it in each direction.
 
-A small misbehaving server (tests/faults.py) stands in for failures that a real Orthanc will not
-produce on demand.
+A small misbehaving server (tests/support/faults.py) stands in for failures that a real Orthanc
+will not produce on demand.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 
 from shanoir_dicomweb_proxy.testing import ProxyServer, free_port
 
-from .conftest import ProxyFactory
-from .faults import FaultServer
+from .support.faults import FaultServer
+from .support.settings import ProxyFactory
 
 RETRIEVE = "/studies/1.2.3/series/4.5.6"
 

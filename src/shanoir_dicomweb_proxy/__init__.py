@@ -59,7 +59,14 @@ from ._problems import ErrorMiddleware
 from ._request import DicomWebRequest, Level, Resource, Service
 from ._rewrite import IdentifierTranslator, RewriteMiddleware, StowMiddleware, TranslationMiddleware
 from ._routing import RoutingMiddleware
-from ._scope import Principal, RequestRecord, get_dicomweb_request, get_principal, get_record
+from ._scope import (
+    Principal,
+    RequestRecord,
+    get_dicomweb_request,
+    get_principal,
+    get_record,
+    set_principal,
+)
 from ._store import SqliteStore, StoreError
 from ._upstream import Upstream, UpstreamProxy
 from ._version import __version__
@@ -138,5 +145,6 @@ __all__ = [
     "get_dicomweb_request",
     "get_principal",
     "get_record",
+    "set_principal",
     "__version__",
 ]

@@ -51,9 +51,32 @@ class BadRequest(ProxyError):
     code = "bad_request"
 
 
-class NotFound(ProxyError):
-    status = 404
-    code = "not_found"
+class InvalidToken(ProxyError):
+    """401 with an RFC 6750 challenge. ``error`` is absent when no token was sent at all.
+
+    ``reason`` says why in a fixed word for metrics and logs (``missing``, ``malformed``,
+    ``expired``, ``bad_signature``, ``wrong_audience``, ...); never the token.
+    """
+
+    status = 401
+    code = "invalid_token"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        realm: str,
+        error: str | None = "invalid_token",
+        reason: str = "invalid",
+    ) -> None:
+        challenge = f'Bearer realm="{realm}"'
+        if error is not None:
+            challenge += f', error="{error}", error_description="{detail}"'
+        super().__init__(detail, headers={"www-authenticate": challenge})
+        self.reason = reason
+        if error is None:
+            self.code = "missing_token"
+            self.reason = "missing"
 
 
 class Forbidden(ProxyError):
@@ -61,6 +84,11 @@ class Forbidden(ProxyError):
 
     status = 403
     code = "forbidden"
+
+
+class NotFound(ProxyError):
+    status = 404
+    code = "not_found"
 
 
 class MethodNotAllowed(ProxyError):
@@ -129,34 +157,6 @@ class UpstreamTimeout(UpstreamError):
 
     status = 504
     code = "upstream_timeout"
-
-
-class InvalidToken(ProxyError):
-    """401 with an RFC 6750 challenge. ``error`` is absent when no token was sent at all.
-
-    ``reason`` says why in a fixed word for metrics and logs (``missing``, ``malformed``,
-    ``expired``, ``bad_signature``, ``wrong_audience``, ...); never the token.
-    """
-
-    status = 401
-    code = "invalid_token"
-
-    def __init__(
-        self,
-        detail: str,
-        *,
-        realm: str,
-        error: str | None = "invalid_token",
-        reason: str = "invalid",
-    ) -> None:
-        challenge = f'Bearer realm="{realm}"'
-        if error is not None:
-            challenge += f', error="{error}", error_description="{detail}"'
-        super().__init__(detail, headers={"www-authenticate": challenge})
-        self.reason = reason
-        if error is None:
-            self.code = "missing_token"
-            self.reason = "missing"
 
 
 class AuthUnavailable(ProxyError):

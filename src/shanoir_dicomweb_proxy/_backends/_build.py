@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Self
+from typing import Generic, Literal, Self, TypeVar
 
 from .._access import AccessPolicy, Action, AllowAll, Visible
 from .._config import Settings
@@ -20,7 +20,7 @@ from .._identifiers import IdentifierMap, SeriesRegistrar
 from .._scope import Principal
 from .._store import SqliteStore, StoreError
 from ._cache import CachingAccessPolicy, CachingIdentifierMap
-from ._platform import HttpAccessPolicy, HttpIdentifierMap
+from ._platform import HttpAccessPolicy, HttpIdentifierMap, PlatformClient
 from ._sqlite import SqliteAccessPolicy, SqliteIdentifierMap
 from ._static import StaticAccessPolicy, StaticIdentifierMap
 
@@ -38,6 +38,7 @@ _logger = logging.getLogger("shanoir_dicomweb_proxy.mapping")
 _MAXSIZE = 100_000
 
 Closer = Callable[[], Awaitable[None]]
+_B = TypeVar("_B")
 
 
 class _Owning:
@@ -112,21 +113,10 @@ def build_identifier_map(
     file is a :class:`ConfigError`.
     """
     mapping = settings.mapping
-    closers: list[Closer] = []
-    inner: IdentifierMap
     if mapping.backend == "identity":
         return None
-    if mapping.backend == "sqlite":
-        inner = SqliteIdentifierMap(store if store is not None else _open_store(settings, closers))
-    elif mapping.backend == "static":
-        try:
-            inner = StaticIdentifierMap.from_file(mapping.file)
-        except ConfigError as exc:
-            raise ConfigError(f"[mapping] file: {exc}") from None
-    else:
-        http = HttpIdentifierMap(mapping.url, token=mapping.token)
-        closers.append(http.aclose)
-        inner = http
+    closers: list[Closer] = []
+    inner = _backend(settings, "mapping", store, closers, _MAPS)
     return ManagedIdentifierMap(inner, ttl=mapping.cache_ttl, maxsize=_MAXSIZE, closers=closers)
 
 
@@ -140,24 +130,48 @@ def build_access_policy(
     ``[store] path`` and closes it in :meth:`ManagedAccessPolicy.aclose`. ``static`` reads its
     file now: a bad file is a :class:`ConfigError`.
     """
-    access = settings.access
-    closers: list[Closer] = []
-    inner: AccessPolicy
-    if access.backend == "allow_all":
+    if settings.access.backend == "allow_all":
         return ManagedAccessPolicy(AllowAll())
-    if access.backend == "sqlite":
-        inner = SqliteAccessPolicy(store if store is not None else _open_store(settings, closers))
-    elif access.backend == "static":
-        try:
-            inner = StaticAccessPolicy.from_file(access.file)
-        except ConfigError as exc:
-            raise ConfigError(f"[access] file: {exc}") from None
-    else:
-        http = HttpAccessPolicy(access.url, token=access.token)
-        closers.append(http.aclose)
-        inner = http
-    cache = CachingAccessPolicy(inner, ttl=access.cache_ttl)
+    closers: list[Closer] = []
+    inner = _backend(settings, "access", store, closers, _POLICIES)
+    cache = CachingAccessPolicy(inner, ttl=settings.access.cache_ttl)
     return ManagedAccessPolicy(cache, closers=closers, cache=cache)
+
+
+@dataclass(frozen=True)
+class _Kinds(Generic[_B]):
+    """How to build each kind of backend of one section."""
+
+    sqlite: Callable[[SqliteStore], _B]
+    static: Callable[[str], _B]
+    http: Callable[..., _B]
+
+
+_MAPS = _Kinds[IdentifierMap](SqliteIdentifierMap, StaticIdentifierMap.from_file, HttpIdentifierMap)
+_POLICIES = _Kinds[AccessPolicy](SqliteAccessPolicy, StaticAccessPolicy.from_file, HttpAccessPolicy)
+
+
+def _backend(
+    settings: Settings,
+    section: Literal["mapping", "access"],
+    store: SqliteStore | None,
+    closers: list[Closer],
+    kinds: _Kinds[_B],
+) -> _B:
+    """The ``sqlite``, ``static`` or ``http`` backend of ``[mapping]`` or ``[access]``, with
+    what must be closed added to ``closers``."""
+    config = settings.mapping if section == "mapping" else settings.access
+    if config.backend == "sqlite":
+        return kinds.sqlite(store if store is not None else _open_store(settings, closers))
+    if config.backend == "static":
+        try:
+            return kinds.static(config.file)
+        except ConfigError as exc:
+            raise ConfigError(f"[{section}] file: {exc}") from None
+    client = kinds.http(config.url, token=config.token)
+    if isinstance(client, PlatformClient):
+        closers.append(client.aclose)
+    return client
 
 
 def open_store(settings: Settings) -> SqliteStore:

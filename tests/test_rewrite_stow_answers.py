@@ -17,7 +17,7 @@ from shanoir_dicomweb_proxy import DicomWebProxy, Settings, Upstream
 from shanoir_dicomweb_proxy._backends import StaticIdentifierMap
 from shanoir_dicomweb_proxy._store import ImportRow
 
-from .asgi import CORE, call
+from .support.asgi import CORE, call
 
 STUDY, SERIES = "1.2.840.99.1", "1.2.840.99.1.1"
 PUBLIC_STUDY, PUBLIC_SERIES = "1.4.1.42", "1.4.2.7"

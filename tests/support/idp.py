@@ -31,7 +31,7 @@ from joserfc.jwk import RSAKey
 
 from shanoir_dicomweb_proxy.testing._process import LoopbackProcess
 
-IDP_DIR: Final = Path(__file__).resolve().parent / "idp"
+IDP_DIR: Final = Path(__file__).resolve().parent.parent / "idp"
 SERVER_SCRIPT: Final = IDP_DIR / "server.mjs"
 REALM_PATH: Final = "/realms/shanoir-ng"
 OIDC_PATH: Final = "/protocol/openid-connect"

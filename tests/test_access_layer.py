@@ -19,7 +19,7 @@ from shanoir_dicomweb_proxy._errors import ProxyError
 from shanoir_dicomweb_proxy._scope import set_principal
 from shanoir_dicomweb_proxy._store import ImportRow
 
-from .asgi import CORE, Answer, call
+from .support.asgi import CORE, Answer, call
 
 EXAMS = 1200  # more than FILTER_PAGE and INJECT_MAX: both strategies are exercised
 ROOT = "1.4.1"

@@ -28,7 +28,7 @@ from shanoir_dicomweb_proxy._identifiers import SeriesEntry
 from shanoir_dicomweb_proxy._store import SqliteStore, StoreError
 from shanoir_dicomweb_proxy.testing import free_port
 
-from .loopback_http import FakePlatform, LoopbackServer, serving
+from .support.loopback_http import FakePlatform, LoopbackServer, serving
 
 STUDY_42 = "1.2.840.113619.2.1.42"
 STUDY_43 = "1.2.840.113619.2.1.43"

@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, SampleSet
 
-from .conftest import ProxyFactory
+from .support.settings import ProxyFactory
 
 
 @pytest.fixture(scope="module")

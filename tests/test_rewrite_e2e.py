@@ -20,9 +20,9 @@ from dicomweb_client.api import DICOMwebClient
 from shanoir_dicomweb_proxy._store import SqliteStore
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, SampleSet
 
-from .archive import DEFLATED_STUDY, SEG_SERIES, SERIES_ROOT, STUDY_ROOT
-from .conftest import ProxyFactory
-from .dicomweb import DICOM, OCTET, XML, parts
+from .support.archive import DEFLATED_STUDY, SEG_SERIES, SERIES_ROOT, STUDY_ROOT
+from .support.dicomweb import DICOM, OCTET, XML, parts
+from .support.settings import ProxyFactory
 
 MAPPING = {"backend": "sqlite", "study_root": STUDY_ROOT, "series_root": SERIES_ROOT}
 PUBLIC = re.compile(rf"^(?:{re.escape(STUDY_ROOT)}|{re.escape(SERIES_ROOT)})\.[1-9][0-9]*$")

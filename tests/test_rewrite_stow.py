@@ -28,7 +28,7 @@ from shanoir_dicomweb_proxy._store import SqliteStore, sync_store
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, SampleSet
 from shanoir_dicomweb_proxy.testing._process import resident_memory
 
-from .conftest import ProxyFactory
+from .support.settings import ProxyFactory
 
 STUDY_ROOT, SERIES_ROOT = "1.4.9.12.34.1.8527", "1.4.9.12.34.2.8527"
 LIMIT = 8 * 1024 * 1024  # [server] max_upload_bytes of the limited proxy

@@ -41,7 +41,7 @@ from shanoir_dicomweb_proxy._store import (
 from shanoir_dicomweb_proxy._store._sqlite import _APPLICATION_ID, _MIGRATIONS
 from shanoir_dicomweb_proxy.testing import dump_toml, free_port
 
-from .loopback_http import FakePlatform, LoopbackServer, serving
+from .support.loopback_http import FakePlatform, LoopbackServer, serving
 
 STUDY_ROOT, SERIES_ROOT = "1.4.9.12.34.1.8527", "1.4.9.12.34.2.8527"
 NOW = 1_800_000_000.0

@@ -17,7 +17,7 @@ from shanoir_dicomweb_proxy._errors import MappingUnavailable
 from shanoir_dicomweb_proxy._identifiers import IdentifierMap, SeriesEntry
 from shanoir_dicomweb_proxy._store import ImportRow
 
-from .asgi import CORE, call
+from .support.asgi import CORE, call
 
 STUDY, SERIES, OTHER_STUDY = "1.2.840.99.1", "1.2.840.99.1.1", "1.2.840.77.1"
 MAPPING = {"backend": "static", "study_root": "1.4.1", "series_root": "1.4.2", "file": "x"}

@@ -1,24 +1,18 @@
 """A second archive for the translation and access tests: the session's small samples plus a
 SEG whose nested references point at another series, pydicom's SR test file and an instance
-stored deflated; and a store synced from it."""
+stored deflated (:func:`extra_files`); the fixtures that serve it are in ``conftest.py``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import anyio
-import httpx
 import pydicom
-import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from shanoir_dicomweb_proxy import Upstream, UpstreamSettings
-from shanoir_dicomweb_proxy._store import SqliteStore, sync_store
-from shanoir_dicomweb_proxy.testing import OrthancServer, SampleSet
+from shanoir_dicomweb_proxy.testing import SampleSet
 
 STUDY_ROOT = "1.4.9.12.34.1.8527"
 SERIES_ROOT = "1.4.9.12.34.2.8527"
@@ -98,39 +92,6 @@ def _deflated(folder: Path) -> Path:
 DEFLATED_STUDY = "1.2.826.0.1.3680043.8.498.4343.1"
 
 
-@pytest.fixture(scope="session")
-def archive(
-    tmp_path_factory: pytest.TempPathFactory, samples: SampleSet
-) -> Iterator[OrthancServer]:
-    folder = tmp_path_factory.mktemp("translation")
-    extra = [_seg(samples, folder), _testdata("test-SR.dcm"), _deflated(folder)]
-    with OrthancServer(folder / "orthanc") as server:
-        small = [p for p in samples.files if p != samples.large.path]
-        assert server.load([*small, *extra]) == len(small) + len(extra)
-        yield server
-
-
-@pytest.fixture(scope="session")
-def store_path(tmp_path_factory: pytest.TempPathFactory, archive: OrthancServer) -> Path:
-    path = tmp_path_factory.mktemp("store") / "store.sqlite3"
-    upstream = Upstream(UpstreamSettings(url=archive.dicomweb_url, transport="httpx"))
-
-    async def sync() -> None:
-        with SqliteStore(path) as store:
-            await sync_store(store, upstream)
-        await upstream.aclose()
-
-    anyio.run(sync)
-    return path
-
-
-@pytest.fixture(scope="session")
-def real_uids(archive: OrthancServer) -> set[str]:
-    """Every study and series UID the archive holds, from Orthanc's own REST API."""
-    base = archive.dicomweb_url.rsplit("/dicom-web", 1)[0]
-    uids: set[str] = set()
-    with httpx.Client(base_url=base) as http:
-        for level, tag in (("studies", "StudyInstanceUID"), ("series", "SeriesInstanceUID")):
-            for entry in http.get(f"/{level}", params={"expand": ""}).json():
-                uids.add(entry["MainDicomTags"][tag])
-    return uids
+def extra_files(samples: SampleSet, folder: Path) -> list[Path]:
+    """The archive's files besides the session's small samples, written into ``folder``."""
+    return [_seg(samples, folder), _testdata("test-SR.dcm"), _deflated(folder)]
