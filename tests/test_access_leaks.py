@@ -564,6 +564,7 @@ class Example:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+@pytest.mark.slow
 @given(data=st.data())
 def test_no_answer_names_an_examination_not_granted(world: World, data: st.DataObject) -> None:
     ids = sorted(world.exams)

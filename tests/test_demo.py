@@ -5,11 +5,14 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from shanoir_dicomweb_proxy.testing import free_port
 
 ROOT = Path(__file__).parent.parent
 
 
+@pytest.mark.slow
 def test_demo_runs_its_examples(tmp_path: Path) -> None:
     # The README's command itself (setup included, which is idempotent), stopping once checked.
     command = ["bash", str(ROOT / "scripts/demo.sh"), "--once"]

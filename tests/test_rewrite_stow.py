@@ -326,6 +326,7 @@ def test_unsupported_upload_types_are_415(site: dict[str, Any]) -> None:
     assert "application/dicom" in response.json()["detail"]
 
 
+@pytest.mark.slow
 def test_a_large_upload_streams_with_bounded_memory(site: dict[str, Any]) -> None:
     """500 MB in 10 instances of 50 MB: the proxy's peak memory stays far below it."""
     template = _bytes(_big(site, 50 * 1024 * 1024))

@@ -82,6 +82,7 @@ def _wait_exit(proxy: ProxyServer, within: float) -> int | None:
         return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_lets_a_stream_in_flight_finish(
     tmp_path: Path, slow: FaultServer, workers: int

@@ -25,6 +25,7 @@ def _large_path(samples: SampleSet) -> str:
     return f"/studies/{large.study_uid}/series/{large.series_uid}/instances/{large.sop_uid}"
 
 
+@pytest.mark.slow
 def test_slow_reader_does_not_grow_memory(proxy: ProxyServer, samples: SampleSet) -> None:
     """A client reading 57.7 MB at ~25 MB/s: the proxy must not buffer what it cannot send."""
     baseline = proxy.rss()
