@@ -77,7 +77,9 @@ class DicomWebProxy:
                 )
             app = RewriteMiddleware(app, **_links(settings))
         else:
-            self.backends = Backends.build(settings, identifiers=identifiers, access=access)
+            self.backends = Backends.build(
+                settings, identifiers=identifiers, access=access, upstream=self.upstream
+            )
             log = settings.logging.audit_log
             self.audit = AuditLog(log) if log else None
             app = _mapped(app, settings, self.backends, self.audit, caches)

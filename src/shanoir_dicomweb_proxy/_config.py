@@ -37,6 +37,8 @@ __all__ = [
     "MappingSettings",
     "ServerSettings",
     "Settings",
+    "ShanoirServiceSettings",
+    "ShanoirSettings",
     "StoreSettings",
     "UpstreamAuthSettings",
     "UpstreamSettings",
@@ -148,8 +150,8 @@ _S = TypeVar("_S", bound=_Section)
 
 Transport = Literal["httpx", "aiohttp"]
 UpstreamAuthType = Literal["none", "basic", "bearer", "client_credentials"]
-MappingBackend = Literal["sqlite", "static", "http", "identity"]
-AccessBackend = Literal["sqlite", "static", "http", "allow_all"]
+MappingBackend = Literal["sqlite", "static", "http", "shanoir", "identity"]
+AccessBackend = Literal["sqlite", "static", "http", "shanoir", "allow_all"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, repr=False)
@@ -467,13 +469,15 @@ class MappingSettings(_Section):
     _section = "mapping"
 
     #: `"sqlite"`: the embedded store (`[store] path`); `"static"`: `file`; `"http"`: the platform
-    #: at `url`; `"identity"`: every UID is its own public UID ([backends](backends.md)).
+    #: at `url`; `"shanoir"`: the Shanoir-NG of `[shanoir]` ([Shanoir-NG](shanoir.md));
+    #: `"identity"`: every UID is its own public UID ([backends](backends.md)).
     backend: MappingBackend = "sqlite"
     #: Public study UIDs are `study_root.EXAM_ID` (the bare ID when empty): digits and dots, at most
     #: 43 characters, so that root + "." + a 20-digit ID fits in 64.
     study_root: str = ""
     #: Public series UIDs are `series_root.ACQUISITION_ID`; must differ from `study_root` unless
-    #: `backend = "identity"`.
+    #: `backend = "identity"`, or `"shanoir"`, whose front end builds series links on the study
+    #: root (the position in a path or a dataset tells a study from a series).
     series_root: str = ""
     #: A series the mapping does not know, inside a study it knows (a viewer's new SEG, a series not
     #: synced yet): `"expose"` shows it with its real UID, `"hide"` leaves it out
@@ -495,11 +499,12 @@ class MappingSettings(_Section):
     def _validate(self) -> None:
         self._check("study_root", _uid_root)
         self._check("series_root", _uid_root)
-        if self.backend != "identity" and self.study_root == self.series_root:
+        if self.backend not in ("identity", "shanoir") and self.study_root == self.series_root:
             raise self._error(
                 "series_root",
                 f"must differ from study_root (both are {_describe(self.study_root)}): equal "
-                'roots make examination and acquisition IDs collide (unless backend = "identity")',
+                "roots make examination and acquisition IDs collide (unless backend is "
+                '"identity" or "shanoir")',
             )
         _check_backend_source(self)
         self._require(self.cache_ttl >= 0, "cache_ttl", "must be >= 0")
@@ -512,7 +517,8 @@ class AccessSettings(_Section):
     _section = "access"
 
     #: `"sqlite"`: grants in the embedded store (`[store] path`); `"static"`: `file`; `"http"`: the
-    #: platform at `url`; `"allow_all"`: every authenticated caller may do everything.
+    #: platform at `url`; `"shanoir"`: the rights of the Shanoir-NG of `[shanoir]`
+    #: ([Shanoir-NG](shanoir.md)); `"allow_all"`: every authenticated caller may do everything.
     backend: AccessBackend = "sqlite"
     #: Seconds a decision is reused (`0`: not cached), never past the token's `exp`: a revoke takes
     #: effect within this delay ([caching](access.md#caching-and-revocation-delay)).
@@ -540,6 +546,82 @@ class AccessSettings(_Section):
         self._require(self.cache_ttl >= 0, "cache_ttl", "must be >= 0")
         self._require(self.inject_max >= 0, "inject_max", "must be >= 0")
         _check_backend_source(self)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, repr=False)
+class ShanoirServiceSettings(_Section):
+    """``[shanoir.service]``: the proxy's own client of the Shanoir-NG realm, for
+    ``credentials = "service"``."""
+
+    _section = "shanoir.service"
+
+    #: The realm's token endpoint (Keycloak:
+    #: `https://HOST/auth/realms/shanoir-ng/protocol/openid-connect/token`).
+    token_url: str = ""
+    #: A confidential client with the service-account (client credentials) grant, whose service
+    #: account holds `ROLE_ADMIN`: Shanoir answers the rights of every user only to an admin.
+    client_id: str = ""
+    #: That client's secret (or `client_secret_file`).
+    client_secret: str = field(default="", repr=False, metadata=_SECRET)
+    #: A file holding the secret (a Kubernetes Secret or systemd credential), read when a token is
+    #: fetched; trailing whitespace is dropped.
+    client_secret_file: str = field(default="", metadata=_PATH)
+    #: The `scope` asked for with the token; `""` asks for none.
+    scope: str = ""
+
+    def _validate(self) -> None:
+        if self.token_url:
+            self._check("token_url", lambda v: _http_url(v, keep_slash=True, query=True))
+        self._require(
+            not (self.client_secret and self.client_secret_file),
+            "client_secret_file",
+            "give client_secret or client_secret_file, not both",
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, repr=False)
+class ShanoirSettings(_Section):
+    """``[shanoir]``: the Shanoir-NG whose examinations, acquisitions and rights the
+    ``shanoir`` backends of ``[mapping]`` and ``[access]`` use ([Shanoir-NG](shanoir.md))."""
+
+    _section = "shanoir"
+
+    #: Shanoir-NG's base URL, where its `studies` and `datasets` services answer
+    #: (`https://shanoir.example.org/shanoir-ng`); required by the `shanoir` backends.
+    url: str = ""
+    #: `"user"`: each caller's own token is forwarded to Shanoir, which answers with that user's
+    #: rights (tokens of the `ohif-viewer` client carry the `userId` Shanoir needs); `"service"`:
+    #: the proxy reads the whole rights matrix with its own client (`[shanoir.service]`) once per
+    #: `cache_ttl` and decides for each caller's `userId` itself.
+    credentials: Literal["user", "service"] = "user"
+    #: Seconds Shanoir's answers (rights, examinations, acquisitions) are reused: a right revoked
+    #: in Shanoir takes effect within this delay (plus `[access] cache_ttl`).
+    cache_ttl: float = 60
+    #: Whose name PatientName and PatientID show: `"copies"`: the examination's subject for a
+    #: copied examination (as Shanoir does), the PACS's value otherwise; `"always"`: the subject's
+    #: name for every examination; `"never"`: the PACS's value.
+    patient_name: Literal["copies", "always", "never"] = "copies"
+    #: Seconds a request to Shanoir may take before the proxy answers 503.
+    timeout: float = 10.0
+    #: The proxy's own client, with `credentials = "service"`.
+    service: ShanoirServiceSettings = field(default_factory=ShanoirServiceSettings)
+
+    def _validate(self) -> None:
+        if self.url:
+            self._check("url", _http_url)
+        self._require(self.cache_ttl >= 0, "cache_ttl", "must be >= 0")
+        self._require(self.timeout > 0, "timeout", "must be > 0")
+        service = self.service
+        if self.credentials == "service":
+            missing = [n for n in ("token_url", "client_id") if not getattr(service, n)]
+            if not (service.client_secret or service.client_secret_file):
+                missing.append("client_secret")
+            if missing:
+                raise self._error(
+                    "service", f'{", ".join(missing)} required when credentials = "service"'
+                )
+        elif service.token_url or service.client_id or service.client_secret:
+            raise self._error("service", 'only used with credentials = "service"')
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, repr=False)
@@ -595,11 +677,22 @@ class Settings(_Section):
     #: Who may do what on which examination ([access control](access.md)). Any backend but
     #: `allow_all` needs a `[mapping] backend` other than `identity`.
     access: AccessSettings = field(default_factory=AccessSettings)
+    #: The Shanoir-NG the `shanoir` backends read ([Shanoir-NG](shanoir.md)).
+    shanoir: ShanoirSettings = field(default_factory=ShanoirSettings)
     #: The embedded SQLite store ([the store](store.md)).
     store: StoreSettings = field(default_factory=StoreSettings)
     #: Logs and the audit log ([operations](operations.md)).
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: str = field(default="<dict>", compare=False, repr=False, metadata={"file": False})
+
+    def _validate(self) -> None:
+        users = [
+            f"[{name}] backend"
+            for name in ("mapping", "access")
+            if getattr(self, name).backend == "shanoir"
+        ]
+        if users and not self.shanoir.url:
+            raise self.shanoir._error("url", f'required when {" and ".join(users)} = "shanoir"')
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> Settings:

@@ -26,6 +26,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "ProxyError",
+    "ShanoirUnavailable",
     "UnsupportedMediaType",
     "UpstreamError",
     "UpstreamRejected",
@@ -182,6 +183,15 @@ class AccessUnavailable(ProxyError):
 
     status = 503
     code = "access_unavailable"
+
+
+class ShanoirUnavailable(ProxyError):
+    """Shanoir-NG cannot answer now (unreachable, slow, failing, refusing the token used, or
+    answering what its API does not allow): 503; nothing is served rather than served unchecked
+    or unmapped."""
+
+    status = 503
+    code = "shanoir_unavailable"
 
 
 class ConfigError(Exception):

@@ -8,7 +8,9 @@ what               written by                                      read by
 =================  ==============================================  =========================
 request record     observability (:class:`RequestRecord`)          auth, access, upstream note
                                                                    on it what only they know
-principal          auth (:class:`Principal`)                       access
+principal          auth (:class:`Principal`)                       access; backends acting on
+                                                                   the caller's behalf
+                                                                   (:func:`current_principal`)
 DICOMweb request   routing; access narrows a search; rewrite       access, rewrite, upstream,
                    addresses the upstream's UIDs                   observability (its route)
 visibility         access: which examinations the caller may read  rewrite (answers)
@@ -24,6 +26,7 @@ when the layer that writes its key is not in the stack.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -37,6 +40,7 @@ __all__ = [
     "Visibility",
     "WriteCheck",
     "count_upstream_rows",
+    "current_principal",
     "find_dicomweb_request",
     "get_dicomweb_request",
     "get_instance_audit",
@@ -78,7 +82,9 @@ class Principal:
     ``user_id`` comes from ``[auth] user_claim`` (Shanoir's ``userId``), ``roles`` from
     ``[auth] roles_claim`` (plus client roles when ``client_roles`` is set), ``expires_at`` is the
     token's ``exp`` (seconds since the epoch). ``token_id`` is a short hash of the token: the
-    only trace of it that may be logged.
+    only trace of it that may be logged. ``token`` is the bearer token itself, for a backend
+    that asks its platform on the caller's behalf (``[shanoir] credentials = "user"``): it never
+    goes to the PACS, into a log or into a ``repr``.
     """
 
     subject: str
@@ -89,6 +95,7 @@ class Principal:
     expires_at: float | None
     is_admin: bool
     token_id: str
+    token: str = field(default="", repr=False, compare=False)
 
 
 class RequestRecord:
@@ -159,7 +166,21 @@ def get_principal(scope: Scope) -> Principal | None:
 
 
 def set_principal(scope: Scope, principal: Principal) -> None:
+    """Put the caller in the scope, and make it :func:`current_principal` for the rest of the
+    request (the code it awaits, and the tasks that code starts)."""
     scope[_PRINCIPAL] = principal
+    _CURRENT.set(principal)
+
+
+_CURRENT: ContextVar[Principal | None] = ContextVar(
+    "shanoir_dicomweb_proxy.principal", default=None
+)
+
+
+def current_principal() -> Principal | None:
+    """The caller of the request being served, for a backend that is not handed one (an
+    identifier map acting on the caller's behalf); None outside a request with a principal."""
+    return _CURRENT.get()
 
 
 def get_dicomweb_request(scope: Scope) -> DicomWebRequest:

@@ -53,9 +53,9 @@ def _strings(value: Any) -> list[str]:
 
 
 def principal_from_claims(
-    settings: AuthSettings, claims: Mapping[str, Any], token_id: str
+    settings: AuthSettings, claims: Mapping[str, Any], token_id: str, *, token: str = ""
 ) -> Principal:
-    """Build the principal a token's claims describe."""
+    """Build the principal a token's claims describe (``token``: the token itself)."""
     roles = set(_strings(_dotted(claims, settings.roles_claim)))
     if settings.client_roles:
         access = claims.get("resource_access")
@@ -74,6 +74,7 @@ def principal_from_claims(
         expires_at=float(exp) if isinstance(exp, int | float) else None,
         is_admin=bool(roles.intersection(settings.admin_roles)),
         token_id=token_id,
+        token=token,
     )
 
 
@@ -119,7 +120,7 @@ class TokenValidator:
     async def validate(self, token: str) -> Principal:
         token_id = hashlib.sha256(token.encode()).hexdigest()[:16]
         principal = self._cache.get(token_id)
-        if principal is not None:
+        if principal is not None and principal.token == token:
             self.cache_hits += 1
             return principal
         self.cache_misses += 1
@@ -130,7 +131,7 @@ class TokenValidator:
         else:
             logger.info("token %s refused: not a JWT", token_id)
             raise self._invalid("malformed")
-        principal = principal_from_claims(self.settings, claims, token_id)
+        principal = principal_from_claims(self.settings, claims, token_id, token=token)
         self._cache[token_id] = principal
         return principal
 

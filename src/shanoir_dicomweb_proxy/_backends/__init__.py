@@ -4,6 +4,7 @@ policies, side by side, with the caches in front of them.
 - ``_sqlite``: the embedded store's map and grants (the default).
 - ``_static``: a file read once (``_files`` reads it).
 - ``_platform``: the ``http`` contract a platform implements.
+- ``_shanoir``, ``_shanoir_api``: a running Shanoir-NG's examinations and rights.
 - ``_cache``: the TTL caches in front of any map and any policy.
 - ``_build``: what a configuration builds, and what an app holds (:class:`Backends`).
 
@@ -19,9 +20,11 @@ from ._build import (
     build_access_policy,
     build_identifier_map,
     open_store,
+    shanoir_directory,
 )
 from ._cache import CachingAccessPolicy, CachingIdentifierMap
 from ._platform import HttpAccessPolicy, HttpIdentifierMap
+from ._shanoir import ShanoirAccessPolicy, ShanoirDirectory, ShanoirIdentifierMap
 from ._sqlite import SqliteAccessPolicy, SqliteIdentifierMap
 from ._static import StaticAccessPolicy, StaticGrant, StaticIdentifierMap
 
@@ -33,6 +36,9 @@ __all__ = [
     "HttpIdentifierMap",
     "ManagedAccessPolicy",
     "ManagedIdentifierMap",
+    "ShanoirAccessPolicy",
+    "ShanoirDirectory",
+    "ShanoirIdentifierMap",
     "SqliteAccessPolicy",
     "SqliteIdentifierMap",
     "StaticAccessPolicy",
@@ -41,4 +47,5 @@ __all__ = [
     "build_access_policy",
     "build_identifier_map",
     "open_store",
+    "shanoir_directory",
 ]

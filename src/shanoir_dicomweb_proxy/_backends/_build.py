@@ -11,16 +11,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Generic, Literal, Self, TypeVar
 
 from .._access import AccessPolicy, Action, AllowAll, Visible
 from .._config import Settings
 from .._errors import ConfigError
 from .._identifiers import IdentifierMap, SeriesRegistrar
+from .._oauth import ClientCredentials
 from .._scope import Principal
 from .._store import SqliteStore, StoreError
+from .._upstream import Upstream
 from ._cache import CachingAccessPolicy, CachingIdentifierMap
 from ._platform import HttpAccessPolicy, HttpIdentifierMap, PlatformClient
+from ._shanoir import ShanoirAccessPolicy, ShanoirDirectory, ShanoirIdentifierMap
+from ._shanoir_api import ShanoirApi
 from ._sqlite import SqliteAccessPolicy, SqliteIdentifierMap
 from ._static import StaticAccessPolicy, StaticIdentifierMap
 
@@ -31,6 +36,7 @@ __all__ = [
     "build_access_policy",
     "build_identifier_map",
     "open_store",
+    "shanoir_directory",
 ]
 
 _logger = logging.getLogger("shanoir_dicomweb_proxy.mapping")
@@ -103,37 +109,58 @@ class ManagedAccessPolicy(_Owning):
 
 
 def build_identifier_map(
-    settings: Settings, *, store: SqliteStore | None = None
+    settings: Settings,
+    *,
+    store: SqliteStore | None = None,
+    upstream: Upstream | None = None,
+    shanoir: ShanoirDirectory | None = None,
 ) -> ManagedIdentifierMap | None:
     """The identifier map ``[mapping]`` configures, behind a cache of ``cache_ttl`` seconds;
     None for ``backend = "identity"``.
 
     ``sqlite`` uses ``store`` when given (and leaves it open), else opens ``[store] path`` and
     closes it in :meth:`ManagedIdentifierMap.aclose`. ``static`` reads its file now: a bad
-    file is a :class:`ConfigError`.
+    file is a :class:`ConfigError`. ``shanoir`` reads the ``shanoir`` directory given (else its
+    own) and asks the PACS through ``upstream`` (else a client of its own); its answers depend
+    on the caller, so the shared cache is off (Shanoir's answers are kept by the directory).
     """
     mapping = settings.mapping
     if mapping.backend == "identity":
         return None
     closers: list[Closer] = []
+    if mapping.backend == "shanoir":
+        if upstream is None:
+            upstream = Upstream(settings.upstream)
+            closers.append(upstream.aclose)
+        directory = shanoir if shanoir is not None else _shanoir(settings, closers)
+        inner: IdentifierMap = ShanoirIdentifierMap(directory, upstream)
+        return ManagedIdentifierMap(inner, ttl=0, maxsize=1, closers=closers)
     inner = _backend(settings, "mapping", store, closers, _MAPS)
     return ManagedIdentifierMap(inner, ttl=mapping.cache_ttl, maxsize=_MAXSIZE, closers=closers)
 
 
 def build_access_policy(
-    settings: Settings, *, store: SqliteStore | None = None
+    settings: Settings,
+    *,
+    store: SqliteStore | None = None,
+    shanoir: ShanoirDirectory | None = None,
 ) -> ManagedAccessPolicy:
     """The access policy ``[access]`` configures, behind a cache of ``cache_ttl`` seconds
     (``allow_all`` is not cached).
 
     ``sqlite`` uses ``store`` when given (the identifier map's, left open), else opens
     ``[store] path`` and closes it in :meth:`ManagedAccessPolicy.aclose`. ``static`` reads its
-    file now: a bad file is a :class:`ConfigError`.
+    file now: a bad file is a :class:`ConfigError`. ``shanoir`` reads the ``shanoir`` directory
+    given (else its own).
     """
     if settings.access.backend == "allow_all":
         return ManagedAccessPolicy(AllowAll())
     closers: list[Closer] = []
-    inner = _backend(settings, "access", store, closers, _POLICIES)
+    inner: AccessPolicy
+    if settings.access.backend == "shanoir":
+        inner = ShanoirAccessPolicy(shanoir if shanoir is not None else _shanoir(settings, closers))
+    else:
+        inner = _backend(settings, "access", store, closers, _POLICIES)
     cache = CachingAccessPolicy(inner, ttl=settings.access.cache_ttl)
     return ManagedAccessPolicy(cache, closers=closers, cache=cache)
 
@@ -172,6 +199,36 @@ def _backend(
     if isinstance(client, PlatformClient):
         closers.append(client.aclose)
     return client
+
+
+def shanoir_directory(settings: Settings) -> ShanoirDirectory:
+    """The directory of ``[shanoir]``: its API client, with the proxy's own client credentials
+    when ``credentials = "service"``."""
+    s = settings.shanoir
+    auth = None
+    if s.credentials == "service":
+        service = s.service
+        secret: str | Callable[[], str] = service.client_secret
+        if service.client_secret_file:
+            path = Path(service.client_secret_file)
+            secret = lambda: path.read_text(encoding="utf-8").strip()  # noqa: E731 (read per token)
+        auth = ClientCredentials(
+            service.token_url,
+            service.client_id,
+            secret,
+            scope=service.scope,
+            timeout=s.timeout,
+            unavailable=ShanoirApi.unavailable,
+        )
+    api = ShanoirApi(s.url, timeout=s.timeout, auth=auth)
+    return ShanoirDirectory(api, credentials=s.credentials, ttl=s.cache_ttl)
+
+
+def _shanoir(settings: Settings, closers: list[Closer]) -> ShanoirDirectory:
+    """:func:`shanoir_directory`, with its closer added to ``closers``."""
+    directory = shanoir_directory(settings)
+    closers.append(directory.aclose)
+    return directory
 
 
 def open_store(settings: Settings) -> SqliteStore:
@@ -219,26 +276,35 @@ class Backends:
         *,
         identifiers: IdentifierMap | None = None,
         access: AccessPolicy | None = None,
+        upstream: Upstream | None = None,
     ) -> Backends:
         """What ``[mapping]`` and ``[access]`` configure, but for the map and the policy a host
-        app gives; one embedded store serves both ``sqlite`` backends."""
+        app gives; one embedded store serves both ``sqlite`` backends, one Shanoir directory
+        both ``shanoir`` ones; the ``shanoir`` map asks the PACS through ``upstream``."""
         closers: list[Closer] = []
         wants_store = (identifiers is None and settings.mapping.backend == "sqlite") or (
             access is None and settings.access.backend == "sqlite"
         )
         store = _open_store(settings, closers) if wants_store else None
+        wants_shanoir = (identifiers is None and settings.mapping.backend == "shanoir") or (
+            access is None and settings.access.backend == "shanoir"
+        )
+        shanoir = _shanoir(settings, closers) if wants_shanoir else None
         registrar: SeriesRegistrar | None = None
         identifier_cache: CachingIdentifierMap | None = None
         access_cache: CachingAccessPolicy | None = None
         if identifiers is None:
-            managed_map = build_identifier_map(settings, store=store)
+            managed_map = build_identifier_map(
+                settings, store=store, upstream=upstream, shanoir=shanoir
+            )
             if managed_map is None:
                 raise ConfigError(
                     f'{settings.source}: [mapping] backend = "identity" translates nothing: '
                     "there is no identifier map to build"
                 )
             closers.append(managed_map.aclose)
-            identifiers = identifier_cache = managed_map
+            identifiers = managed_map
+            identifier_cache = managed_map if managed_map.ttl else None
             if isinstance(managed_map.inner, SqliteIdentifierMap):
                 registrar = _registrar(managed_map.inner, managed_map)
         elif isinstance(identifiers, CachingIdentifierMap):
@@ -248,7 +314,7 @@ class Backends:
         if access is None and settings.access.backend == "allow_all":
             access = AllowAll()  # as such: the access layer then looks nothing up
         elif access is None:
-            managed_policy = build_access_policy(settings, store=store)
+            managed_policy = build_access_policy(settings, store=store, shanoir=shanoir)
             closers.append(managed_policy.aclose)
             access, access_cache = managed_policy, managed_policy.cache
         elif isinstance(access, ManagedAccessPolicy):

@@ -119,7 +119,9 @@ class CachingIdentifierMap:
     remembered for ``negative_ttl`` seconds (5 by default, never more than ``ttl``), so that a
     flood of made-up UIDs reaches the inner map once per UID per 5 s, while a study registered
     meanwhile shows up within 5 s. A batch asks the inner map only for what is missing, and
-    concurrent batches wanting the same key share one inner lookup.
+    concurrent batches wanting the same key share one inner lookup. With ``ttl = 0`` every
+    batch goes to the inner map as it is, shared with no other (a map whose answers depend on
+    the caller).
     """
 
     def __init__(
@@ -165,18 +167,24 @@ class CachingIdentifierMap:
 
     async def studies_by_uid(self, uids: Collection[str]) -> Mapping[str, int]:
         """Real study UID → examination ID."""
+        if not self.ttl:
+            return await self.inner.studies_by_uid(uids)
         return await self._study_ids.get(
             uids, self.inner.studies_by_uid, lambda uid, exam: self._study_uids.learn(exam, uid)
         )
 
     async def studies_by_id(self, exam_ids: Collection[int]) -> Mapping[int, str]:
         """Examination ID → real study UID."""
+        if not self.ttl:
+            return await self.inner.studies_by_id(exam_ids)
         return await self._study_uids.get(
             exam_ids, self.inner.studies_by_id, lambda exam, uid: self._study_ids.learn(uid, exam)
         )
 
     async def series_by_uid(self, uids: Collection[str]) -> Mapping[str, SeriesEntry]:
         """Real series UID → its entry."""
+        if not self.ttl:
+            return await self.inner.series_by_uid(uids)
         return await self._series_by_uid.get(
             uids,
             self.inner.series_by_uid,
@@ -185,6 +193,8 @@ class CachingIdentifierMap:
 
     async def series_by_id(self, acquisition_ids: Collection[int]) -> Mapping[int, SeriesEntry]:
         """Acquisition ID → its entry."""
+        if not self.ttl:
+            return await self.inner.series_by_id(acquisition_ids)
         return await self._series_by_id.get(
             acquisition_ids,
             self.inner.series_by_id,

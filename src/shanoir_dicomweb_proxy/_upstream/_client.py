@@ -6,16 +6,15 @@ Errors of the HTTP client are translated into the proxy's hierarchy here
 
 from __future__ import annotations
 
-import asyncio
 import http.cookiejar
 import logging
-import time
-from collections.abc import AsyncGenerator, AsyncIterator, Generator
+from collections.abc import AsyncIterator, Generator
 
 import httpx
 
-from .._config import UpstreamAuthSettings, UpstreamSettings
+from .._config import UpstreamSettings
 from .._errors import ProxyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .._oauth import ClientCredentials
 from ._transport import AiohttpTransport
 
 __all__ = ["Upstream", "upstream_error"]
@@ -68,7 +67,14 @@ class Upstream:
         elif s.auth.type == "bearer":
             auth = _Bearer(s.auth.token)
         elif s.auth.type == "client_credentials":
-            auth = _ClientCredentials(s.auth, timeout=s.connect_timeout + 10)
+            auth = ClientCredentials(
+                s.auth.token_url,
+                s.auth.client_id,
+                s.auth.client_secret,
+                scope=s.auth.scope,
+                timeout=s.connect_timeout + 10,
+                unavailable=_own_token_unavailable,
+            )
         return httpx.AsyncClient(
             transport=transport,
             trust_env=False,
@@ -143,53 +149,8 @@ class _Bearer(httpx.Auth):
         yield request
 
 
-class _ClientCredentials(httpx.Auth):
-    """The proxy's own token for the PACS (OAuth 2.0 client credentials, RFC 6749 §4.4).
-
-    Fetched on first use, shared by all requests, renewed 30 s before it expires, and once more
-    when the PACS answers 401 to an idempotent request. A plain form POST: authlib's httpx
-    integration warns that it is deprecated in the version this project runs with.
-    """
-
-    def __init__(self, settings: UpstreamAuthSettings, *, timeout: float) -> None:
-        self._settings = settings
-        self._timeout = timeout
-        self._token = ""
-        self._renew_at = 0.0
-        self._lock = asyncio.Lock()
-
-    async def async_auth_flow(
-        self, request: httpx.Request
-    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        request.headers["Authorization"] = f"Bearer {await self._get(stale=None)}"
-        response = yield request
-        if response.status_code == 401 and request.method in _IDEMPOTENT:
-            token = await self._get(stale=request.headers["Authorization"][7:])
-            request.headers["Authorization"] = f"Bearer {token}"
-            yield request
-
-    async def _get(self, *, stale: str | None) -> str:
-        async with self._lock:
-            if self._token and self._token != stale and time.monotonic() < self._renew_at:
-                return self._token
-            s = self._settings
-            data = {"grant_type": "client_credentials"}
-            if s.scope:
-                data["scope"] = s.scope
-            try:
-                async with httpx.AsyncClient(trust_env=False, timeout=self._timeout) as client:
-                    response = await client.post(
-                        s.token_url, data=data, auth=(s.client_id, s.client_secret)
-                    )
-                response.raise_for_status()
-                body = response.json()
-                token, expires_in = body["access_token"], float(body.get("expires_in", 60))
-            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-                logger.warning("could not obtain the proxy's upstream token: %s", exc)
-                raise UpstreamError("the proxy could not obtain its own upstream token") from None
-            self._token = str(token)
-            self._renew_at = time.monotonic() + max(expires_in - 30.0, expires_in / 2)
-            return self._token
+def _own_token_unavailable() -> ProxyError:
+    return UpstreamError("the proxy could not obtain its own upstream token")
 
 
 def _no_cookies() -> http.cookiejar.CookieJar:
