@@ -244,3 +244,54 @@ async def test_every_decision_is_audited(tmp_path: Path) -> None:
     ]
     assert lines[0]["route"] == "wado.metadata.study" and lines[0]["bytes"] > 0
     assert lines[2]["action"] == "read" and len(lines[0]["request_id"]) == 32
+
+
+async def test_a_reference_to_an_invisible_series_is_cut_not_shown_real(tmp_path: Path) -> None:
+    """A dataset of a readable study that names, without its study, a series of an examination
+    the caller may not read (a SEG's ReferencedSeriesSequence item): the reference is emptied.
+    It is a series the map knows, so it is never shown as an unmapped series with its real
+    UID, whatever ``unmapped_series`` says."""
+    mine, theirs = _real(3), _real(4)
+    my_series, their_series = f"{mine}.1", f"{theirs}.1"
+    metadata = [
+        {
+            "0020000D": {"vr": "UI", "Value": [mine]},
+            "0020000E": {"vr": "UI", "Value": [my_series]},
+            "00081115": {
+                "vr": "SQ",
+                "Value": [{"0020000E": {"vr": "UI", "Value": [their_series]}}],
+            },
+        }
+    ]
+
+    def pacs(request: httpx.Request) -> httpx.Response:
+        body = orjson.dumps(metadata)
+        return httpx.Response(
+            200, stream=httpx.ByteStream(body), headers={"content-type": "application/dicom+json"}
+        )
+
+    data: dict[str, Any] = {
+        **CORE,
+        "mapping": {"backend": "static", "study_root": ROOT, "series_root": "1.4.2", "file": "x"},
+        "access": {"backend": "static", "file": "x"},
+        "logging": {"audit_log": str(tmp_path / "audit.jsonl")},
+        "upstream": {"url": "http://pacs.invalid/dicom-web"},
+    }
+    settings = Settings.from_dict(data)
+    rows = [ImportRow(3, mine, 31, my_series), ImportRow(4, theirs, 41, their_series)]
+    app = DicomWebProxy(
+        settings,
+        upstream=Upstream(settings.upstream, transport=httpx.MockTransport(pacs)),
+        identifiers=StaticIdentifierMap(rows),
+        access=_Policy({"alice": {3}, "carol": {3, 4}}),
+    )
+    answer = await _get(app, _principal("alice"), f"/dicomweb/studies/{_public(3)}/metadata")
+    assert answer.status == 200
+    assert their_series.encode() not in answer.body and b"1.4.2.41" not in answer.body
+    (row,) = orjson.loads(answer.body)
+    assert row["0020000E"]["Value"] == ["1.4.2.31"]
+    assert "Value" not in row["00081115"]["Value"][0]["0020000E"]
+    # Who may read both examinations sees the reference, by its public UID.
+    answer = await _get(app, _principal("carol"), f"/dicomweb/studies/{_public(3)}/metadata")
+    (row,) = orjson.loads(answer.body)
+    assert row["00081115"]["Value"][0]["0020000E"]["Value"] == ["1.4.2.41"]

@@ -5,17 +5,22 @@ The world: research study 10 (alice: CAN_SEE_ALL + CAN_DOWNLOAD; bob: CAN_SEE_AL
 confirmed) and study 20 (alice: CAN_SEE_ALL + CAN_IMPORT on centre 1; bob: CAN_SEE_ALL +
 CAN_DOWNLOAD on centre 2). Examinations: 101 (study 10, centre 1), 102 (study 20, centre 1),
 103 (study 20, centre 2), 104 (study 10, imported before Shanoir kept StudyInstanceUIDs), 105 (a
-copy of 101 into study 20, centre 2: the same real study).
+copy of 101 into study 20, centre 2: the same real study, with only its first acquisition).
 """
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
 
 from shanoir_dicomweb_proxy import (
@@ -34,6 +39,7 @@ from shanoir_dicomweb_proxy._backends import (
 from shanoir_dicomweb_proxy._scope import set_principal
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer
 
+from .support.dicomweb import parts
 from .support.idp import USERS, IdentityProvider
 from .support.settings import ProxyFactory
 from .support.shanoir import (
@@ -58,6 +64,7 @@ class Archive:
 
     studies: list[str]
     series: dict[str, dict[int, str]]  # study UID → SeriesNumber → series UID
+    names: dict[str, str]  # study UID → PatientName
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +76,16 @@ def idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IdentityProvider]:
 @pytest.fixture(scope="module")
 def real(orthanc: OrthancServer) -> Archive:
     with httpx.Client(base_url=orthanc.dicomweb_url) as http:
-        rows = http.get("/studies", params={"limit": "3"}).json()
+        rows = http.get("/studies", params={"limit": "3", "includefield": "00100010"}).json()
         studies = sorted(r["0020000D"]["Value"][0] for r in rows)
+        names = {r["0020000D"]["Value"][0]: r["00100010"]["Value"][0]["Alphabetic"] for r in rows}
         series: dict[str, dict[int, str]] = {}
         for study in studies:
             found = http.get(f"/studies/{study}/series", params={"includefield": "00200011"})
             series[study] = {
                 int(r["00200011"]["Value"][0]): r["0020000E"]["Value"][0] for r in found.json()
             }
-    return Archive(studies, series)
+    return Archive(studies, series, names)
 
 
 def build_world(idp: IdentityProvider, real: Archive) -> ShanoirWorld:
@@ -112,7 +120,8 @@ def build_world(idp: IdentityProvider, real: Archive) -> ShanoirWorld:
     for exam in world.examinations:
         if exam.study_instance_uid is None:
             continue
-        for number in sorted(real.series[exam.study_instance_uid]):
+        numbers = sorted(real.series[exam.study_instance_uid])
+        for number in numbers[:1] if exam.source is not None else numbers:
             next_id += 1
             world.acquisitions.append(Acquisition(next_id, exam.id, number))
     return world
@@ -310,6 +319,30 @@ async def test_acquisitions_are_the_series_of_their_sorting_index(
         await directory.aclose()
 
 
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_copy_holds_only_its_own_acquisitions(
+    mode: str,
+    shanoir: ShanoirServer,
+    orthanc: OrthancServer,
+    idp: IdentityProvider,
+    real: Archive,
+    upstream: Upstream,
+) -> None:
+    s0 = real.studies[0]
+    directory = shanoir_directory(settings_for(shanoir, orthanc, idp, **_mode(mode, idp)))
+    identifiers = ShanoirIdentifierMap(directory, upstream)
+    first = min(real.series[s0])
+    try:
+        set_principal({}, principal(idp, "admin"))
+        own, alone = await identifiers.series_of_exam(105)
+        assert set(own) == {real.series[s0][first]} and alone
+        assert {e.exam_id for e in own.values()} == {105}
+        own, alone = await identifiers.series_of_exam(101)
+        assert set(own) == set(real.series[s0].values()) and not alone
+    finally:
+        await directory.aclose()
+
+
 # --- failures ---------------------------------------------------------------------------------
 
 
@@ -410,3 +443,114 @@ def test_what_shanoir_refuses_is_not_found(
         response = _get(gateway, idp, user, path)
         assert response.status_code == 404, (user, path, response.text)
         assert response.json()["code"] == "not_found"
+
+
+def test_under_a_copy_only_its_acquisitions_show(
+    gateway: ProxyServer, idp: IdentityProvider, shanoir: ShanoirServer, real: Archive
+) -> None:
+    """Exam 105 copies only the first series of its real study: whoever asks (bob, who may read
+    only the copy, or admin, who may read both), the copy shows that series alone, on searches,
+    metadata and retrieves, and no other series of the study, public or real."""
+    s0 = real.studies[0]
+    others = [uid for number, uid in real.series[s0].items() if number != min(real.series[s0])]
+    copied = [a for a in shanoir.world.acquisitions if a.examination_id == 105]
+    original = [a for a in shanoir.world.acquisitions if a.examination_id == 101]
+    assert len(copied) == 1 and len(original) == len(real.series[s0]) > 1
+    for user in ("bob", "admin"):
+        listed = _get(gateway, idp, user, f"/studies/{ROOT}.105/series")
+        assert [row["0020000E"]["Value"][0] for row in listed.json()] == [f"{ROOT}.{copied[0].id}"]
+        metadata = _get(gateway, idp, user, f"/studies/{ROOT}.105/metadata")
+        assert metadata.status_code == 200
+        assert {row["0020000E"]["Value"][0] for row in metadata.json()} == {
+            f"{ROOT}.{copied[0].id}"
+        }
+        token = idp.password_token(user)
+        retrieved = httpx.get(
+            gateway.dicomweb_url + f"/studies/{ROOT}.105",
+            headers={"authorization": f"Bearer {token}"},
+            timeout=60,
+        )
+        assert retrieved.status_code == 200
+        assert f"{ROOT}.{copied[0].id}".encode() in retrieved.content  # its instances, public
+        for body in (listed.content, metadata.content, retrieved.content):
+            assert not [uid for uid in [s0, *others] if uid.encode() in body]
+            assert not [a for a in original if f"{ROOT}.{a.id}".encode() in body]
+    # The original shows every acquisition.
+    listed = _get(gateway, idp, "admin", f"/studies/{ROOT}.101/series")
+    assert {row["0020000E"]["Value"][0] for row in listed.json()} == {
+        f"{ROOT}.{a.id}" for a in original
+    }
+
+
+def test_readiness_and_check_probe_shanoir(
+    gateway: ProxyServer, shanoir: ShanoirServer, tmp_path: Path
+) -> None:
+    ready = httpx.get(gateway.url + "/readyz", timeout=10)
+    assert ready.status_code == 200
+    assert ready.json()["checks"]["shanoir"]["ok"] is True
+    shanoir.world.down = True
+    try:
+        time.sleep(1.1)  # past the reuse of the last readiness answer
+        ready = httpx.get(gateway.url + "/readyz", timeout=10)
+        checked = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "shanoir_dicomweb_proxy",
+                "check",
+                "-c",
+                str(gateway.config_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        shanoir.world.down = False
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["shanoir"] == {
+        "ok": False,
+        "detail": "GET /studies/api-docs answered 500",
+        "duration_ms": ready.json()["checks"]["shanoir"]["duration_ms"],
+    }
+    assert checked.returncode == 1, checked.stdout
+    assert "FAIL  shanoir   GET /studies/api-docs answered 500" in checked.stdout
+    assert "Traceback" not in checked.stdout + checked.stderr
+
+
+def test_a_copy_shows_its_own_subjects_name(
+    gateway: ProxyServer, idp: IdentityProvider, real: Archive
+) -> None:
+    """As Shanoir does: PatientName and PatientID of a copied examination are its subject's
+    name, in searches, metadata (JSON and XML) and Part 10; the original keeps the PACS's."""
+    s0, s2 = real.studies[0], real.studies[2]
+    pacs_name = real.names[s0].encode()
+    token = idp.password_token("bob")
+    auth = {"authorization": f"Bearer {token}"}
+    rows = httpx.get(
+        gateway.dicomweb_url + "/studies",
+        params={"includefield": "00100010,00100020"},
+        headers={**auth, "accept": "application/dicom+json"},
+        timeout=30,
+    ).json()
+    by_study = {row["0020000D"]["Value"][0]: row for row in rows}
+    copy = by_study[f"{ROOT}.105"]
+    assert copy["00100010"]["Value"] == [{"Alphabetic": "Subject-11"}]
+    assert copy["00100020"]["Value"] == ["Subject-11"]
+    original = by_study[f"{ROOT}.103"]  # not a copy: the PACS's name
+    assert original["00100010"]["Value"] == [{"Alphabetic": real.names[s2]}]
+    metadata = _get(gateway, idp, "bob", f"/studies/{ROOT}.105/metadata")
+    assert {row["00100010"]["Value"][0]["Alphabetic"] for row in metadata.json()} == {"Subject-11"}
+    xml = httpx.get(
+        gateway.dicomweb_url + f"/studies/{ROOT}.105/metadata",
+        headers={**auth, "accept": 'multipart/related; type="application/dicom+xml"'},
+        timeout=30,
+    )
+    assert xml.status_code == 200 and b"<FamilyName>Subject-11</FamilyName>" in xml.content
+    retrieved = httpx.get(gateway.dicomweb_url + f"/studies/{ROOT}.105", headers=auth, timeout=60)
+    assert retrieved.status_code == 200
+    instances = [pydicom.dcmread(io.BytesIO(body)) for _, body in parts(retrieved)]
+    assert instances and {str(ds.PatientName) for ds in instances} == {"Subject-11"}
+    assert {ds.PatientID for ds in instances} == {"Subject-11"}
+    for body in (metadata.content, xml.content, retrieved.content):
+        assert pacs_name not in body

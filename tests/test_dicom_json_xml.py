@@ -164,3 +164,46 @@ async def test_xml_dataset() -> None:
     assert await translate_xml(unknown, _resolve, study_known=False) is None
     with pytest.raises(UpstreamError):
         await translate_xml(b"<NativeDicomModel>", _resolve, study_known=False)
+
+
+async def test_a_study_with_another_name_shows_it_in_patient_fields() -> None:
+    """PatientName (a PN object in JSON, PersonName components in XML) and PatientID take the
+    name the translation gives the study; a study without one keeps the PACS's."""
+    renamed = Translation(
+        studies={REAL_STUDY: "1.4.9.42", OTHER_STUDY: "1.4.9.43"},
+        series={},
+        patients={REAL_STUDY: "Subject^Eleven"},
+    )
+
+    async def resolve(collector: UidCollector) -> Translation:
+        return renamed
+
+    rows = [
+        {
+            "00100010": {"vr": "PN", "Value": [{"Alphabetic": "DOE^JANE"}]},
+            "00100020": {"vr": "LO", "Value": ["PAT-1"]},
+            "0020000D": {"vr": "UI", "Value": [study]},
+        }
+        for study in (REAL_STUDY, OTHER_STUDY)
+    ]
+    rewriter = JsonRewriter(resolve, study_known=False)
+    body = await rewriter.feed(orjson.dumps(rows)) + await rewriter.close()
+    mine, other = orjson.loads(body)
+    assert mine["00100010"]["Value"] == [{"Alphabetic": "Subject^Eleven"}]
+    assert mine["00100020"]["Value"] == ["Subject^Eleven"]
+    assert other["00100010"]["Value"] == [{"Alphabetic": "DOE^JANE"}]
+    assert other["00100020"]["Value"] == ["PAT-1"]
+    xml = (
+        '<NativeDicomModel xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM">'
+        '<DicomAttribute tag="00100010" vr="PN"><PersonName number="1"><Alphabetic>'
+        "<FamilyName>DOE</FamilyName><GivenName>JANE</GivenName></Alphabetic></PersonName>"
+        "</DicomAttribute>"
+        '<DicomAttribute tag="00100020" vr="LO"><Value number="1">PAT-1</Value></DicomAttribute>'
+        f'<DicomAttribute tag="0020000D" vr="UI"><Value number="1">{REAL_STUDY}</Value>'
+        "</DicomAttribute></NativeDicomModel>"
+    ).encode()
+    out = await translate_xml(xml, resolve, study_known=False)
+    assert out is not None
+    assert b"DOE" not in out and b"JANE" not in out and b"PAT-1" not in out
+    assert b"<FamilyName>Subject</FamilyName><GivenName>Eleven</GivenName>" in out
+    assert b'<Value number="1">Subject^Eleven</Value>' in out

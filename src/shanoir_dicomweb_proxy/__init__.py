@@ -58,7 +58,7 @@ from ._errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from ._identifiers import IdentifierMap, SeriesEntry, UidFormatter
+from ._identifiers import ExamSeries, ExamSubjects, IdentifierMap, SeriesEntry, UidFormatter
 from ._observability import ObservabilityMiddleware
 from ._problems import ErrorMiddleware
 from ._request import DicomWebRequest, Level, Resource, Service
@@ -96,6 +96,8 @@ __all__ = [
     "DicomWebProxy",
     "DicomWebRequest",
     "ErrorMiddleware",
+    "ExamSeries",
+    "ExamSubjects",
     "Forbidden",
     "HttpAccessPolicy",
     "HttpIdentifierMap",

@@ -112,6 +112,7 @@ class DicomWebProxy:
             store=self.backends.store if self.backends is not None else None,
             timeout=settings.server.ready_timeout,
             http_backends="http" in backends,
+            shanoir=self.backends.shanoir if self.backends is not None else None,
         )
 
     async def __aenter__(self) -> DicomWebProxy:
@@ -200,6 +201,8 @@ def _mapped(
         backends.identifiers,
         UidFormatter(mapping.study_root, mapping.series_root),
         expose_unmapped=mapping.unmapped_series == "expose",
+        exam_series=backends.exam_series,
+        exam_subjects=backends.exam_subjects,
     )
     app = StowMiddleware(
         app,

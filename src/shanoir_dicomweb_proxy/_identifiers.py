@@ -15,6 +15,8 @@ from typing import Final, Protocol, runtime_checkable
 
 __all__ = [
     "MAX_ID",
+    "ExamSeries",
+    "ExamSubjects",
     "IdentifierMap",
     "SeriesEntry",
     "SeriesRegistrar",
@@ -73,6 +75,28 @@ class IdentifierMap(Protocol):
 
     async def series_by_id(self, acquisition_ids: Collection[int]) -> Mapping[int, SeriesEntry]:
         """Acquisition ID → its entry."""
+        ...
+
+
+@runtime_checkable
+class ExamSeries(Protocol):
+    """An identifier map for platforms where one real study holds several examinations
+    (Shanoir's copies): within an examination's path, its own series are asked of it."""
+
+    async def series_of_exam(self, exam_id: int) -> tuple[Mapping[str, SeriesEntry], bool]:
+        """The examination's series (real series UID → entry), and whether they are all it
+        holds: then any other series of its study is another examination's, never shown under
+        this one."""
+        ...
+
+
+@runtime_checkable
+class ExamSubjects(Protocol):
+    """An identifier map whose examinations may show a name other than the PACS's in
+    PatientName and PatientID (Shanoir's copies show their own subject's)."""
+
+    async def subject_names(self, exam_ids: Collection[int]) -> Mapping[int, str]:
+        """The name to show for those of ``exam_ids`` that show another than the PACS's."""
         ...
 
 

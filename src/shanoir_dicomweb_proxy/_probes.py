@@ -1,4 +1,4 @@
-"""The probes ``/readyz`` and ``check`` share: the upstream, the issuer, the store.
+"""The probes ``/readyz`` and ``check`` share: the upstream, the issuer, the store, Shanoir-NG.
 
 Each probe returns a :class:`ProbeResult` and never raises: a failure is a result that says
 what failed, in words fit for an unauthenticated answer (no response body, no UID, no secret).
@@ -19,11 +19,19 @@ from typing import Any
 import httpx
 
 from ._auth import TokenValidator
+from ._backends import ShanoirDirectory
 from ._errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 from ._store import SqliteStore, StoreError
 from ._upstream import Upstream
 
-__all__ = ["ProbeResult", "Probes", "probe_issuer", "probe_store", "probe_upstream"]
+__all__ = [
+    "ProbeResult",
+    "Probes",
+    "probe_issuer",
+    "probe_shanoir",
+    "probe_store",
+    "probe_upstream",
+]
 
 logger = logging.getLogger("shanoir_dicomweb_proxy.probes")
 
@@ -167,6 +175,38 @@ async def _probe_introspection(
     return result(False, f"introspection answered {status}")
 
 
+#: What Shanoir-NG serves without a token: the live OpenAPI documents of its two services.
+_SHANOIR_DOCS = ("/studies/api-docs", "/datasets/api-docs")
+
+
+async def probe_shanoir(directory: ShanoirDirectory, *, within: float) -> ProbeResult:
+    """Shanoir-NG's studies and datasets services answer (their OpenAPI documents, no token);
+    with ``credentials = "service"``, the proxy's own client also reads the rights matrix."""
+    started = time.monotonic()
+
+    def result(ok: bool, detail: str) -> ProbeResult:
+        return ProbeResult("shanoir", ok, detail, time.monotonic() - started)
+
+    api = directory.api
+    try:
+        async with asyncio.timeout(within):
+            for path in _SHANOIR_DOCS:
+                status = await api.status(path)
+                if status != 200:
+                    return result(False, f"GET {path} answered {status}")
+            if directory.credentials == "service":
+                view = await directory.view(None)
+    except TimeoutError:
+        return result(False, f"no answer within {within:g} s")
+    except httpx.HTTPError:
+        return result(False, "unreachable: check [shanoir] url")
+    except ProxyError:
+        return result(False, "the service client cannot read the rights: check [shanoir.service]")
+    if directory.credentials == "service":
+        return result(True, f"answers; {len(view.exams)} examinations, {len(view.members)} rights")
+    return result(True, "answers")
+
+
 async def probe_store(store: SqliteStore, *, within: float) -> ProbeResult:
     """One trivial query on the embedded store, in a worker thread, given ``within`` seconds."""
     started = time.monotonic()
@@ -200,9 +240,11 @@ class Probes:
         store: SqliteStore | None,
         timeout: float,
         http_backends: bool = False,
+        shanoir: ShanoirDirectory | None = None,
         reuse: float = 1.0,
     ) -> None:
         self.upstream = upstream
+        self.shanoir = shanoir
         self.validator = validator
         self.timeout = timeout
         self.reuse = reuse
@@ -222,6 +264,10 @@ class Probes:
         if self.store is not None:
             checks.append(
                 ("store", functools.partial(probe_store, self.store, within=self.timeout))
+            )
+        if self.shanoir is not None:
+            checks.append(
+                ("shanoir", functools.partial(probe_shanoir, self.shanoir, within=self.timeout))
             )
         results = list(await asyncio.gather(*(_guarded(name, probe) for name, probe in checks)))
         if self.http_backends:

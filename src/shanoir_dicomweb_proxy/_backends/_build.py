@@ -17,7 +17,7 @@ from typing import Generic, Literal, Self, TypeVar
 from .._access import AccessPolicy, Action, AllowAll, Visible
 from .._config import Settings
 from .._errors import ConfigError
-from .._identifiers import IdentifierMap, SeriesRegistrar
+from .._identifiers import ExamSeries, ExamSubjects, IdentifierMap, SeriesRegistrar
 from .._oauth import ClientCredentials
 from .._scope import Principal
 from .._store import SqliteStore, StoreError
@@ -133,7 +133,9 @@ def build_identifier_map(
             upstream = Upstream(settings.upstream)
             closers.append(upstream.aclose)
         directory = shanoir if shanoir is not None else _shanoir(settings, closers)
-        inner: IdentifierMap = ShanoirIdentifierMap(directory, upstream)
+        inner: IdentifierMap = ShanoirIdentifierMap(
+            directory, upstream, patient_name=settings.shanoir.patient_name
+        )
         return ManagedIdentifierMap(inner, ttl=0, maxsize=1, closers=closers)
     inner = _backend(settings, "mapping", store, closers, _MAPS)
     return ManagedIdentifierMap(inner, ttl=mapping.cache_ttl, maxsize=_MAXSIZE, closers=closers)
@@ -265,6 +267,12 @@ class Backends:
     access: AccessPolicy
     store: SqliteStore | None = None
     registrar: SeriesRegistrar | None = None
+    #: The map again, when one real study may hold several of its examinations.
+    exam_series: ExamSeries | None = None
+    #: The map again, when some examinations show a name other than the PACS's.
+    exam_subjects: ExamSubjects | None = None
+    #: The Shanoir-NG the ``shanoir`` backends read (for the readiness probe).
+    shanoir: ShanoirDirectory | None = None
     identifier_cache: CachingIdentifierMap | None = None
     access_cache: CachingAccessPolicy | None = None
     _closers: list[Closer] = field(default_factory=list, repr=False)
@@ -321,7 +329,22 @@ class Backends:
             access_cache = access.cache
         elif isinstance(access, CachingAccessPolicy):
             access_cache = access
-        return cls(identifiers, access, store, registrar, identifier_cache, access_cache, closers)
+        # What a map may do beyond the protocol, looked for behind its cache.
+        inner = identifiers.inner if isinstance(identifiers, CachingIdentifierMap) else identifiers
+        exam_series = inner if isinstance(inner, ExamSeries) else None
+        exam_subjects = inner if isinstance(inner, ExamSubjects) else None
+        return cls(
+            identifiers,
+            access,
+            store,
+            registrar,
+            exam_series,
+            exam_subjects,
+            shanoir,
+            identifier_cache,
+            access_cache,
+            closers,
+        )
 
     async def aclose(self) -> None:
         """Close what :meth:`build` opened (the store last); idempotent."""

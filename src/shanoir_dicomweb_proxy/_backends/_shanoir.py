@@ -14,7 +14,8 @@
   acquisition is the series of that study whose SeriesNumber is its ``sortingIndex`` (Shanoir
   exposes no series UID), found by asking the PACS. Answers depend on the caller (the
   examinations it may see decide between the copies of one study), so this map keeps its own
-  caches of Shanoir's facts and is never put behind a shared cache.
+  caches of Shanoir's facts and is never put behind a shared cache. Under a copy's path, only
+  the copy's own acquisitions are shown (:meth:`~ShanoirIdentifierMap.series_of_exam`).
 """
 
 from __future__ import annotations
@@ -265,9 +266,16 @@ class ShanoirIdentifierMap:
     the original first.
     """
 
-    def __init__(self, directory: ShanoirDirectory, upstream: Upstream) -> None:
+    def __init__(
+        self,
+        directory: ShanoirDirectory,
+        upstream: Upstream,
+        *,
+        patient_name: Literal["copies", "always", "never"] = "copies",
+    ) -> None:
         self.directory = directory
         self.upstream = upstream
+        self.patient_name = patient_name
         #: Examination → (real series UID → acquisition ID), kept as long as the directory.
         self._series: dict[int, tuple[float, dict[str, int]]] = {}
 
@@ -333,6 +341,32 @@ class ShanoirIdentifierMap:
                     if study == study_uid and uid not in result and uid in series:
                         result[uid] = SeriesEntry(series[uid], exam_id, uid)
         return result
+
+    async def subject_names(self, exam_ids: Collection[int]) -> Mapping[int, str]:
+        """The subject's name, for copies (``patient_name = "copies"``, as Shanoir does) or
+        for every examination (``"always"``); none with ``"never"``."""
+        if self.patient_name == "never":
+            return {}
+        view, _ = await self._view()
+        found = (view.exams.get(e) for e in exam_ids)
+        return {
+            e.id: e.subject_name
+            for e in found
+            if e is not None
+            and e.subject_name is not None
+            and (self.patient_name == "always" or e.source is not None)
+        }
+
+    async def series_of_exam(self, exam_id: int) -> tuple[Mapping[str, SeriesEntry], bool]:
+        """The examination's acquisitions by real series UID; a copy holds nothing else (the
+        rest of its study belongs to the original)."""
+        view, principal = await self._view()
+        exam = view.exams.get(exam_id)
+        if exam is None:
+            return {}, True
+        own = await self._series_of(exam, principal)
+        entries = {uid: SeriesEntry(acquisition, exam_id, uid) for uid, acquisition in own.items()}
+        return entries, exam.source is not None
 
     async def _series_of(self, exam: Exam, principal: Principal | None) -> dict[str, int]:
         """The examination's acquisitions by their real series UID."""

@@ -139,6 +139,13 @@ class ShanoirApi:
             logger.warning("%s: the answer is not JSON", what)
             raise self.unavailable() from None
 
+    async def status(self, path: str) -> int:
+        """The status of an unauthenticated ``GET {url}{path}`` (readiness probes); raises
+        :class:`httpx.HTTPError` when Shanoir cannot be reached."""
+        headers = {"accept": "application/json"}
+        response = await self._http().get(self.url + path, headers=headers, auth=None)
+        return response.status_code
+
     async def pages(
         self, path: str, params: Mapping[str, str | int] | None = None, *, token: str | None
     ) -> list[Any]:

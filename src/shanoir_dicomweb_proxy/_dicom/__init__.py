@@ -21,6 +21,8 @@ from ._part10 import Part10Rewriter
 from ._tags import (
     FAILED_SOP_SEQUENCE,
     FAILURE_REASON,
+    PATIENT_ID,
+    PATIENT_NAME,
     REFERENCED_SOP_CLASS_UID,
     REFERENCED_SOP_INSTANCE_UID,
     REFERENCED_SOP_SEQUENCE,
@@ -50,6 +52,8 @@ from ._xml import XmlDataset, to_xml, translate_xml, xml_value
 __all__ = [
     "FAILED_SOP_SEQUENCE",
     "FAILURE_REASON",
+    "PATIENT_ID",
+    "PATIENT_NAME",
     "REFERENCED_SOP_CLASS_UID",
     "REFERENCED_SOP_INSTANCE_UID",
     "REFERENCED_SOP_SEQUENCE",

@@ -64,6 +64,8 @@ class JsonDataset:
         element = self.data[f"{tag:08X}"]
         if values is None:
             element.pop("Value", None)
+        elif element.get("vr") == "PN":  # PS3.18 F.2.2: a person name is an object
+            element["Value"] = [{"Alphabetic": value} for value in values]
         else:
             element["Value"] = values
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Final
 
+PATIENT_NAME: Final = 0x00100010
+PATIENT_ID: Final = 0x00100020
 SOP_CLASS_UID: Final = 0x00080016
 SOP_INSTANCE_UID: Final = 0x00080018
 STUDY_DATE: Final = 0x00080020

@@ -12,6 +12,8 @@ Every representation (DICOM JSON, DICOM XML, Part 10) offers its datasets throug
   study the map knows, and treated like an unknown study otherwise.
 - Links (RetrieveURL, BulkDataURI) name studies and series in their paths: those are
   translated the same way, and a link to something unknown is removed.
+- A dataset of a study whose examination shows another name (a copy's subject) gets that name
+  in PatientName and PatientID, where it holds them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ._tags import (
+    PATIENT_ID,
+    PATIENT_NAME,
     REFERENCED_SOP_INSTANCE_UID,
     REFERENCED_STUDY_SEQUENCE,
     RETRIEVE_URL,
@@ -43,6 +47,7 @@ __all__ = [
 #: The tags whose values this module may change; a representation may skip everything else.
 TRANSLATED_TAGS = frozenset(
     {STUDY_INSTANCE_UID, SERIES_INSTANCE_UID, REFERENCED_SOP_INSTANCE_UID, RETRIEVE_URL}
+    | {PATIENT_NAME, PATIENT_ID}
 )
 
 
@@ -54,7 +59,8 @@ class DatasetView(Protocol):
         ...
 
     def put(self, tag: int, values: list[str] | None) -> None:
-        """Replace the values of an element :meth:`get` returned; None empties it."""
+        """Replace the values of an element :meth:`get` returned; None empties it. A person
+        name (PN) is given as text (``FAMILY^GIVEN``), in the representation's own form."""
         ...
 
     def sequences(self) -> Iterable[tuple[int, Iterable[DatasetView]]]:
@@ -84,7 +90,10 @@ class Translation:
     """What a batch lookup found: real UID → public UID, for the known ones only.
 
     ``upstream_base`` and ``public_base`` are the link prefixes to swap; ``expose_unmapped``
-    is ``[mapping] unmapped_series == "expose"``.
+    is ``[mapping] unmapped_series == "expose"``; ``hidden`` are real series UIDs the map knows
+    but that must not be shown here (another examination's): never shown as unmapped either.
+    ``patients`` gives, by real study UID, the name PatientName and PatientID show instead of
+    the PACS's (a copied examination's subject).
     """
 
     studies: Mapping[str, str]
@@ -92,6 +101,8 @@ class Translation:
     expose_unmapped: bool = True
     upstream_base: str = ""
     public_base: str = ""
+    hidden: frozenset[str] = frozenset()
+    patients: Mapping[str, str] = field(default_factory=dict)
 
     def study(self, uid: str) -> str | None:
         return self.studies.get(uid)
@@ -100,6 +111,8 @@ class Translation:
         public = self.series.get(uid)
         if public is not None:
             return public
+        if uid in self.hidden:
+            return None
         return uid if study_known and self.expose_unmapped else None
 
     def link(self, url: str, *, study_known: bool) -> str | None:
@@ -171,6 +184,11 @@ def apply_translation(
     """
     keep = True
     studies = dataset.get(STUDY_INSTANCE_UID)
+    name = translation.patients.get(studies[0]) if studies else None
+    if name is not None:
+        for tag in (PATIENT_NAME, PATIENT_ID):
+            if dataset.get(tag) is not None:
+                dataset.put(tag, [name])
     if studies is not None:
         public = [translation.study(uid) for uid in studies]
         if studies and all(p is not None for p in public):

@@ -17,6 +17,9 @@ NATIVE_NAMESPACE = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
 ET.register_namespace("", NATIVE_NAMESPACE)
 
 
+_PN_PARTS = ("FamilyName", "GivenName", "MiddleName", "NamePrefix", "NameSuffix")
+
+
 def _local(tag: str) -> str:
     return tag.rpartition("}")[2]
 
@@ -46,11 +49,19 @@ class XmlDataset:
         attribute = self._attribute(tag)
         assert attribute is not None
         namespace = attribute.tag[: -len("DicomAttribute")]
-        for child in [v for v in attribute if _local(v.tag) == "Value"]:
+        for child in [v for v in attribute if _local(v.tag) in ("Value", "PersonName")]:
             attribute.remove(child)
         for number, text in enumerate(values or (), start=1):
-            value = ET.SubElement(attribute, namespace + "Value", number=str(number))
-            value.text = text
+            if attribute.get("vr") != "PN":
+                value = ET.SubElement(attribute, namespace + "Value", number=str(number))
+                value.text = text
+                continue
+            # PS3.19 A.1.5: a person name's components, in its alphabetic form.
+            name = ET.SubElement(attribute, namespace + "PersonName", number=str(number))
+            alphabetic = ET.SubElement(name, namespace + "Alphabetic")
+            for part, component in zip(_PN_PARTS, text.split("^"), strict=False):
+                if component:
+                    ET.SubElement(alphabetic, namespace + part).text = component
 
     def sequences(self) -> Iterable[tuple[int, Iterable[DatasetView]]]:
         for child in self._element:

@@ -76,12 +76,18 @@ class Responder:
                 self._hidden |= unsure - visible
             studies = {u: p for u, p in studies.items() if known.exams.get(u) in self._visible}
             series = {u: p for u, p in series.items() if known.exams.get(u) in self._visible}
+        # A series the map knows but this caller may not see is hidden, never shown as an
+        # unmapped series with its real UID (a reference without its study, under a known one).
+        hidden = frozenset(known.hidden | (known.series.keys() - series.keys()))
+        patients = await self._translator.patients(known, studies)
         return Translation(
             studies=studies,
             series=series,
             expose_unmapped=self._translator.expose_unmapped,
             upstream_base=self._upstream_base,
             public_base=self._public_base,
+            hidden=hidden,
+            patients=patients,
         )
 
     async def send(self, message: Message) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from .._dicom import UidCollector
 from .._errors import NotFound
-from .._identifiers import IdentifierMap, UidFormatter
+from .._identifiers import ExamSeries, ExamSubjects, IdentifierMap, SeriesEntry, UidFormatter
 from .._request import DicomWebRequest, Resource, is_series_key, is_study_key, split_uid_list
 
 __all__ = ["IdentifierTranslator", "Known", "NothingMatches"]
@@ -28,17 +28,34 @@ class Known:
     #: The series of the path stands for itself (``unmapped_series = "expose"``): the map
     #: cannot say which study it belongs to.
     unmapped_series: bool = False
+    #: The examination of the path, if any.
+    exam: int | None = None
+    #: Real series UIDs the map knows but that are not shown here.
+    hidden: set[str] = field(default_factory=set)
+    #: The name PatientName and PatientID show, by examination, when not the PACS's.
+    subjects: dict[int, str | None] = field(default_factory=dict)
 
 
 class IdentifierTranslator:
     """Public UIDs ↔ real UIDs through an :class:`IdentifierMap` and a :class:`UidFormatter`."""
 
     def __init__(
-        self, identifiers: IdentifierMap, formatter: UidFormatter, *, expose_unmapped: bool
+        self,
+        identifiers: IdentifierMap,
+        formatter: UidFormatter,
+        *,
+        expose_unmapped: bool,
+        exam_series: ExamSeries | None = None,
+        exam_subjects: ExamSubjects | None = None,
     ) -> None:
         self.identifiers = identifiers
         self.formatter = formatter
         self.expose_unmapped = expose_unmapped
+        #: Asked for the series of the path's examination, when the map is one that holds
+        #: several examinations in one real study.
+        self.exam_series = exam_series
+        #: Asked for the name of examinations that show another than the PACS's.
+        self.exam_subjects = exam_subjects
 
     async def real_studies(self, public: Iterable[str]) -> dict[str, str]:
         """Public study UID → real study UID, for the known ones."""
@@ -76,12 +93,34 @@ class IdentifierTranslator:
             for uid, exam_id in found.items():
                 known.studies[uid] = self.formatter.study_uid(exam_id)
                 known.exams[uid] = exam_id
-        series = collector.series - known.series.keys()
+        series = collector.series - known.series.keys() - known.hidden
+        if series and self.exam_series is not None and known.exam is not None:
+            own, alone = await self.exam_series.series_of_exam(known.exam)
+            self._learn_series(known, {u: e for u, e in own.items() if u in series})
+            series -= own.keys()
+            if alone:  # the rest of its study is another examination's
+                known.hidden.update(series)
+                return
         if series:
-            entries = await self.identifiers.series_by_uid(series)
-            for uid, entry in entries.items():
-                known.series[uid] = self.formatter.series_uid(entry.acquisition_id)
-                known.exams[uid] = entry.exam_id
+            self._learn_series(known, await self.identifiers.series_by_uid(series))
+
+    async def patients(self, known: Known, studies: Iterable[str]) -> dict[str, str]:
+        """Real study UID → the name its datasets show, for those of ``studies`` whose
+        examination shows another than the PACS's."""
+        if self.exam_subjects is None:
+            return {}
+        exams = {known.exams[uid] for uid in studies if uid in known.exams}
+        missing = exams - known.subjects.keys()
+        if missing:
+            names = await self.exam_subjects.subject_names(missing)
+            known.subjects.update((exam, names.get(exam)) for exam in missing)
+        found = {uid: known.subjects.get(known.exams.get(uid, 0)) for uid in studies}
+        return {uid: name for uid, name in found.items() if name is not None}
+
+    def _learn_series(self, known: Known, entries: Mapping[str, SeriesEntry]) -> None:
+        for uid, entry in entries.items():
+            known.series[uid] = self.formatter.series_uid(entry.acquisition_id)
+            known.exams[uid] = entry.exam_id
 
     async def translate_request(self, request: DicomWebRequest) -> tuple[DicomWebRequest, Known]:
         """The request with real UIDs; raises NotFound, or NothingMatches for a search."""
@@ -97,6 +136,7 @@ class IdentifierTranslator:
             assert exam_id is not None
             known.studies[study] = request.study
             known.exams[study] = exam_id
+            known = replace(known, exam=exam_id)
         if request.series is not None:
             found = await self.real_series([request.series], exam_id=exam_id)
             series = found.get(request.series)
