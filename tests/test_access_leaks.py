@@ -14,7 +14,6 @@ series, answers exactly as one naming a series or instance that does not exist.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 from collections.abc import Collection, Iterator
@@ -35,7 +34,7 @@ from shanoir_dicomweb_proxy._store import SqliteStore
 from shanoir_dicomweb_proxy.testing import OrthancServer
 
 from .support.archive import SERIES_ROOT, STUDY_ROOT
-from .support.leaks import BASE, GHOST, Exam, Example, Series, World, random_route
+from .support.leaks import GHOST, Exam, Example, Series, World, in_process, random_route
 
 USER = "tester"
 #: A user whose name is the subject of one of the tester's tokens: with a userId claim, grants
@@ -137,20 +136,8 @@ def world(
         dev_token(proxy_settings, DECOY, {"userId": USER}, ttl=3600),
         dev_token(proxy_settings, USER, {}, ttl=3600),
     )
-    runner = asyncio.Runner(loop_factory=asyncio.new_event_loop)  # not the tests' loop
-    runner.run(app.__aenter__())  # what the ASGI lifespan does; ASGITransport runs none
-    client = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app),
-        base_url=BASE,
-        headers={"Accept-Encoding": "identity"},
-        timeout=60,
-    )
-    try:
+    with in_process(app) as (runner, client):
         yield World(runner, client, FORMAT, exams, tokens, frozenset(real_uids)), policy
-    finally:
-        runner.run(client.aclose())
-        runner.run(app.__aexit__(None, None, None))
-        runner.close()
 
 
 # --- routes ------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ and instance of an examination the tester may not read, is searched for in every
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from shanoir_dicomweb_proxy._auth import dev_token
 from shanoir_dicomweb_proxy.testing import OrthancServer
 
 from .support.idp import PROXY_CLIENT_ID, PROXY_CLIENT_SECRET, IdentityProvider
-from .support.leaks import BASE, Exam, Example, Series, World, random_route
+from .support.leaks import Exam, Example, Series, World, in_process, random_route
 from .support.shanoir import (
     Acquisition,
     Caller,
@@ -139,13 +138,9 @@ class Rights:
         )
 
     def listed(self, known: dict[int, Exam]) -> frozenset[int]:
-        """What a search at the root lists: of the readable examinations of one real study,
-        the original first, then the lowest ID."""
-        chosen: dict[str, Examination] = {}
-        for exam in sorted(self.exams.values(), key=lambda e: (e.source is not None, e.id)):
-            if exam.id in known and self.may(exam.id, "read"):
-                chosen.setdefault(known[exam.id].real, exam)
-        return frozenset(e.id for e in chosen.values())
+        """What a search at the root lists: every readable examination with a study, copies
+        each as a study of its own."""
+        return frozenset(e for e in self.exams if e in known and self.may(e, "read"))
 
 
 @pytest.fixture(scope="module", params=["user", "service"])
@@ -205,20 +200,8 @@ def world(
         app = DicomWebProxy(proxy_settings)
         roles: dict[str, Any] = {"realm_access": {"roles": ["ROLE_USER"]}}
         tokens = (dev_token(proxy_settings, "tester", {"userId": TESTER, **roles}, ttl=3600),)
-        runner = asyncio.Runner(loop_factory=asyncio.new_event_loop)
-        runner.run(app.__aenter__())
-        client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url=BASE,
-            headers={"Accept-Encoding": "identity"},
-            timeout=60,
-        )
-        try:
-            yield World(runner, client, FORMAT, known, tokens, frozenset(real_uids)), shanoir
-        finally:
-            runner.run(client.aclose())
-            runner.run(app.__aexit__(None, None, None))
-            runner.close()
+        runner, client = stack.enter_context(in_process(app))
+        yield World(runner, client, FORMAT, known, tokens, frozenset(real_uids)), shanoir
 
 
 @st.composite

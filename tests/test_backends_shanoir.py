@@ -36,6 +36,7 @@ from shanoir_dicomweb_proxy._backends import (
     ShanoirIdentifierMap,
     shanoir_directory,
 )
+from shanoir_dicomweb_proxy._probes import probe_shanoir
 from shanoir_dicomweb_proxy._scope import set_principal
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer
 
@@ -405,7 +406,8 @@ def test_each_caller_lists_the_examinations_shanoir_gives_them(
     assert _studies(_get(gateway, idp, "alice", "/studies")) == {f"{ROOT}.101", f"{ROOT}.102"}
     # bob sees 101's study only as its copy 105, in study 20, centre 2.
     assert _studies(_get(gateway, idp, "bob", "/studies")) == {f"{ROOT}.103", f"{ROOT}.105"}
-    assert {f"{ROOT}.101", f"{ROOT}.102", f"{ROOT}.103"} <= _studies(
+    # admin reads both the original and its copy: two studies, as Shanoir lists them.
+    assert {f"{ROOT}.101", f"{ROOT}.102", f"{ROOT}.103", f"{ROOT}.105"} <= _studies(
         _get(gateway, idp, "admin", "/studies")
     )
 
@@ -554,3 +556,57 @@ def test_a_copy_shows_its_own_subjects_name(
     assert {ds.PatientID for ds in instances} == {"Subject-11"}
     for body in (metadata.content, xml.content, retrieved.content):
         assert pacs_name not in body
+
+
+async def test_the_service_probe_reads_the_matrix_and_counts_what_cannot_show(
+    shanoir: ShanoirServer, orthanc: OrthancServer, idp: IdentityProvider
+) -> None:
+    directory = shanoir_directory(settings_for(shanoir, orthanc, idp, **service(idp)))
+    try:
+        result = await probe_shanoir(directory, within=5)
+    finally:
+        await directory.aclose()
+    assert result.ok
+    # Every examination, every row of every study, and 104, which has no StudyInstanceUID.
+    assert (
+        result.detail
+        == "answers; 5 examinations, 4 rights; 1 without a StudyInstanceUID, not shown"
+    )
+
+
+def test_a_copy_asked_for_by_its_uid_is_answered_as_the_copy(
+    gateway: ProxyServer, idp: IdentityProvider
+) -> None:
+    """admin may read the original (101) and its copy (105), one real study: a search for the
+    copy's UID answers the copy, one for the original's the original."""
+    for exam in (101, 105):
+        rows = _get(gateway, idp, "admin", f"/studies?StudyInstanceUID={ROOT}.{exam}").json()
+        assert [row["0020000D"]["Value"][0] for row in rows] == [f"{ROOT}.{exam}"]
+
+
+def test_copies_are_studies_of_their_own_at_the_root_and_page_exactly(
+    gateway: ProxyServer, idp: IdentityProvider, real: Archive
+) -> None:
+    """One real study, two examinations (101 and its copy 105): a search at the root lists each
+    as a study of its own, the copy with its subject's name; pages of one row concatenate to the
+    whole list, each row once, Warning: 299 on all but the last page."""
+    s0 = real.studies[0]
+    token = idp.password_token("admin")
+    headers = {"authorization": f"Bearer {token}", "accept": "application/dicom+json"}
+    url = gateway.dicomweb_url + "/studies"
+    query = {"includefield": "00100010", "StudyDate": "19000101-29991231"}
+    whole = httpx.get(url, params=query, headers=headers, timeout=30).json()
+    names = {row["0020000D"]["Value"][0]: row["00100010"]["Value"][0] for row in whole}
+    assert names[f"{ROOT}.105"] == {"Alphabetic": "Subject-11"}
+    assert names[f"{ROOT}.101"] == {"Alphabetic": real.names[s0]}
+    paged: list[str] = []
+    for offset in range(len(whole) + 1):
+        page = httpx.get(
+            url, params={**query, "limit": "1", "offset": str(offset)}, headers=headers, timeout=30
+        )
+        rows = page.json() if page.content else []
+        paged += [row["0020000D"]["Value"][0] for row in rows]
+        more = offset < len(whole) - 1
+        assert ("warning" in page.headers) == more, (offset, page.headers.get("warning"))
+    assert paged == [row["0020000D"]["Value"][0] for row in whole]
+    assert len(set(paged)) == len(paged)

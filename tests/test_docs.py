@@ -22,6 +22,7 @@ from shanoir_dicomweb_proxy import (
     SeriesEntry,
     Settings,
     UidFormatter,
+    create_app,
 )
 from shanoir_dicomweb_proxy import _config_reference as reference
 from shanoir_dicomweb_proxy._auth import dev_token
@@ -155,6 +156,17 @@ def test_dcm4chee_keycloak_example() -> None:
     assert settings.auth.user_claim == "userId"
     assert settings.server.public_url.startswith("https://")
     assert (settings.mapping.backend, settings.access.backend) == ("http", "http")
+
+
+def test_shanoir_example() -> None:
+    settings = Settings.from_toml(ROOT / "examples" / "shanoir.toml")
+    assert (settings.mapping.backend, settings.access.backend) == ("shanoir", "shanoir")
+    assert settings.mapping.study_root == settings.mapping.series_root == "1.4.9.12.34.1.8527"
+    assert settings.shanoir.credentials == "user" and settings.auth.user_claim == "userId"
+    app = create_app(settings)  # nothing is asked of Shanoir or the PACS before a request
+    assert app.backends is not None and app.backends.shanoir is not None
+    assert app.probes.shanoir is app.backends.shanoir
+    assert app.backends.exam_series is not None and app.backends.exam_subjects is not None
 
 
 def _load_example(name: str) -> ModuleType:

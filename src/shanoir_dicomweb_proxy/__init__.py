@@ -67,6 +67,7 @@ from ._routing import RoutingMiddleware
 from ._scope import (
     Principal,
     RequestRecord,
+    current_principal,
     get_dicomweb_request,
     get_principal,
     get_record,
@@ -154,6 +155,7 @@ __all__ = [
     "build_access_policy",
     "build_identifier_map",
     "create_app",
+    "current_principal",
     "get_dicomweb_request",
     "get_principal",
     "get_record",

@@ -227,6 +227,7 @@ def _mapped(
         deny_status=settings.access.deny_status,
         inject_max=settings.access.inject_max,
         audit=audit,
+        copies=backends.exam_series is not None,
     )
 
 

@@ -89,6 +89,11 @@ class ExamSeries(Protocol):
         this one."""
         ...
 
+    async def exams_of_studies(self, study_uids: Collection[str]) -> Mapping[str, tuple[int, ...]]:
+        """Every examination each real study holds, for the caller (a search lists each as a
+        study of its own)."""
+        ...
+
 
 @runtime_checkable
 class ExamSubjects(Protocol):

@@ -203,7 +203,11 @@ async def probe_shanoir(directory: ShanoirDirectory, *, within: float) -> ProbeR
     except ProxyError:
         return result(False, "the service client cannot read the rights: check [shanoir.service]")
     if directory.credentials == "service":
-        return result(True, f"answers; {len(view.exams)} examinations, {len(view.members)} rights")
+        detail = f"answers; {len(view.exams)} examinations, {len(view.members)} rights"
+        legacy = sum(exam.study_uid is None for exam in view.exams.values())
+        if legacy:
+            detail += f"; {legacy} without a StudyInstanceUID, not shown"
+        return result(True, detail)
     return result(True, "answers")
 
 

@@ -5,6 +5,7 @@ the caller may not see (``test_access_leaks*.py``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import zlib
 from collections.abc import Callable, Iterator
@@ -319,6 +320,26 @@ def inflated(body: bytes) -> Iterator[bytes]:
 
 
 # --- one example -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def in_process(app: Any) -> Iterator[tuple[asyncio.Runner, httpx.AsyncClient]]:
+    """``app`` entered (what the ASGI lifespan does; ASGITransport runs none) on an event loop
+    of its own (not the tests' loop), and a client of it, until the block ends."""
+    runner = asyncio.Runner(loop_factory=asyncio.new_event_loop)
+    runner.run(app.__aenter__())
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url=BASE,
+        headers={"Accept-Encoding": "identity"},
+        timeout=60,
+    )
+    try:
+        yield runner, client
+    finally:
+        runner.run(client.aclose())
+        runner.run(app.__aexit__(None, None, None))
+        runner.close()
 
 
 #: Whether the tester may ``action`` an examination (None: a study that names none).

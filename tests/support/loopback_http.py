@@ -3,6 +3,7 @@ one (the http identifier map, the http access policy)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 
 @dataclass
@@ -71,10 +72,12 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+_S = TypeVar("_S", bound=ThreadingHTTPServer)
+
+
 @contextmanager
-def serving(platform: FakePlatform) -> Iterator[LoopbackServer]:
-    """``platform`` served at ``server.url`` until the block ends."""
-    server = LoopbackServer(platform)
+def running(server: _S) -> Iterator[_S]:
+    """``server`` serving in a thread of its own until the block ends."""
     thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
     thread.start()
     try:
@@ -83,3 +86,8 @@ def serving(platform: FakePlatform) -> Iterator[LoopbackServer]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def serving(platform: FakePlatform) -> contextlib.AbstractContextManager[LoopbackServer]:
+    """``platform`` served at ``server.url`` until the block ends."""
+    return running(LoopbackServer(platform))

@@ -13,11 +13,10 @@ token subjects given ``ROLE_ADMIN`` by the operator (the realm's service account
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -26,6 +25,8 @@ from urllib.parse import parse_qs, urlsplit
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
+
+from .loopback_http import running
 
 BASE = "/shanoir-ng"
 RIGHTS = ("CAN_ADMINISTRATE", "CAN_IMPORT", "CAN_DOWNLOAD", "CAN_SEE_ALL", "CAN_EXECUTE")
@@ -315,14 +316,6 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-@contextmanager
-def serving(world: ShanoirWorld) -> Iterator[ShanoirServer]:
+def serving(world: ShanoirWorld) -> contextlib.AbstractContextManager[ShanoirServer]:
     """``world`` served at ``server.url`` (Shanoir's ``/shanoir-ng`` base) until the block ends."""
-    server = ShanoirServer(world)
-    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
+    return running(ShanoirServer(world))

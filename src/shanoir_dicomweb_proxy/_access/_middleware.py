@@ -64,6 +64,7 @@ class AccessMiddleware:
         deny_status: int = 404,
         inject_max: int = INJECT_MAX,
         audit: AuditLog | None = None,
+        copies: bool = False,
     ) -> None:
         self.app = app
         self.policy = policy
@@ -72,6 +73,9 @@ class AccessMiddleware:
         self.deny_status = deny_status
         self.inject_max = inject_max
         self.audit = audit
+        #: One real study may hold several examinations (``ExamSeries`` maps): searches at the
+        #: root are paged here, exactly, whatever the upstream returns.
+        self.copies = copies
 
     def action(self, request: DicomWebRequest) -> Action:
         """The action a request needs."""
@@ -81,6 +85,11 @@ class AccessMiddleware:
             return self.retrieve_action
         assert request.resource in _READ_RESOURCES
         return "read"
+
+    def _pages_copies(self, request: DicomWebRequest) -> bool:
+        """Whether a search must be paged here rather than by the upstream: at the root, one
+        upstream row may stand for several examinations (copies), one row each."""
+        return self.copies and request.resource is Resource.SEARCH and request.study is None
 
     def deny(self) -> ProxyError:
         return NotFound(DENIED) if self.deny_status == 404 else Forbidden(DENIED)
@@ -128,6 +137,9 @@ class AccessMiddleware:
             record.decision = "admin"
             if request.study is not None:
                 record.exams = [e for e in [self.formatter.exam_id(request.study)] if e]
+            if self._pages_copies(request):
+                await filtered_search(self.app, scope, receive, send, request, ALL, self.formatter)
+                return
             await self.app(scope, receive, send)
             return
         if not isinstance(self.policy, AllowAll):
@@ -155,6 +167,9 @@ class AccessMiddleware:
         visible = await self.policy.visible(principal, action)
         if visible is ALL:
             record.decision = "allow"
+            if self._pages_copies(request):
+                await filtered_search(self.app, scope, receive, send, request, ALL, self.formatter)
+                return
             await self.app(scope, receive, send)
             return
         assert isinstance(visible, frozenset)
@@ -180,7 +195,12 @@ class AccessMiddleware:
             uids = ",".join(self.formatter.study_uid(e) for e in sorted(exams))
             if asked is None:
                 query = (*query, ("StudyInstanceUID", uids))
-            set_dicomweb_request(scope, replace(request, query=query))
+            narrowed = replace(request, query=query)
+            if self._pages_copies(request):
+                app = self.app
+                await filtered_search(app, scope, receive, send, narrowed, exams, self.formatter)
+                return
+            set_dicomweb_request(scope, narrowed)
             await self.app(scope, receive, send)
             return
         await filtered_search(self.app, scope, receive, send, request, exams, self.formatter)

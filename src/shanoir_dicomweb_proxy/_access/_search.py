@@ -21,6 +21,7 @@ from .._request import DicomWebRequest
 from .._scope import count_upstream_rows
 from .._subrequests import empty_search, run_search, search_json
 from .._types import ASGIApp, Receive, Scope, Send
+from ._policy import Visible
 
 __all__ = ["FILTER_PAGE", "filtered_search"]
 
@@ -34,7 +35,7 @@ async def filtered_search(
     receive: Receive,
     send: Send,
     request: DicomWebRequest,
-    visible: frozenset[int],
+    visible: Visible,
     formatter: UidFormatter,
 ) -> None:
     """Answer a search with the rows of visible examinations only, paging exactly.
@@ -43,7 +44,8 @@ async def filtered_search(
     ``offset`` and ``limit``, in its own stable order) with the client's query; rows of other
     examinations are dropped, then the client's ``offset`` rows skipped and ``limit`` rows
     kept. ``Warning: 299`` is set only when one more visible row exists. Rows are DICOM JSON
-    objects, or DICOM XML parts when the client asks for XML.
+    objects, or DICOM XML parts when the client asks for XML. With ``visible`` :data:`ALL`
+    nothing is dropped: the paging is exact although one upstream row may become several.
     """
     xml = wants_dicom_xml(scope)
     offset, limit, query = _paging(request.query)
@@ -63,7 +65,7 @@ async def filtered_search(
         rows = await (_xml_rows if xml else _json_rows)(app, inner, receive, page)
         for study, row in rows:
             exam = formatter.exam_id(study) if study is not None else None
-            if exam is None or exam not in visible:
+            if exam is None or (isinstance(visible, frozenset) and exam not in visible):
                 continue
             if skipped < offset:
                 skipped += 1

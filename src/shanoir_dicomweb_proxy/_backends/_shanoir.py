@@ -357,6 +357,15 @@ class ShanoirIdentifierMap:
             and (self.patient_name == "always" or e.source is not None)
         }
 
+    async def exams_of_studies(self, study_uids: Collection[str]) -> Mapping[str, tuple[int, ...]]:
+        """The examinations of each real study the caller may read, originals first."""
+        view, principal = await self._view()
+        found = {
+            uid: self._readable(view, principal, view.by_study_uid.get(uid, ()))
+            for uid in study_uids
+        }
+        return {uid: tuple(exams) for uid, exams in found.items() if exams}
+
     async def series_of_exam(self, exam_id: int) -> tuple[Mapping[str, SeriesEntry], bool]:
         """The examination's acquisitions by real series UID; a copy holds nothing else (the
         rest of its study belongs to the original)."""

@@ -14,13 +14,15 @@ Every representation (DICOM JSON, DICOM XML, Part 10) offers its datasets throug
   translated the same way, and a link to something unknown is removed.
 - A dataset of a study whose examination shows another name (a copy's subject) gets that name
   in PatientName and PatientID, where it holds them.
+- A study-level search row of a real study that several examinations hold (copies) is listed
+  once per examination the caller may see (:meth:`Translation.for_copy`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from ._tags import (
@@ -93,7 +95,9 @@ class Translation:
     is ``[mapping] unmapped_series == "expose"``; ``hidden`` are real series UIDs the map knows
     but that must not be shown here (another examination's): never shown as unmapped either.
     ``patients`` gives, by real study UID, the name PatientName and PatientID show instead of
-    the PACS's (a copied examination's subject).
+    the PACS's (a copied examination's subject). ``copies`` names, by real study UID, the other
+    examinations a study-level search row stands for: each is listed as a row of its own, with
+    its public UID and its name (None: the PACS's).
     """
 
     studies: Mapping[str, str]
@@ -103,6 +107,14 @@ class Translation:
     public_base: str = ""
     hidden: frozenset[str] = frozenset()
     patients: Mapping[str, str] = field(default_factory=dict)
+    copies: Mapping[str, tuple[tuple[str, str | None], ...]] = field(default_factory=dict)
+
+    def for_copy(self, study: str, public: str, name: str | None) -> Translation:
+        """This translation, with ``study`` (a real UID) shown as ``public`` named ``name``."""
+        patients = {k: v for k, v in self.patients.items() if k != study}
+        if name is not None:
+            patients[study] = name
+        return replace(self, studies={**self.studies, study: public}, patients=patients, copies={})
 
     def study(self, uid: str) -> str | None:
         return self.studies.get(uid)

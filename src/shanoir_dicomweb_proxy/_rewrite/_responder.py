@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from .._dicom import (
     UID_IN_TEXT,
@@ -80,6 +80,7 @@ class Responder:
         # unmapped series with its real UID (a reference without its study, under a known one).
         hidden = frozenset(known.hidden | (known.series.keys() - series.keys()))
         patients = await self._translator.patients(known, studies)
+        copies = await self._copies(known, studies) if not self._study_known else {}
         return Translation(
             studies=studies,
             series=series,
@@ -88,7 +89,41 @@ class Responder:
             public_base=self._public_base,
             hidden=hidden,
             patients=patients,
+            copies=copies,
         )
+
+    async def _copies(
+        self, known: Known, studies: Mapping[str, str]
+    ) -> dict[str, tuple[tuple[str, str | None], ...]]:
+        """For a search at the root: the other examinations each real study holds (copies)
+        that the caller may see, and asked for if the search named studies."""
+        translator = self._translator
+        if translator.exam_series is None or not studies:
+            return {}
+        holders = await translator.exam_series.exams_of_studies(list(studies))
+        extra: dict[str, list[int]] = {}
+        for uid, exams in holders.items():
+            asked = known.asked.get(uid)
+            others = [
+                e for e in exams if e != known.exams.get(uid) and (asked is None or e in asked)
+            ]
+            if others:
+                extra[uid] = others
+        if self._visibility is not None and extra:
+            candidates = {e for exams in extra.values() for e in exams}
+            unsure = candidates - self._visible - self._hidden
+            if unsure:
+                visible = set(await self._visibility(frozenset(unsure))) & unsure
+                self._visible |= visible
+                self._hidden |= unsure - visible
+            extra = {u: [e for e in exams if e in self._visible] for u, exams in extra.items()}
+        names = await translator.names(known, {e for exams in extra.values() for e in exams})
+        study_uid = translator.formatter.study_uid
+        return {
+            uid: tuple((study_uid(e), names.get(e)) for e in exams)
+            for uid, exams in extra.items()
+            if exams
+        }
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -34,6 +35,8 @@ class Known:
     hidden: set[str] = field(default_factory=set)
     #: The name PatientName and PatientID show, by examination, when not the PACS's.
     subjects: dict[int, str | None] = field(default_factory=dict)
+    #: The examinations a search asked for, by real study UID.
+    asked: dict[str, set[int]] = field(default_factory=dict)
 
 
 class IdentifierTranslator:
@@ -107,15 +110,18 @@ class IdentifierTranslator:
     async def patients(self, known: Known, studies: Iterable[str]) -> dict[str, str]:
         """Real study UID → the name its datasets show, for those of ``studies`` whose
         examination shows another than the PACS's."""
-        if self.exam_subjects is None:
-            return {}
-        exams = {known.exams[uid] for uid in studies if uid in known.exams}
-        missing = exams - known.subjects.keys()
-        if missing:
-            names = await self.exam_subjects.subject_names(missing)
-            known.subjects.update((exam, names.get(exam)) for exam in missing)
-        found = {uid: known.subjects.get(known.exams.get(uid, 0)) for uid in studies}
+        names = await self.names(known, {known.exams[uid] for uid in studies if uid in known.exams})
+        found = {uid: names.get(known.exams.get(uid, 0)) for uid in studies}
         return {uid: name for uid, name in found.items() if name is not None}
+
+    async def names(self, known: Known, exam_ids: Iterable[int]) -> dict[int, str | None]:
+        """Examination → the name its datasets show (None: the PACS's)."""
+        wanted = set(exam_ids)
+        missing = wanted - known.subjects.keys()
+        if missing and self.exam_subjects is not None:
+            found = await self.exam_subjects.subject_names(missing)
+            known.subjects.update((exam, found.get(exam)) for exam in missing)
+        return {exam: known.subjects.get(exam) for exam in wanted}
 
     def _learn_series(self, known: Known, entries: Mapping[str, SeriesEntry]) -> None:
         for uid, entry in entries.items():
@@ -149,11 +155,11 @@ class IdentifierTranslator:
                 known.exams[series] = exam_id
         query = request.query
         if request.resource is Resource.SEARCH:
-            query = await self._translate_query(query, exam_id)
+            query = await self._translate_query(query, exam_id, known)
         return replace(request, study=study, series=series, query=query), known
 
     async def _translate_query(
-        self, query: tuple[tuple[str, str], ...], exam_id: int | None
+        self, query: tuple[tuple[str, str], ...], exam_id: int | None, known: Known
     ) -> tuple[tuple[str, str], ...]:
         result: list[tuple[str, str]] = []
         for key, value in query:
@@ -161,6 +167,17 @@ class IdentifierTranslator:
                 values = split_uid_list(value)
                 found = await self.real_studies(values)
                 pairs = [(found[v], v) for v in values if v in found]
+                # The answer names a study as it was asked for: of the examinations one real
+                # study holds (copies), the one asked, when only one was; else the map picks.
+                asked = Counter(real for real, _ in pairs)
+                for real, public in pairs:
+                    exam = self.formatter.exam_id(public)
+                    if exam is None:
+                        continue
+                    known.asked.setdefault(real, set()).add(exam)
+                    if asked[real] == 1 and real not in known.studies:
+                        known.studies[real] = public
+                        known.exams[real] = exam
             elif is_series_key(key):
                 values = split_uid_list(value)
                 found = await self.real_series(values, exam_id=exam_id)
