@@ -22,6 +22,9 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
 
 from shanoir_dicomweb_proxy import (
     ALL,
@@ -129,8 +132,12 @@ def build_world(idp: IdentityProvider, real: Archive) -> ShanoirWorld:
 
 
 @pytest.fixture(scope="module")
-def shanoir(idp: IdentityProvider, real: Archive) -> Iterator[ShanoirServer]:
-    with serving(build_world(idp, real)) as server:
+def shanoir(
+    idp: IdentityProvider, real: Archive, orthanc: OrthancServer
+) -> Iterator[ShanoirServer]:
+    world = build_world(idp, real)
+    world.pacs = orthanc.url  # where Shanoir's STOW route stores what it registers
+    with serving(world) as server:
         yield server
 
 
@@ -610,3 +617,89 @@ def test_copies_are_studies_of_their_own_at_the_root_and_page_exactly(
         assert ("warning" in page.headers) == more, (offset, page.headers.get("warning"))
     assert paged == [row["0020000D"]["Value"][0] for row in whole]
     assert len(set(paged)) == len(paged)
+
+
+def _orthanc_file(orthanc: OrthancServer, study: str) -> tuple[str, bytes]:
+    """An instance of ``study``, as Orthanc holds it: its Orthanc ID and its file."""
+    with httpx.Client(base_url=orthanc.url, timeout=30) as http:
+        query = {"Level": "Instance", "Query": {"StudyInstanceUID": study}}
+        found = http.post("/tools/find", json=query).json()
+        return found[0], http.get(f"/instances/{found[0]}/file").content
+
+
+def test_an_upload_goes_where_shanoir_registers_it(
+    gateway: ProxyServer,
+    idp: IdentityProvider,
+    shanoir: ShanoirServer,
+    real: Archive,
+    orthanc: OrthancServer,
+) -> None:
+    """A viewer's SEG on examination 102 (alice may import into it): checked for CAN_IMPORT,
+    sent to Shanoir's own STOW route with alice's token, with the public study UID Shanoir
+    reads to find the examination and the real UID of the series it refers to; Shanoir stores
+    it; the viewer gets a PS3.18 answer. On 101 (no CAN_IMPORT), refused, nothing sent."""
+    s1 = real.studies[1]
+    acquisition = next(a for a in shanoir.world.acquisitions if a.examination_id == 102)
+    referenced = real.series[s1][acquisition.sorting_index]
+    _, template = _orthanc_file(orthanc, s1)
+    seg = pydicom.dcmread(io.BytesIO(template))
+    seg.StudyInstanceUID = f"{ROOT}.102"
+    seg.SeriesInstanceUID = generate_uid()
+    seg.SOPInstanceUID = seg.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    item = Dataset()
+    item.SeriesInstanceUID = f"{ROOT}.{acquisition.id}"  # as the viewer saw it
+    seg.ReferencedSeriesSequence = Sequence([item])
+    buffer = io.BytesIO()
+    seg.save_as(buffer, enforce_file_format=True)
+    boundary = "b0undary"
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + buffer.getvalue()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {
+        "authorization": f"Bearer {idp.password_token('alice')}",
+        "content-type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "accept": "application/dicom+json",
+    }
+    world = shanoir.world
+    before = len(world.uploads)
+    stored = httpx.post(
+        gateway.dicomweb_url + "/studies", content=body, headers=headers, timeout=60
+    )
+    try:
+        assert stored.status_code == 200, stored.text
+        answer = stored.json()
+        (reference,) = answer["00081199"]["Value"]
+        assert reference["00081155"]["Value"] == [seg.SOPInstanceUID]
+        # The new series is no acquisition: its link is left out, and nothing real shows.
+        assert s1 not in stored.text and referenced not in stored.text
+        (user, received) = world.uploads[before]
+        assert user == 1
+        assert received.StudyInstanceUID == f"{ROOT}.102"
+        assert received.ReferencedSeriesSequence[0].SeriesInstanceUID == referenced
+        with httpx.Client(base_url=orthanc.dicomweb_url, timeout=30) as direct:
+            rows = direct.get("/instances", params={"SOPInstanceUID": seg.SOPInstanceUID}).json()
+        assert [row["0020000D"]["Value"][0] for row in rows] == [s1]
+        # Refused where alice may not import: nothing reaches Shanoir.
+        seg.StudyInstanceUID = f"{ROOT}.101"
+        seg.SOPInstanceUID = seg.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        buffer = io.BytesIO()
+        seg.save_as(buffer, enforce_file_format=True)
+        body = (
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + buffer.getvalue()
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        refused = httpx.post(
+            gateway.dicomweb_url + "/studies", content=body, headers=headers, timeout=60
+        )
+        assert refused.status_code == 409
+        failed = refused.json()["00081198"]["Value"][0]
+        assert failed["00081197"]["Value"] == [0x0124]
+        assert len(world.uploads) == before + 1
+    finally:
+        with httpx.Client(base_url=orthanc.url, timeout=30) as http:
+            lookup = http.post("/tools/lookup", content=str(seg.SeriesInstanceUID)).json()
+            for found in lookup:
+                http.delete(f"/series/{found['ID']}")

@@ -210,6 +210,7 @@ def _mapped(
         upstream_url=settings.upstream.url,
         max_upload_bytes=settings.server.max_upload_bytes,
         registrar=backends.registrar,
+        store=backends.uploads,
     )
     translation = TranslationMiddleware(
         app, translator=translator, membership_ttl=mapping.cache_ttl, **_links(settings)

@@ -14,21 +14,30 @@ token subjects given ``ROLE_ADMIN`` by the operator (the realm's service account
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import json
 import threading
 import time
 from dataclasses import dataclass, field
+from email.parser import BytesParser
+from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
+import pydicom
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
+from pydicom.dataset import Dataset
 
 from .loopback_http import running
 
 BASE = "/shanoir-ng"
+#: Shanoir's UIDGeneration.ROOT: public study UIDs are ROOT.<examinationId>.
+ROOT = "1.4.9.12.34.1.8527"
 RIGHTS = ("CAN_ADMINISTRATE", "CAN_IMPORT", "CAN_DOWNLOAD", "CAN_SEE_ALL", "CAN_EXECUTE")
 _USER_ROLES = {"ROLE_ADMIN", "ROLE_EXPERT", "ROLE_USER"}
 
@@ -96,6 +105,10 @@ class ShanoirWorld:
     down: bool = False
     #: (method, path with query, user id or None) of every call.
     calls: list[tuple[str, str, int | None]] = field(default_factory=list)
+    #: Orthanc's REST root, where uploads are stored (Shanoir stores them in its PACS).
+    pacs: str = ""
+    #: Every instance uploaded: (user id, the instance as Shanoir received it).
+    uploads: list[tuple[int | None, Dataset]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     # --- the rights rule ---------------------------------------------------------------------
@@ -183,6 +196,40 @@ class ShanoirWorld:
                 "examination": self.examination_dto(exam),
             }
         return 404, {"message": "not found"}
+
+    def store(self, caller: Caller, content_type: str, body: bytes) -> tuple[int, Any]:
+        """``POST /datasets/dicomweb/studies``, as Shanoir's STOW filter does it: every part
+        application/dicom; the examination from the public study UID (``ROOT.<examId>``), else
+        from the real one; CAN_IMPORT on it; the study UID replaced with the real one and the
+        patient fields with the subject's name; stored in the PACS; an empty 200."""
+        if not content_type.startswith("multipart/related"):
+            return 415, {"message": "not multipart/related"}
+        head = f"Content-Type: {content_type}\r\n\r\n".encode()
+        message = BytesParser(policy=HTTP).parsebytes(head + body)
+        for part in message.iter_parts():
+            if part.get_content_type() != "application/dicom":
+                return 500, {"message": "only application/dicom"}
+            payload = part.get_payload(decode=True)
+            assert isinstance(payload, bytes)
+            dataset = pydicom.dcmread(io.BytesIO(payload))
+            uid = str(dataset.StudyInstanceUID)
+            if uid.startswith(ROOT + "."):
+                exam = self._exam(int(uid[len(ROOT) + 1 :]))
+            else:
+                exam = next((e for e in self.examinations if e.study_instance_uid == uid), None)
+            if exam is None or exam.study_instance_uid is None:
+                return 500, {"message": "no examination"}
+            if not self.allowed(caller, exam, "CAN_IMPORT"):
+                return 403, {"message": "Access Denied"}
+            self.uploads.append((caller.user_id, copy.deepcopy(dataset)))
+            dataset.StudyInstanceUID = exam.study_instance_uid
+            dataset.PatientName = dataset.PatientID = exam.subject_name
+            buffer = io.BytesIO()
+            dataset.save_as(buffer, enforce_file_format=True)
+            stored = httpx.post(f"{self.pacs}/instances", content=buffer.getvalue(), timeout=30)
+            if stored.status_code != 200:
+                return 500, {"message": "the PACS refused"}
+        return 200, None
 
     def _exam(self, exam_id: int) -> Examination | None:
         return next((e for e in self.examinations if e.id == exam_id), None)
@@ -303,10 +350,25 @@ class _Handler(BaseHTTPRequestHandler):
             status, body = world.answer(caller, split.path[len(BASE) :], query)
         self._send(status, body)
 
-    def _send(self, status: int, body: Any) -> None:
-        content = b"" if status == 204 else json.dumps(body).encode()
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        world = self.server.world
+        caller = world.caller(self.headers.get("authorization"))
+        with world.lock:
+            world.calls.append(("POST", self.path, caller.user_id if caller else None))
+        body = self.rfile.read(int(self.headers.get("content-length", "0")))
+        if self.path != f"{BASE}/datasets/dicomweb/studies":
+            return self._send(404, {"message": "not found"})
+        if caller is None:
+            return self._send(401, {"message": "Unauthorized"})
+        if not caller.roles & _USER_ROLES:
+            return self._send(403, {"message": "Access Denied"})
+        status, answer = world.store(caller, self.headers.get("content-type", ""), body)
+        self._send(status, answer if status != 200 else None, empty=status == 200)
+
+    def _send(self, status: int, body: Any, *, empty: bool = False) -> None:
+        content = b"" if status == 204 or empty else json.dumps(body).encode()
         self.send_response(status)
-        if status != 204:
+        if content:
             self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(content)))
         self.end_headers()

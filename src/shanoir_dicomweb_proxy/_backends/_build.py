@@ -21,10 +21,11 @@ from .._identifiers import ExamSeries, ExamSubjects, IdentifierMap, SeriesRegist
 from .._oauth import ClientCredentials
 from .._scope import Principal
 from .._store import SqliteStore, StoreError
+from .._types import ASGIApp
 from .._upstream import Upstream
 from ._cache import CachingAccessPolicy, CachingIdentifierMap
 from ._platform import HttpAccessPolicy, HttpIdentifierMap, PlatformClient
-from ._shanoir import ShanoirAccessPolicy, ShanoirDirectory, ShanoirIdentifierMap
+from ._shanoir import ShanoirAccessPolicy, ShanoirDirectory, ShanoirIdentifierMap, ShanoirStow
 from ._shanoir_api import ShanoirApi
 from ._sqlite import SqliteAccessPolicy, SqliteIdentifierMap
 from ._static import StaticAccessPolicy, StaticIdentifierMap
@@ -273,6 +274,8 @@ class Backends:
     exam_subjects: ExamSubjects | None = None
     #: The Shanoir-NG the ``shanoir`` backends read (for the readiness probe).
     shanoir: ShanoirDirectory | None = None
+    #: Where uploads go instead of the PACS: Shanoir-NG's STOW route, with its map.
+    uploads: ASGIApp | None = None
     identifier_cache: CachingIdentifierMap | None = None
     access_cache: CachingAccessPolicy | None = None
     _closers: list[Closer] = field(default_factory=list, repr=False)
@@ -299,6 +302,7 @@ class Backends:
         )
         shanoir = _shanoir(settings, closers) if wants_shanoir else None
         registrar: SeriesRegistrar | None = None
+        uploads: ASGIApp | None = None
         identifier_cache: CachingIdentifierMap | None = None
         access_cache: CachingAccessPolicy | None = None
         if identifiers is None:
@@ -315,6 +319,8 @@ class Backends:
             identifier_cache = managed_map if managed_map.ttl else None
             if isinstance(managed_map.inner, SqliteIdentifierMap):
                 registrar = _registrar(managed_map.inner, managed_map)
+            if isinstance(managed_map.inner, ShanoirIdentifierMap):
+                uploads = ShanoirStow(managed_map.inner.directory.api)
         elif isinstance(identifiers, CachingIdentifierMap):
             identifier_cache = identifiers
             if store is None and isinstance(identifiers.inner, SqliteIdentifierMap):
@@ -341,6 +347,7 @@ class Backends:
             exam_series,
             exam_subjects,
             shanoir,
+            uploads,
             identifier_cache,
             access_cache,
             closers,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
@@ -33,8 +33,10 @@ import orjson
 from .._access import ALL, Action, Visible, within
 from .._dicom import SERIES_INSTANCE_UID, SERIES_NUMBER, STUDY_INSTANCE_UID, json_key, json_value
 from .._errors import MappingUnavailable, ProxyError
+from .._headers import header
 from .._identifiers import SeriesEntry, is_uid
-from .._scope import Principal, current_principal
+from .._scope import Principal, current_principal, get_principal
+from .._types import Receive, Scope, Send
 from .._upstream import Upstream
 from ._shanoir_api import (
     Exam,
@@ -52,6 +54,7 @@ __all__ = [
     "ShanoirAccessPolicy",
     "ShanoirDirectory",
     "ShanoirIdentifierMap",
+    "ShanoirStow",
     "permits",
 ]
 
@@ -461,3 +464,46 @@ def _series_number(value: object) -> int | None:
 
 def _mapping_unavailable() -> ProxyError:
     return MappingUnavailable("the identifier mapping cannot be reached")
+
+
+class ShanoirStow:
+    """Where uploads go with the ``shanoir`` map: Shanoir-NG's own STOW route (``POST
+    /datasets/dicomweb/studies``), which registers each SEG or SR as a dataset of the
+    examination its public study UID names and stores it in the PACS; with the caller's token.
+
+    An ASGI app in the place of the upstream for the spooled batch of admitted instances. Shanoir
+    answers an empty 200, which says nothing of what was stored: the STOW layer asks the PACS.
+    Shanoir unreachable or failing is :class:`ShanoirUnavailable`; its body is never passed on.
+    """
+
+    def __init__(self, api: ShanoirApi) -> None:
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        principal = get_principal(scope)
+        if principal is None or not principal.token:
+            logger.warning("Shanoir: an upload without a caller's token to send it with")
+            raise self.api.unavailable()
+        content_type = header(scope, b"content-type") or b""
+        length = header(scope, b"content-length") or b"0"
+
+        async def body() -> AsyncIterator[bytes]:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                yield message.get("body", b"")
+                if not message.get("more_body", False):
+                    return
+
+        status = await self.api.post(
+            "/datasets/dicomweb/studies",
+            body(),
+            token=principal.token,
+            headers={
+                "content-type": content_type.decode("latin-1"),
+                "content-length": length.decode("latin-1"),
+            },
+        )
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})

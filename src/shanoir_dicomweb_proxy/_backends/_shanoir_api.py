@@ -15,7 +15,7 @@ the call and why, never a body.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -138,6 +138,26 @@ class ShanoirApi:
         except ValueError:
             logger.warning("%s: the answer is not JSON", what)
             raise self.unavailable() from None
+
+    async def post(
+        self, path: str, content: AsyncIterator[bytes], *, token: str, headers: Mapping[str, str]
+    ) -> int:
+        """``POST {url}{path}`` of ``content`` with ``token``: the status (the body is read and
+        dropped); unreachable or 5xx is :meth:`unavailable`."""
+        what = f"Shanoir: POST {path}"
+        sent = {**headers, "authorization": f"Bearer {token}", "accept": "application/json"}
+        try:
+            response = await self._http().post(self.url + path, content=content, headers=sent)
+        except httpx.TimeoutException:
+            logger.warning("%s: no answer in time", what)
+            raise self.unavailable() from None
+        except httpx.HTTPError as exc:
+            logger.warning("%s: %s", what, type(exc).__name__)
+            raise self.unavailable() from None
+        if response.status_code >= 500 or response.status_code == 401:
+            logger.warning("%s: answered %d", what, response.status_code)
+            raise self.unavailable()
+        return response.status_code
 
     async def status(self, path: str) -> int:
         """The status of an unauthenticated ``GET {url}{path}`` (readiness probes); raises

@@ -114,12 +114,18 @@ class StowMiddleware:
         upstream_url: str,
         max_upload_bytes: int | None = None,
         registrar: SeriesRegistrar | None = None,
+        store: ASGIApp | None = None,
     ) -> None:
         self.app = app
         self.translator = translator
         self.upstream_url = upstream_url.rstrip("/")
         self.max_upload_bytes = max_upload_bytes
         self.registrar = registrar
+        #: Where admitted instances go instead of the PACS (a platform that registers them,
+        #: such as Shanoir-NG's own STOW route); they then keep their public study UID, which
+        #: the platform reads to find the examination. What was stored is still checked with
+        #: the PACS.
+        self.store = store
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = get_dicomweb_request(scope) if scope["type"] == "http" else None
@@ -207,8 +213,11 @@ class StowMiddleware:
         return None
 
     async def _resolve(self, collector: UidCollector) -> Translation:
-        """Public UIDs met in an admitted instance → real ones; anything else stays."""
-        studies = await self.translator.real_studies(collector.studies)
+        """Public UIDs met in an admitted instance → real ones; anything else stays. Going to
+        a platform (``store``), study UIDs stay public."""
+        studies = (
+            {} if self.store is not None else await self.translator.real_studies(collector.studies)
+        )
         series = await self.translator.real_series(collector.series, exam_id=None)
         return Translation(
             studies={uid: studies.get(uid, uid) for uid in collector.studies},
@@ -239,7 +248,7 @@ class StowMiddleware:
         ]
         answer = _Collected()
         try:
-            await self.app(
+            await (self.store or self.app)(
                 {**scope, "headers": headers}, spooled_receive(spool, receive), answer.send
             )
         except ProxyError:
