@@ -157,6 +157,8 @@ class ShanoirDirectory:
     ) -> _T:
         """``fetch()``'s answer under ``key``, kept ``ttl`` seconds (and no longer than the
         token of ``principal`` when the caller's token was used)."""
+        if self.ttl <= 0:
+            return await fetch()  # nothing kept: nothing to share either
         now = self._timer()
         hit = self._cache.get(key)
         if hit is not None and hit.until > now:
@@ -172,18 +174,20 @@ class ShanoirDirectory:
             until = self._timer() + self.ttl
             if self.credentials == "user" and principal is not None:
                 until = min(until, principal.expires_at or math.inf)
-            if self.ttl > 0:
-                self._cache[key] = _Entry(answer, until)
-                self._forget_expired()
-            return answer
+            self._cache[key] = _Entry(answer, until)
+        self._forget_expired()
+        return answer
 
     def _forget_expired(self) -> None:
-        if len(self._cache) < 1024:
+        """Drop expired answers, and the locks of keys no one waits on, past 1024 of them."""
+        if len(self._cache) < 1024 and len(self._locks) < 1024:
             return
         now = self._timer()
         for key in [k for k, e in self._cache.items() if e.until <= now]:
             del self._cache[key]
-            self._locks.pop(key, None)
+        for key in [k for k, lock in self._locks.items() if not lock.locked()]:
+            if key not in self._cache:
+                del self._locks[key]
 
     async def view(self, principal: Principal | None) -> View:
         """Every examination and row the credentials show: the service's, or the caller's."""
