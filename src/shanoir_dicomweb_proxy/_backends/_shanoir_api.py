@@ -116,14 +116,7 @@ class ShanoirApi:
         headers = {"accept": "application/json", "content-type": "application/json"}
         if token is not None:
             headers["authorization"] = f"Bearer {token}"
-        try:
-            response = await self._http().get(self.url + path, params=params, headers=headers)
-        except httpx.TimeoutException:
-            logger.warning("%s: no answer in time", what)
-            raise self.unavailable() from None
-        except httpx.HTTPError as exc:
-            logger.warning("%s: %s", what, type(exc).__name__)
-            raise self.unavailable() from None
+        response = await self._send(what, "GET", path, params=params, headers=headers)
         status = response.status_code
         if status == 204:
             return None
@@ -146,18 +139,22 @@ class ShanoirApi:
         dropped); unreachable or 5xx is :meth:`unavailable`."""
         what = f"Shanoir: POST {path}"
         sent = {**headers, "authorization": f"Bearer {token}", "accept": "application/json"}
+        response = await self._send(what, "POST", path, content=content, headers=sent)
+        if response.status_code >= 500 or response.status_code == 401:
+            logger.warning("%s: answered %d", what, response.status_code)
+            raise self.unavailable()
+        return response.status_code
+
+    async def _send(self, what: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The response to one request; Shanoir unreachable or slow is :meth:`unavailable`."""
         try:
-            response = await self._http().post(self.url + path, content=content, headers=sent)
+            return await self._http().request(method, self.url + path, **kwargs)
         except httpx.TimeoutException:
             logger.warning("%s: no answer in time", what)
             raise self.unavailable() from None
         except httpx.HTTPError as exc:
             logger.warning("%s: %s", what, type(exc).__name__)
             raise self.unavailable() from None
-        if response.status_code >= 500 or response.status_code == 401:
-            logger.warning("%s: answered %d", what, response.status_code)
-            raise self.unavailable()
-        return response.status_code
 
     async def status(self, path: str) -> int:
         """The status of an unauthenticated ``GET {url}{path}`` (readiness probes); raises

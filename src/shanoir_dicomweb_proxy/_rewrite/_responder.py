@@ -78,7 +78,9 @@ class Responder:
             series = {u: p for u, p in series.items() if known.exams.get(u) in self._visible}
         # A series the map knows but this caller may not see is hidden, never shown as an
         # unmapped series with its real UID (a reference without its study, under a known one).
-        hidden = frozenset(known.hidden | (known.series.keys() - series.keys()))
+        hidden = known.hidden
+        if len(series) < len(known.series):
+            hidden = hidden | (known.series.keys() - series.keys())
         patients = await self._translator.patients(known, studies)
         copies = await self._copies(known, studies) if not self._study_known else {}
         return Translation(
@@ -87,7 +89,7 @@ class Responder:
             expose_unmapped=self._translator.expose_unmapped,
             upstream_base=self._upstream_base,
             public_base=self._public_base,
-            hidden=hidden,
+            hidden=frozenset(hidden),
             patients=patients,
             copies=copies,
         )

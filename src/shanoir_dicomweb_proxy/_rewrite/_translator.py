@@ -110,6 +110,8 @@ class IdentifierTranslator:
     async def patients(self, known: Known, studies: Iterable[str]) -> dict[str, str]:
         """Real study UID → the name its datasets show, for those of ``studies`` whose
         examination shows another than the PACS's."""
+        if self.exam_subjects is None:
+            return {}  # every examination shows the PACS's name: nothing to look up per batch
         names = await self.names(known, {known.exams[uid] for uid in studies if uid in known.exams})
         found = {uid: names.get(known.exams.get(uid, 0)) for uid in studies}
         return {uid: name for uid, name in found.items() if name is not None}
