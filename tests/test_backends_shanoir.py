@@ -39,6 +39,7 @@ from shanoir_dicomweb_proxy._backends import (
     ShanoirIdentifierMap,
     shanoir_directory,
 )
+from shanoir_dicomweb_proxy._dicom import STUDY_INSTANCE_UID, xml_value
 from shanoir_dicomweb_proxy._probes import probe_shanoir
 from shanoir_dicomweb_proxy._scope import set_principal
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer
@@ -577,7 +578,7 @@ async def test_the_service_probe_reads_the_matrix_and_counts_what_cannot_show(
     # Every examination, every row of every study, and 104, which has no StudyInstanceUID.
     assert (
         result.detail
-        == "answers; 5 examinations, 4 rights; 1 without a StudyInstanceUID, not shown"
+        == "answers; 5 examinations, 4 rights; 1 without a StudyInstanceUID, not shown: 104"
     )
 
 
@@ -617,6 +618,14 @@ def test_copies_are_studies_of_their_own_at_the_root_and_page_exactly(
         assert ("warning" in page.headers) == more, (offset, page.headers.get("warning"))
     assert paged == [row["0020000D"]["Value"][0] for row in whole]
     assert len(set(paged)) == len(paged)
+    # The same rows in DICOM XML, one part each, the copy with its subject's name.
+    as_xml = {**headers, "accept": 'multipart/related; type="application/dicom+xml"'}
+    answer = httpx.get(url, params=query, headers=as_xml, timeout=30)
+    assert answer.status_code == 200
+    bodies = {xml_value(body, STUDY_INSTANCE_UID): body for _, body in parts(answer)}
+    assert list(bodies) == paged
+    assert b"<FamilyName>Subject-11</FamilyName>" in bodies[f"{ROOT}.105"]
+    assert b"Subject-11" not in bodies[f"{ROOT}.101"]
 
 
 def _orthanc_file(orthanc: OrthancServer, study: str) -> tuple[str, bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from typing import Any
 
 import anyio
@@ -11,7 +12,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shanoir_dicomweb_proxy import UpstreamError
-from shanoir_dicomweb_proxy._dicom import JsonRewriter, Translation, UidCollector, translate_xml
+from shanoir_dicomweb_proxy._dicom import (
+    SERIES_INSTANCE_UID,
+    STUDY_INSTANCE_UID,
+    BufferedPart,
+    JsonRewriter,
+    MultipartRewriter,
+    Translation,
+    UidCollector,
+    XmlDataset,
+    split_parts,
+    translate_xml,
+)
 
 REAL_STUDY, REAL_SERIES, OTHER_STUDY = "1.2.3.4", "1.2.3.4.5", "9.8.7"
 UPSTREAM, PUBLIC = "http://pacs:8042/dicom-web", "https://gw.example.org/dicomweb"
@@ -152,8 +164,7 @@ XML = f"""<?xml version="1.0" encoding="utf-8"?>
 
 
 async def test_xml_dataset() -> None:
-    out = await translate_xml(XML.format(study=REAL_STUDY).encode(), _resolve, study_known=False)
-    assert out is not None
+    [out] = await translate_xml(XML.format(study=REAL_STUDY).encode(), _resolve, study_known=False)
     text = out.decode()
     assert REAL_STUDY not in text and REAL_SERIES not in text and UPSTREAM not in text
     assert '<Value number="1">1.4.9.42</Value>' in text
@@ -161,7 +172,7 @@ async def test_xml_dataset() -> None:
     assert f'URI="{PUBLIC}/studies/1.4.9.42/series/1.4.8.7/instances/1/bulk/7fe00010"' in text
     assert text.count("ns0:") == 0
     unknown = XML.format(study=OTHER_STUDY).encode()
-    assert await translate_xml(unknown, _resolve, study_known=False) is None
+    assert await translate_xml(unknown, _resolve, study_known=False) == []
     with pytest.raises(UpstreamError):
         await translate_xml(b"<NativeDicomModel>", _resolve, study_known=False)
 
@@ -202,8 +213,56 @@ async def test_a_study_with_another_name_shows_it_in_patient_fields() -> None:
         f'<DicomAttribute tag="0020000D" vr="UI"><Value number="1">{REAL_STUDY}</Value>'
         "</DicomAttribute></NativeDicomModel>"
     ).encode()
-    out = await translate_xml(xml, resolve, study_known=False)
-    assert out is not None
+    [out] = await translate_xml(xml, resolve, study_known=False)
     assert b"DOE" not in out and b"JANE" not in out and b"PAT-1" not in out
     assert b"<FamilyName>Subject</FamilyName><GivenName>Eleven</GivenName>" in out
     assert b'<Value number="1">Subject^Eleven</Value>' in out
+
+
+async def test_a_study_row_of_copies_is_one_xml_part_per_examination() -> None:
+    """A study-level XML search row of a real study that two examinations hold becomes two
+    parts, each with its own public UID and name and the part's headers; a series-level row
+    of that study stays one part."""
+    copied = Translation(
+        studies={REAL_STUDY: "1.4.9.42"},
+        series={REAL_SERIES: "1.4.8.7"},
+        copies={REAL_STUDY: (("1.4.9.43", "Copy^Subject"),)},
+    )
+
+    async def resolve(collector: UidCollector) -> Translation:
+        return copied
+
+    study_row = (
+        '<NativeDicomModel xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM">'
+        '<DicomAttribute tag="00100010" vr="PN"><PersonName number="1"><Alphabetic>'
+        "<FamilyName>DOE</FamilyName></Alphabetic></PersonName></DicomAttribute>"
+        f'<DicomAttribute tag="0020000D" vr="UI"><Value number="1">{REAL_STUDY}</Value>'
+        "</DicomAttribute></NativeDicomModel>"
+    )
+    series_row = study_row.replace(
+        "</NativeDicomModel>",
+        f'<DicomAttribute tag="0020000E" vr="UI"><Value number="1">{REAL_SERIES}</Value>'
+        "</DicomAttribute></NativeDicomModel>",
+    )
+
+    async def translate(body: bytes) -> list[bytes]:
+        return await translate_xml(body, resolve, study_known=False)
+
+    body = b"".join(
+        b"--up\r\nContent-Type: application/dicom+xml\r\n\r\n" + row.encode() + b"\r\n"
+        for row in (study_row, series_row)
+    )
+    rewriter = MultipartRewriter(b"up", lambda _: BufferedPart(translate))
+    out = await rewriter.feed(body + b"--up--") + await rewriter.close()
+    parts = await split_parts(b"up", out)
+    assert len(parts) == 3
+    assert out.count(b"Content-Type: application/dicom+xml\r\n\r\n") == 3
+    first, copy, series = (XmlDataset(ET.fromstring(p)) for p in parts)
+    assert first.get(STUDY_INSTANCE_UID) == ["1.4.9.42"]
+    assert b"DOE" in parts[0]
+    assert copy.get(STUDY_INSTANCE_UID) == ["1.4.9.43"]
+    assert b"<FamilyName>Copy</FamilyName><GivenName>Subject</GivenName>" in parts[1]
+    assert b"DOE" not in parts[1]
+    assert series.get(STUDY_INSTANCE_UID) == ["1.4.9.42"]
+    assert series.get(SERIES_INSTANCE_UID) == ["1.4.8.7"]
+    assert REAL_STUDY.encode() not in out

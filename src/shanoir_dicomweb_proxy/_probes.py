@@ -179,6 +179,10 @@ async def _probe_introspection(
 _SHANOIR_DOCS = ("/studies/api-docs", "/datasets/api-docs")
 
 
+#: Examinations without a StudyInstanceUID named by the Shanoir probe, at most.
+_LEGACY_NAMED = 20
+
+
 async def probe_shanoir(directory: ShanoirDirectory, *, within: float) -> ProbeResult:
     """Shanoir-NG's studies and datasets services answer (their OpenAPI documents, no token);
     with ``credentials = "service"``, the proxy's own client also reads the rights matrix."""
@@ -204,9 +208,14 @@ async def probe_shanoir(directory: ShanoirDirectory, *, within: float) -> ProbeR
         return result(False, "the service client cannot read the rights: check [shanoir.service]")
     if directory.credentials == "service":
         detail = f"answers; {len(view.exams)} examinations, {len(view.members)} rights"
-        legacy = sum(exam.study_uid is None for exam in view.exams.values())
+        legacy = sorted(e for e, exam in view.exams.items() if exam.study_uid is None)
         if legacy:
-            detail += f"; {legacy} without a StudyInstanceUID, not shown"
+            # No Shanoir API tells these exams' studies (its wrapper reads them from dataset
+            # file URLs): the operator sets examination.study_instance_uid, so name them.
+            named = ", ".join(map(str, legacy[:_LEGACY_NAMED]))
+            if len(legacy) > _LEGACY_NAMED:
+                named += f" and {len(legacy) - _LEGACY_NAMED} more"
+            detail += f"; {len(legacy)} without a StudyInstanceUID, not shown: {named}"
         return result(True, detail)
     return result(True, "answers")
 

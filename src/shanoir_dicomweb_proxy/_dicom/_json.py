@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from .._errors import UpstreamError
-from ._tags import SERIES_INSTANCE_UID, STUDY_INSTANCE_UID, json_key
+from ._tags import json_key
 from ._uids import (
     DatasetView,
     Resolve,
@@ -24,6 +24,7 @@ from ._uids import (
     UidCollector,
     apply_translation,
     collect_uids,
+    copies_of,
 )
 
 __all__ = ["JsonDataset", "JsonRewriter", "json_value"]
@@ -208,13 +209,12 @@ class JsonRewriter:
         translation = await self._translate(views)
         out: list[bytes] = []
         for view in views:
-            copies = _copies_of(view, translation) if translation.copies else ()
+            copies = copies_of(view, translation)
             pristine = orjson.dumps(view.data) if copies else b""
             if apply_translation(view, translation, study_known=self._study_known):
                 out.append(orjson.dumps(view.data))
-            for study, public, name in copies:
+            for copy in copies:
                 clone = JsonDataset(orjson.loads(pristine))
-                copy = translation.for_copy(study, public, name)
                 if apply_translation(clone, copy, study_known=self._study_known):
                     out.append(orjson.dumps(clone.data))
         if not out:
@@ -224,18 +224,6 @@ class JsonRewriter:
             self._first = False
             return body
         return b"," + body
-
-
-def _copies_of(view: JsonDataset, translation: Translation) -> list[tuple[str, str, str | None]]:
-    """(real study, public UID, name) of the other examinations a study-level row stands for;
-    a row of a series or an instance stays one row (a copy holds only some series)."""
-    if view.get(SERIES_INSTANCE_UID) is not None:
-        return []
-    studies = view.get(STUDY_INSTANCE_UID) or []
-    if len(studies) != 1:
-        return []
-    study = studies[0]
-    return [(study, public, name) for public, name in translation.copies.get(study, ())]
 
 
 def _skip_space(buffer: bytearray, pos: int) -> int:

@@ -7,7 +7,7 @@ enough for ``multipart/related`` although it was written for forms. Each part go
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from python_multipart.multipart import MultipartParser
@@ -45,10 +45,13 @@ Chunk = bytes | memoryview
 
 class PartRewriter(Protocol):
     """The rewriter of one part. ``dropped`` turns true, before any output, when the part must
-    not be shown; ``keeps_length`` says the body keeps its size (its Content-Length stays)."""
+    not be shown; ``keeps_length`` says the body keeps its size (its Content-Length stays);
+    ``siblings``, read once the part is closed, are the bodies of further parts to show after
+    it, with its headers (a search row listed once per copied examination)."""
 
     dropped: bool
     keeps_length: bool
+    siblings: Sequence[bytes]
 
     async def feed(self, chunk: Chunk) -> Chunk: ...
 
@@ -60,6 +63,7 @@ class PassPart:
 
     dropped = False
     keeps_length = True
+    siblings: Sequence[bytes] = ()
 
     async def feed(self, chunk: Chunk) -> Chunk:
         return chunk
@@ -70,17 +74,19 @@ class PassPart:
 
 class BufferedPart:
     """A part collected whole (at most ``max_bytes``) and given to ``transform`` at its end;
-    ``transform`` answers the new body, or None to drop the part."""
+    ``transform`` answers the new body, or None to drop the part; or a list of bodies, the
+    first in the part's place and the others as siblings (an empty list drops the part)."""
 
     keeps_length = False
 
     def __init__(
         self,
-        transform: Callable[[bytes], Awaitable[bytes | None]],
+        transform: Callable[[bytes], Awaitable[bytes | list[bytes] | None]],
         *,
         max_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.dropped = False
+        self.siblings: Sequence[bytes] = ()
         self._transform = transform
         self._max = max_bytes
         self._chunks: list[Chunk] = []
@@ -96,6 +102,8 @@ class BufferedPart:
     async def close(self) -> bytes:
         body = await self._transform(b"".join(self._chunks))
         self._chunks = []
+        if isinstance(body, list):
+            body, self.siblings = (body[0], body[1:]) if body else (None, ())
         if body is None:
             self.dropped = True
             return b""
@@ -103,7 +111,7 @@ class BufferedPart:
 
 
 class WholeBody:
-    """A part rewriter applied to a whole single-part body."""
+    """A part rewriter applied to a whole single-part body (which holds no siblings)."""
 
     def __init__(self, part: PartRewriter) -> None:
         self._part = part
@@ -189,9 +197,12 @@ class MultipartRewriter:
             elif kind == "data" and self._part is not None:
                 await self._emit(out, await self._part.feed(data), whole=False)
             elif kind == "end" and self._part is not None:
-                await self._emit(out, await self._part.close(), whole=True)
-                if not self._part.dropped:
+                part = self._part
+                await self._emit(out, await part.close(), whole=True)
+                if not part.dropped:
                     out.append(b"\r\n")
+                for sibling in part.siblings:
+                    out += (await self._part_head(part, len(sibling)), sibling, b"\r\n")
                 self._part = None
             elif kind == "final":
                 out.append(b"--" + self._boundary + b"--\r\n")

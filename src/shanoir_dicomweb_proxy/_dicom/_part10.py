@@ -17,7 +17,7 @@ Sequences are always held whole, since a UID inside one changes its lengths.
 from __future__ import annotations
 
 import struct
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final
 
 from pydicom.datadict import dictionary_VR
@@ -275,6 +275,7 @@ class Part10Rewriter:
     """
 
     keeps_length = False  # as a multipart part: UIDs change size, so does the file
+    siblings: Sequence[bytes] = ()
 
     def __init__(
         self,

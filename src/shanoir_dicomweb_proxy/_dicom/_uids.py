@@ -44,6 +44,7 @@ __all__ = [
     "UidCollector",
     "apply_translation",
     "collect_uids",
+    "copies_of",
 ]
 
 #: The tags whose values this module may change; a representation may skip everything else.
@@ -233,6 +234,22 @@ def apply_translation(
                     item.put(REFERENCED_SOP_INSTANCE_UID, known if ok else None)
             apply_translation(item, translation, study_known=study_known)
     return keep
+
+
+def copies_of(dataset: DatasetView, translation: Translation) -> list[Translation]:
+    """The translations of the other examinations a study-level search row stands for
+    (copies), each to be applied to a pristine clone of the row; a row of a series or an
+    instance stays one row (a copy holds only some series)."""
+    if not translation.copies or dataset.get(SERIES_INSTANCE_UID) is not None:
+        return []
+    studies = dataset.get(STUDY_INSTANCE_UID) or []
+    if len(studies) != 1:
+        return []
+    study = studies[0]
+    return [
+        translation.for_copy(study, public, name)
+        for public, name in translation.copies.get(study, ())
+    ]
 
 
 #: A UID quoted in free text (a Warning, an upstream's error message): three or more

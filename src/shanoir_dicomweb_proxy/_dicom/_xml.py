@@ -7,7 +7,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .._errors import UpstreamError
-from ._uids import DatasetView, Resolve, UidCollector, apply_translation, collect_uids
+from ._uids import (
+    DatasetView,
+    Resolve,
+    UidCollector,
+    apply_translation,
+    collect_uids,
+    copies_of,
+)
 
 __all__ = ["XmlDataset", "to_xml", "translate_xml", "xml_value"]
 
@@ -85,30 +92,42 @@ class XmlDataset:
                         bulk.set(name, new)
 
 
-async def translate_xml(body: bytes, resolve: Resolve, *, study_known: bool) -> bytes | None:
-    """Translate one DICOM XML dataset; None when it must be left out."""
-    try:
-        root = ET.fromstring(body)  # noqa: S314 (from the upstream PACS; expat refuses entity bombs)
-    except ET.ParseError as exc:
-        raise UpstreamError("the upstream sent malformed DICOM XML") from exc
+async def translate_xml(body: bytes, resolve: Resolve, *, study_known: bool) -> list[bytes]:
+    """Translate one DICOM XML dataset: the datasets to show in its place, none when it must
+    be left out, several when a study-level search row stands for copies (one each)."""
+    root = _parse(body)
     view = XmlDataset(root)
     collector = UidCollector()
     collect_uids(view, collector)
-    if collector.studies or collector.series:
-        translation = await resolve(collector)
-        if not apply_translation(view, translation, study_known=study_known):
-            return None
+    if not collector.studies and not collector.series:
+        return [_written(root)]
+    translation = await resolve(collector)
+    copies = copies_of(view, translation)
+    out: list[bytes] = []
+    if apply_translation(view, translation, study_known=study_known):
+        out.append(_written(root))
+    for copy in copies:
+        clone = _parse(body)
+        if apply_translation(XmlDataset(clone), copy, study_known=study_known):
+            out.append(_written(clone))
+    return out
+
+
+def _parse(body: bytes) -> ET.Element:
+    try:
+        return ET.fromstring(body)  # noqa: S314 (from the upstream PACS; expat refuses entity bombs)
+    except ET.ParseError as exc:
+        raise UpstreamError("the upstream sent malformed DICOM XML") from exc
+
+
+def _written(root: ET.Element) -> bytes:
     written: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
     return written
 
 
 def xml_value(body: bytes, tag: int) -> str | None:
     """The first value of ``tag`` at the top level of one DICOM XML dataset, or None."""
-    try:
-        root = ET.fromstring(body)  # noqa: S314 (see translate_xml)
-    except ET.ParseError as exc:
-        raise UpstreamError("the upstream sent malformed DICOM XML") from exc
-    values = XmlDataset(root).get(tag)
+    values = XmlDataset(_parse(body)).get(tag)
     return values[0] if values else None
 
 
@@ -129,5 +148,4 @@ def to_xml(dataset: dict[str, Any]) -> bytes:
                     child.text = str(value)
 
     fill(root, dataset)
-    written: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
-    return written
+    return _written(root)

@@ -197,7 +197,7 @@ class Responder:
             boundary.encode("latin-1"), new_part, rewrite_header=self._part_header
         )
 
-    async def _xml(self, body: bytes) -> bytes | None:
+    async def _xml(self, body: bytes) -> list[bytes]:
         if self._rows is not None:
             self._rows[0] += 1
         return await translate_xml(body, self.resolve, study_known=self._study_known)
