@@ -31,6 +31,12 @@ __all__ = ["RoutingMiddleware", "check_negotiation", "parse_route"]
 _SEGMENT_LEVEL = {level.segment: level for level in Level}
 
 _FRAMES = re.compile(r"[1-9][0-9]{0,8}(?:,[1-9][0-9]{0,8})*")
+_NUMBERS = re.compile(r"[0-9]+(?:,[0-9]+)*")
+# Clients that join a base ending in "/" with a path starting with one send "//": served as
+# nginx serves them (merge_slashes), and Orthanc too.
+_SLASHES = re.compile(r"/{2,}")
+#: The largest ``limit`` or ``offset`` passed on (PACS parse them as 32-bit integers).
+PAGING_MAX = 2**31 - 1
 # A BulkDataURI path below an instance: Orthanc's ``bulk/7fe00010`` or ``bulk/00540016/0/...``,
 # dcm4chee's ``bulkdata/7FE00010``. Tags are 8 hex digits, item indices decimal.
 _BULK_SEGMENT = re.compile(r"[0-9A-Fa-f]{8}|[0-9]{1,9}")
@@ -48,6 +54,8 @@ def _uid(segment: str) -> str:
 
 def _frames(segment: str) -> tuple[int, ...]:
     if not _FRAMES.fullmatch(segment):
+        if _NUMBERS.fullmatch(segment):
+            raise BadRequest("frame numbers are from 1 to 999999999 (PS3.18 §8.3.5.1.1)")
         raise NotFound("not a DICOMweb resource")
     return tuple(int(n) for n in segment.split(","))
 
@@ -137,8 +145,10 @@ def _parse_query(raw: bytes) -> tuple[tuple[str, str], ...]:
     for key, value in pairs:
         if not _QUERY_KEY.fullmatch(key):
             raise BadRequest(f"invalid query parameter name {key[:64]!r}")
-        if key in ("limit", "offset") and not (value.isascii() and value.isdigit()):
-            raise BadRequest(f"{key} must be a non-negative integer")
+        if key in ("limit", "offset") and not (
+            value.isascii() and value.isdigit() and len(value) <= 10 and int(value) <= PAGING_MAX
+        ):
+            raise BadRequest(f"{key} must be an integer from 0 to {PAGING_MAX}")
     return tuple(pairs)
 
 
@@ -148,7 +158,7 @@ def parse_route(scope: Scope, *, base_path: str) -> tuple[DicomWebRequest, tuple
     Raises NotFound for a path that is not a Studies Service route below ``base_path``,
     MethodNotAllowed for a method the route does not take, BadRequest for a broken query.
     """
-    path = route_path(scope)
+    path = _SLASHES.sub("/", route_path(scope))
     if not path.startswith(base_path + "/"):
         raise NotFound("not a DICOMweb resource")
     segments = path[len(base_path) + 1 :].split("/")
