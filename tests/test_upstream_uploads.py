@@ -159,3 +159,31 @@ def test_client_hanging_up_mid_upload_stores_nothing(
         f"{store.dicomweb_url}/studies", params={"StudyInstanceUID": ds.StudyInstanceUID}
     )
     assert found.json() == []
+
+
+def test_a_refused_upload_gets_the_pacs_answer_per_instance(
+    stow_proxy: ProxyServer, store: OrthancServer, samples: SampleSet
+) -> None:
+    """PS3.18 §10.5.3: the PACS's answer to a refused batch names each instance and why; the
+    client gets it (with links to the proxy), not a problem body that names nothing."""
+    good, elsewhere = _copy(samples.files[2]), _copy(samples.files[3])
+    boundary = uuid.uuid4().hex
+    content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    headers = {"content-type": content_type, "accept": "application/dicom+json"}
+    # One instance and a part that is no DICOM: Orthanc stores the first and answers 400.
+    body = _multipart([_bytes(good), b"not DICOM"], boundary)
+    response = httpx.post(stow_proxy.dicomweb_url + "/studies", content=body, headers=headers)
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/dicom+json"
+    answer = response.json()
+    [stored] = answer["00081199"]["Value"]
+    assert stored["00081155"]["Value"] == [good.SOPInstanceUID]
+    assert stored["00081190"]["Value"][0].startswith(stow_proxy.dicomweb_url)
+    # An instance of another study than the path's: refused, with the reason the PACS gives.
+    path = f"{stow_proxy.dicomweb_url}/studies/{generate_uid()}"
+    response = httpx.post(path, content=_multipart([_bytes(elsewhere)], boundary), headers=headers)
+    assert response.status_code in (400, 409)
+    [failed] = response.json()["00081198"]["Value"]
+    assert failed["00081155"]["Value"] == [elsewhere.SOPInstanceUID]
+    assert failed["00081197"]["Value"] == [0x0110]
+    assert store.url not in response.text

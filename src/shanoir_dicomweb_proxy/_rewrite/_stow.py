@@ -373,8 +373,22 @@ def _outcome(content_type: bytes, body: bytes) -> tuple[set[str], dict[str, int]
             if tag == REFERENCED_SOP_SEQUENCE:
                 stored.add(uid)
             elif tag == FAILED_SOP_SEQUENCE:
-                failed[uid] = PROCESSING_FAILURE
+                failed[uid] = _failure_reason(item)
     return stored, failed
+
+
+def _failure_reason(item: DatasetView) -> int:
+    """The PACS's FailureReason (0008,1197) of a failed instance, 0x0110 when it gives none:
+    a number in DICOM JSON, text in DICOM XML."""
+    values: list[object] = list(item.get(FAILURE_REASON) or ())
+    if not values and isinstance(item, JsonDataset):
+        element = item.data.get(json_key(FAILURE_REASON))
+        values = element.get("Value") or [] if isinstance(element, dict) else []
+    try:
+        reason = int(str(values[0])) if values else PROCESSING_FAILURE
+    except ValueError:
+        return PROCESSING_FAILURE
+    return reason if 0 < reason <= 0xFFFF else PROCESSING_FAILURE
 
 
 def _audit_fields(instance: _Instance) -> dict[str, Any]:

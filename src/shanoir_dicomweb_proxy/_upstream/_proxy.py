@@ -19,7 +19,7 @@ from .._headers import (
     request_headers_for_upstream,
     response_headers_for_client,
 )
-from .._request import DicomWebRequest
+from .._request import DicomWebRequest, Resource
 from .._scope import get_dicomweb_request, get_record
 from .._spool import SPOOL_IN_MEMORY, read_spool, spool_body
 from .._types import Receive, Scope, Send
@@ -149,7 +149,16 @@ class UpstreamProxy:
         if status in (401, 403, 407):
             raise UpstreamError("the upstream refused the proxy's own credentials")
         if status >= 400:
-            message = _upstream_message(await _read_capped(response, 65536))
+            body = await _read_capped(response, STOW_ANSWER_MAX)
+            answer = _stow_answer(response, body) if request.resource is Resource.STORE else None
+            if answer is not None:
+                # A refused upload's answer names each instance and why (PS3.18 §10.5.3):
+                # the client gets it, in public form once the layers above have seen it.
+                headers = [(b"content-type", answer), (b"content-length", str(len(body)).encode())]
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+            message = _upstream_message(body[:65536])
             raise UpstreamRejected(message or f"the upstream answered {status}", status=status)
         headers = response_headers_for_client(response.headers.raw)
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -171,6 +180,32 @@ class UpstreamProxy:
             # middle looks like a clean end: only the closing delimiter tells them apart.
             raise UpstreamError("the upstream's multipart answer ended before its last part")
         await send({"type": "http.response.body", "body": b""})
+
+
+#: The largest STOW answer of a refused upload passed on (about 300 bytes per instance).
+STOW_ANSWER_MAX = 16 * 1024 * 1024
+
+_STOW_SEQUENCES = ("00081198", "00081199", "0008119A")
+
+
+def _stow_answer(response: httpx.Response, body: bytes) -> bytes | None:
+    """The content type of a refused upload's PS3.18 answer, or None when ``body`` is not one
+    (whole). Orthanc sends its DICOM JSON answers without a Content-Type."""
+    if not body or len(body) >= STOW_ANSWER_MAX:
+        return None
+    content_type: str | None = response.headers.get("content-type")
+    media = parse_media_type(content_type).type if content_type else None
+    if media == "application/dicom+xml" and content_type is not None:
+        return content_type.encode("latin-1")
+    if media not in (None, "application/dicom+json", "application/json"):
+        return None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(data, dict) and any(key in data for key in _STOW_SEQUENCES):
+        return b"application/dicom+json"
+    return None
 
 
 async def _read_capped(response: httpx.Response, cap: int) -> bytes:
