@@ -11,10 +11,12 @@ from ._multipart import (
     BufferedPart,
     Chunk,
     MultipartRewriter,
+    PartEvents,
     PartHeaders,
     PartRewriter,
     PassPart,
     WholeBody,
+    header_pair,
     split_parts,
 )
 from ._part10 import Part10Rewriter
@@ -75,6 +77,7 @@ __all__ = [
     "JsonDataset",
     "JsonRewriter",
     "MultipartRewriter",
+    "PartEvents",
     "Part10Rewriter",
     "PartHeaders",
     "PartRewriter",
@@ -88,6 +91,7 @@ __all__ = [
     "collect_uids",
     "json_key",
     "json_value",
+    "header_pair",
     "split_parts",
     "to_xml",
     "translate_xml",

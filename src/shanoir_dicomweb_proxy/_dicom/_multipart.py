@@ -19,10 +19,12 @@ __all__ = [
     "BufferedPart",
     "Chunk",
     "MultipartRewriter",
+    "PartEvents",
     "PartHeaders",
     "PartRewriter",
     "PassPart",
     "WholeBody",
+    "header_pair",
     "split_parts",
 ]
 
@@ -123,32 +125,16 @@ class WholeBody:
         return bytes(await self._part.close())
 
 
-class MultipartRewriter:
-    """Rewrite each part of a multipart body, keeping the framing valid.
+class PartEvents:
+    """A multipart body parsed as it arrives into events, in order: ``("begin", b"")``,
+    ``("header", b"name:value")`` per header, ``("headers", b"")``, ``("data", chunk)`` (slices
+    of the input, no copy), ``("end", b"")`` per part, and ``("final", b"")`` at the closing
+    delimiter."""
 
-    ``new_part(headers)`` gives each part its rewriter. A part's headers go out with its first
-    output: without Content-Length if its size may change (or with the new one when the whole
-    body is known by then), each header value passed through ``rewrite_header`` (None drops
-    the header). A dropped part leaves no trace. The closing delimiter must be seen.
-    """
-
-    def __init__(
-        self,
-        boundary: bytes,
-        new_part: Callable[[PartHeaders], PartRewriter],
-        *,
-        rewrite_header: Callable[[bytes, bytes], Awaitable[bytes | None]] | None = None,
-    ) -> None:
-        self._boundary = boundary
-        self._new_part = new_part
-        self._rewrite_header = rewrite_header
+    def __init__(self, boundary: bytes) -> None:
         self._events: list[tuple[str, Chunk]] = []
         self._field = b""
         self._value = b""
-        self._headers: PartHeaders = []
-        self._part: PartRewriter | None = None
-        self._pending_headers = False
-        self._ended = False
         self._parser = MultipartParser(
             boundary,
             {
@@ -177,20 +163,55 @@ class MultipartRewriter:
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         self._events.append(("data", memoryview(data)[start:end]))
 
-    async def feed(self, chunk: bytes) -> bytes:
-        """Parse ``chunk``; return the output it made ready."""
+    def feed(self, chunk: bytes) -> list[tuple[str, Chunk]]:
+        """Parse ``chunk``; the events it completed."""
         try:
             self._parser.write(chunk)
         except Exception as exc:  # python-multipart raises its own MultipartParseError
             raise MalformedBody("a malformed multipart body") from exc
         events, self._events = self._events, []
+        return events
+
+
+def header_pair(data: Chunk) -> tuple[bytes, bytes]:
+    """A ``header`` event's name and value (the value without its leading blanks)."""
+    name, _, value = bytes(data).partition(b":")
+    return name, value.lstrip()
+
+
+class MultipartRewriter:
+    """Rewrite each part of a multipart body, keeping the framing valid.
+
+    ``new_part(headers)`` gives each part its rewriter. A part's headers go out with its first
+    output: without Content-Length if its size may change (or with the new one when the whole
+    body is known by then), each header value passed through ``rewrite_header`` (None drops
+    the header). A dropped part leaves no trace. The closing delimiter must be seen.
+    """
+
+    def __init__(
+        self,
+        boundary: bytes,
+        new_part: Callable[[PartHeaders], PartRewriter],
+        *,
+        rewrite_header: Callable[[bytes, bytes], Awaitable[bytes | None]] | None = None,
+    ) -> None:
+        self._boundary = boundary
+        self._new_part = new_part
+        self._rewrite_header = rewrite_header
+        self._events = PartEvents(boundary)
+        self._headers: PartHeaders = []
+        self._part: PartRewriter | None = None
+        self._pending_headers = False
+        self._ended = False
+
+    async def feed(self, chunk: bytes) -> bytes:
+        """Parse ``chunk``; return the output it made ready."""
         out: list[Chunk] = []
-        for kind, data in events:
+        for kind, data in self._events.feed(chunk):
             if kind == "begin":
                 self._headers = []
             elif kind == "header":
-                name, _, value = bytes(data).partition(b":")
-                self._headers.append((name, value))
+                self._headers.append(header_pair(data))
             elif kind == "headers":
                 self._part = self._new_part(self._headers)
                 self._pending_headers = True

@@ -15,6 +15,7 @@ from .._dicom import UID_IN_TEXT
 from .._errors import ProxyError, UpstreamError, UpstreamRejected
 from .._headers import (
     content_length,
+    header,
     parse_media_type,
     request_headers_for_upstream,
     response_headers_for_client,
@@ -23,6 +24,7 @@ from .._request import DicomWebRequest, Resource
 from .._scope import get_dicomweb_request, get_record
 from .._spool import SPOOL_IN_MEMORY, read_spool, spool_body
 from .._types import Receive, Scope, Send
+from ._adapt import Reframe, adapt
 from ._client import Upstream, upstream_error
 
 __all__ = ["UpstreamProxy"]
@@ -117,6 +119,15 @@ class UpstreamProxy:
         record = get_record(scope)
         request_id = record.request_id if record is not None else None
         headers = request_headers_for_upstream(scope["headers"], request_id=request_id)
+        adaptation = adapt(request, header(scope, b"accept"), header(scope, b"range"))
+        request = adaptation.request
+        if adaptation.accept is not None:
+            headers = [(n, v) for n, v in headers if n != b"accept"]
+            headers.append((b"accept", adaptation.accept))
+        if adaptation.byte_range is not None:
+            headers = [(n, v) for n, v in headers if n != b"range"]
+        if adaptation.reframes:
+            send = Reframe(send, adaptation)
         # Bytes are rewritten on the way back; a compressed body could not be.
         headers.append((b"accept-encoding", b"identity"))
         if length is not None:
