@@ -299,6 +299,34 @@ def test_study_rendered_passes_the_upstream_answer(
     assert through.content == direct.content
 
 
+def test_wado_uri(proxy: ProxyServer, orthanc: OrthancServer, samples: SampleSet) -> None:
+    """WADO-URI (PS3.18 §9), as OHIF's wadoUriRoot and older scripts use it: served from the
+    WADO-RS resources, whatever the PACS's own WADO-URI does (Orthanc's labels JPEG as PNG)."""
+    study, series, instance = _study_path(samples)
+    wado = f"{proxy.dicomweb_url}/wado?requestType=WADO&studyUID={study}&seriesUID={series}"
+    wado += f"&objectUID={instance}"
+    part10 = httpx.get(wado + "&contentType=application%2Fdicom")
+    assert part10.status_code == 200
+    assert part10.headers["content-type"] == "application/dicom"
+    path = f"/studies/{study}/series/{series}/instances/{instance}"
+    [(_, direct)] = parts(httpx.get(orthanc.dicomweb_url + path, headers={"accept": DICOM}))
+    assert part10.content == direct
+    image = httpx.get(wado)  # contentType defaults to image/jpeg
+    assert image.status_code == 200
+    assert image.headers["content-type"] == "image/jpeg"
+    assert image.content.startswith(b"\xff\xd8")
+    small = httpx.get(wado + "&contentType=image/png&rows=16&columns=16")
+    rendered = httpx.get(
+        f"{orthanc.dicomweb_url}{path}/rendered?viewport=16,16", headers={"accept": "image/png"}
+    )
+    assert small.content == rendered.content
+    unknown = instance[:-1] + ("1" if instance[-1] != "1" else "2")
+    assert httpx.get(wado.replace(instance, unknown)).status_code == 404
+    refused = httpx.get(wado + "&anonymize=yes")
+    assert refused.status_code == 400
+    assert refused.headers["content-type"] == "application/problem+json"
+
+
 # --- HTTP semantics ----------------------------------------------------------------------
 
 

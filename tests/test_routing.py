@@ -9,8 +9,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shanoir_dicomweb_proxy import BadRequest, Level, MethodNotAllowed, NotFound, Resource, Service
-from shanoir_dicomweb_proxy._routing import parse_route
+from shanoir_dicomweb_proxy import (
+    BadRequest,
+    Level,
+    MethodNotAllowed,
+    NotAcceptable,
+    NotFound,
+    Resource,
+    Service,
+)
+from shanoir_dicomweb_proxy._routing import Route, parse_route
 
 from .support.asgi import build, call
 
@@ -153,7 +161,7 @@ def test_frames_are_parsed() -> None:
         f"/dicomweb/studies/{S}/series/{SE}/instances/{SOP}/bulk/../x",
         f"/dicomweb/studies/{S}/series/{SE}/instances/{SOP}/metadata/x",
         "/dicomweb/workitems",
-        "/dicomweb/wado",
+        "/dicomweb/wado/x",
     ],
 )
 def test_not_routes(path: str) -> None:
@@ -180,6 +188,68 @@ def test_repeated_slashes_are_merged(path: str) -> None:
 def test_frame_numbers_start_at_one(frames: str) -> None:
     with pytest.raises(BadRequest, match="frame numbers"):
         route(f"/dicomweb/studies/{S}/series/{SE}/instances/{SOP}/frames/{frames}")
+
+
+def _wado(query: str) -> Route:
+    scope = {"type": "http", "path": "/dicomweb/wado", "method": "GET", "query_string": query}
+    return parse_route(scope, base_path="/dicomweb")
+
+
+WADO = f"requestType=WADO&studyUID={S}&seriesUID={SE}&objectUID={SOP}".encode()
+
+
+def test_wado_uri_is_the_wado_rs_resource_it_names() -> None:
+    """PS3.18 §9: the instance as application/dicom (retrieve, so download rights), or its
+    rendered image (read), with the rendering parameters in WADO-RS form."""
+    instance = _wado(WADO + b"&contentType=application%2Fdicom&transferSyntax=1.2.840.10008.1.2.1")
+    assert instance.request.service is Service.WADO_URI
+    assert instance.request.resource is Resource.RETRIEVE
+    assert instance.request.path() == f"/studies/{S}/series/{SE}/instances/{SOP}"
+    assert instance.accept == b"application/dicom; transfer-syntax=1.2.840.10008.1.2.1"
+    image = _wado(
+        WADO + b"&rows=64&columns=32&windowCenter=40&windowWidth=400.5&imageQuality=80"
+        b"&frameNumber=3&charset=utf-8"
+    )
+    assert image.request.resource is Resource.RENDERED
+    assert image.request.path() == f"/studies/{S}/series/{SE}/instances/{SOP}/frames/3/rendered"
+    assert image.request.query == (
+        ("viewport", "32,64"),
+        ("window", "40,400.5,linear"),
+        ("quality", "80"),
+    )
+    assert image.accept == b"image/jpeg"  # the default
+    assert _wado(WADO + b"&contentType=image/png").accept == b"image/png"
+    with pytest.raises(MethodNotAllowed):
+        parse_route(
+            {"type": "http", "path": "/dicomweb/wado", "method": "POST", "query_string": WADO},
+            base_path="/dicomweb",
+        )
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        b"studyUID=1.2&seriesUID=1.3&objectUID=1.4",  # no requestType
+        WADO.replace(f"objectUID={SOP}".encode(), b"objectUID=x"),
+        WADO.replace(f"&seriesUID={SE}".encode(), b""),
+        WADO + b"&anonymize=yes",
+        WADO + b"&region=0.1,0.1,0.5,0.5",
+        WADO + b"&windowCenter=40",
+        WADO + b"&rows=0",
+        WADO + b"&rows=" + b"9" * 5000,
+        WADO + b"&imageQuality=101",
+        WADO + b"&contentType=application/dicom&transferSyntax=x",
+    ],
+)
+def test_wado_uri_refuses_what_it_cannot_do(query: bytes) -> None:
+    with pytest.raises(BadRequest):
+        _wado(query)
+
+
+def test_wado_uri_content_types() -> None:
+    with pytest.raises(NotAcceptable):
+        _wado(WADO + b"&contentType=text/html")
+    assert _wado(WADO + b"&contentType=text/html,*/*").accept == b"image/jpeg"
 
 
 def test_methods() -> None:

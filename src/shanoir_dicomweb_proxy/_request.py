@@ -30,6 +30,8 @@ class Service(enum.StrEnum):
     QIDO = "qido"
     WADO = "wado"
     STOW = "stow"
+    #: WADO-URI (PS3.18 §9), served as the WADO-RS resource it names.
+    WADO_URI = "wado-uri"
 
 
 class Resource(enum.StrEnum):

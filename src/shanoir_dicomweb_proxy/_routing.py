@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from typing import NamedTuple
 from urllib.parse import parse_qsl
 
 from ._errors import (
@@ -26,7 +27,7 @@ from ._request import DicomWebRequest, Level, Resource, Service
 from ._scope import route_path, set_dicomweb_request
 from ._types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["RoutingMiddleware", "check_negotiation", "parse_route"]
+__all__ = ["Route", "RoutingMiddleware", "check_negotiation", "parse_route"]
 
 _SEGMENT_LEVEL = {level.segment: level for level in Level}
 
@@ -152,7 +153,16 @@ def _parse_query(raw: bytes) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def parse_route(scope: Scope, *, base_path: str) -> tuple[DicomWebRequest, tuple[str, ...]]:
+class Route(NamedTuple):
+    """A parsed route: the request, the methods its path allows, and for WADO-URI the
+    ``Accept`` its ``contentType`` stands for."""
+
+    request: DicomWebRequest
+    allowed: tuple[str, ...]
+    accept: bytes | None = None
+
+
+def parse_route(scope: Scope, *, base_path: str) -> Route:
     """Parse an HTTP scope into a DICOMweb request and the methods its path allows.
 
     Raises NotFound for a path that is not a Studies Service route below ``base_path``,
@@ -163,13 +173,113 @@ def parse_route(scope: Scope, *, base_path: str) -> tuple[DicomWebRequest, tuple
         raise NotFound("not a DICOMweb resource")
     segments = path[len(base_path) + 1 :].split("/")
     method = scope["method"]
+    if segments == ["wado"]:
+        if method not in _READ_METHODS:
+            raise MethodNotAllowed(f"{method} is not allowed on this resource", allow=_READ_METHODS)
+        query = _parse_query(scope.get("query_string", b""))
+        request, accept = _wado_uri(method, query)
+        return Route(request, _READ_METHODS, accept)
     request, allowed = _parse_path(method, segments)
     if method not in allowed:
         raise MethodNotAllowed(f"{method} is not allowed on this resource", allow=allowed)
     query = _parse_query(scope.get("query_string", b""))
     if query:
         request = replace(request, query=query)
-    return request, allowed
+    return Route(request, allowed)
+
+
+#: WADO-URI content types served, as the WADO-RS resource that gives them.
+_WADO_URI_TYPES = ("application/dicom", "image/jpeg", "image/png", "image/gif")
+_WADO_URI_UNSUPPORTED = ("region", "presentationUID", "presentationSeriesUID")
+
+
+def _wado_uri(method: str, query: tuple[tuple[str, str], ...]) -> tuple[DicomWebRequest, bytes]:
+    """A WADO-URI request (PS3.18 §9) as the WADO-RS request it stands for, and its Accept:
+    the instance (``application/dicom``) or its rendered image (a frame's, with ``frameNumber``)."""
+    params: dict[str, str] = {}
+    for key, value in query:
+        params.setdefault(key, value)
+    if params.get("requestType") != "WADO":
+        raise BadRequest("WADO-URI needs requestType=WADO")
+    uids = []
+    for key in ("studyUID", "seriesUID", "objectUID"):
+        value = params.get(key, "")
+        if not is_uid(value):
+            raise BadRequest(f"WADO-URI needs {key}, a UID")
+        uids.append(value)
+    study, series, instance = uids
+    if params.get("anonymize", "no") != "no":
+        raise BadRequest("anonymize is not supported")
+    unsupported = [key for key in _WADO_URI_UNSUPPORTED if key in params]
+    if unsupported:
+        raise BadRequest(f"{unsupported[0]} is not supported")
+    wanted = [m.type for m in split_accept(params.get("contentType", "image/jpeg"))]
+    content_type = next(
+        (t for t in wanted if t in _WADO_URI_TYPES), "image/jpeg" if "*/*" in wanted else None
+    )
+    if content_type is None:
+        raise NotAcceptable(f"WADO-URI serves {', '.join(_WADO_URI_TYPES)}")
+    if content_type == "application/dicom":
+        accept = content_type
+        syntax = params.get("transferSyntax")
+        if syntax is not None:
+            if not is_uid(syntax):
+                raise BadRequest("transferSyntax must be a UID")
+            accept += f"; transfer-syntax={syntax}"
+        request = DicomWebRequest(
+            method, Service.WADO_URI, Resource.RETRIEVE, Level.INSTANCE, study, series, instance
+        )
+        return request, accept.encode()
+    rendered: list[tuple[str, str]] = []
+    rows, columns = params.get("rows"), params.get("columns")
+    if rows is not None or columns is not None:
+        rendered.append(
+            (
+                "viewport",
+                f"{_number('columns', columns or rows)},{_number('rows', rows or columns)}",
+            )
+        )
+    center, width = params.get("windowCenter"), params.get("windowWidth")
+    if (center is None) != (width is None):
+        raise BadRequest("windowCenter and windowWidth go together")
+    if center is not None and width is not None:
+        rendered.append(
+            (
+                "window",
+                f"{_decimal('windowCenter', center)},{_decimal('windowWidth', width)},linear",
+            )
+        )
+    if "imageQuality" in params:
+        rendered.append(("quality", str(_number("imageQuality", params["imageQuality"], top=100))))
+    frames = (_number("frameNumber", params["frameNumber"]),) if "frameNumber" in params else ()
+    request = DicomWebRequest(
+        method,
+        Service.WADO_URI,
+        Resource.RENDERED,
+        Level.INSTANCE,
+        study,
+        series,
+        instance,
+        frames,
+        query=tuple(rendered),
+    )
+    return request, content_type.encode()
+
+
+def _number(key: str, value: str | None, *, top: int = 999_999_999) -> int:
+    digits = value is not None and value.isascii() and value.isdigit() and len(value) <= 10
+    if value is None or not digits or not 0 < int(value) <= top:
+        raise BadRequest(f"{key} must be an integer from 1 to {top}")
+    return int(value)
+
+
+_DECIMAL = re.compile(r"[+-]?[0-9]{1,10}(?:\.[0-9]{1,10})?")
+
+
+def _decimal(key: str, value: str) -> str:
+    if not _DECIMAL.fullmatch(value):
+        raise BadRequest(f"{key} must be a decimal number")
+    return value
 
 
 # What each resource can answer (PS3.18 §8.7.3, §8.7.4 and the tables of §10.4-10.6). A
@@ -247,7 +357,11 @@ class RoutingMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request, allowed = parse_route(scope, base_path=self.base_path)
+        request, allowed, accept = parse_route(scope, base_path=self.base_path)
+        if accept is not None:
+            # WADO-URI names its content type in the query: the layers below read Accept.
+            headers = [(n, v) for n, v in scope["headers"] if n.lower() != b"accept"]
+            scope["headers"] = [*headers, (b"accept", accept)]
         if request.method == "OPTIONS":
             # CORS preflights were answered further out; this is a plain OPTIONS, which PS3.18
             # does not define and Orthanc answers 404: say what the resource allows.
