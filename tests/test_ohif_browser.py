@@ -158,6 +158,7 @@ class Session:
     failures: list[str] = field(default_factory=list)  # proxy requests left unanswered
     authorizations: list[str] = field(default_factory=list)  # authorization request URLs
     token_requests: list[str] = field(default_factory=list)  # their form bodies
+    login_forms: int = 0  # login pages the provider showed
 
     def screenshot(self, site: Site, name: str) -> None:
         self.page.screenshot(path=site.screenshots / f"{name}.png")
@@ -186,6 +187,8 @@ def _open(browser: Browser, site: Site, config: dict[str, Any] | None = None) ->
             session.authorizations.append(request.url)
         elif request.url == oidc + "/token":
             session.token_requests.append(request.post_data or "")
+        elif request.url.startswith(site.idp.issuer + "/interaction/") and request.method == "GET":
+            session.login_forms += 1
 
     def failed(request: Request) -> None:
         if request.url.startswith(proxy):
@@ -249,7 +252,7 @@ def test_login_with_pkce_lists_only_the_callers_examinations(
 ) -> None:
     session, search = alice
     # The authorization code flow with PKCE, by OHIF's own oidc settings.
-    assert len(session.authorizations) == 1
+    assert len(session.authorizations) == 1 and session.login_forms == 1
     asked = parse_qs(urlsplit(session.authorizations[0]).query)
     assert asked["client_id"] == ["ohif-viewer"] and asked["response_type"] == ["code"]
     assert asked["code_challenge_method"] == ["S256"] and asked["code_challenge"]
@@ -290,6 +293,8 @@ def test_a_study_opens_and_renders(site: Site, alice: tuple[Session, Response]) 
     ).json_value()
     assert rendered["lit"] > 0.05 and rendered["levels"] > 16, rendered
     assert page.locator(".infinite-loading-bar").count() == 0  # not the loading overlay
+    assert len(session.authorizations) == 2  # the new page load went to the provider again
+    assert session.login_forms == 1  # and logged in without asking for the password again
     session.screenshot(site, "2-alice-viewer")
     paths = [urlsplit(r.url).path for r in session.proxy]
     base = urlsplit(site.proxy.dicomweb_url).path
