@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install what the proxy, its tests and its demo need on a Debian machine:
 # Orthanc with its DICOMweb plugin (Debian packages), the package with its test and dev extras
-# in ./.venv (Debian's own Python refuses system-wide pip installs, PEP 668), and the tests'
-# OpenID provider (npm).
+# in ./.venv (Debian's own Python refuses system-wide pip installs, PEP 668), the tests'
+# OpenID provider (npm), and Chromium and the OHIF viewer for the browser tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +15,8 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 command -v curl >/dev/null || packages+=(curl)  # the demo prints (and tries) curl examples
 # The tests' identity provider (oidc-provider) runs on Node.js 20 or newer.
 command -v npm >/dev/null || packages+=(nodejs npm)
+# The browser tests drive Debian's Chromium (Playwright's own browser download is not used).
+[ -x /usr/bin/chromium ] || packages+=(chromium)
 if [ ${#packages[@]} -gt 0 ]; then
     as_root apt-get update -qq
     # The orthanc package's own service is not used: tests and the demo run Orthanc themselves.
@@ -30,4 +32,7 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 # npm ci empties node_modules first: skip it when the install is newer than the lock file.
 [ tests/idp/node_modules/.package-lock.json -nt tests/idp/package-lock.json ] \
     || npm ci --prefix tests/idp --no-audit --no-fund --loglevel=error >/dev/null
+# The browser tests' viewer: the prebuilt OHIF (tests/ohif/package-lock.json).
+[ tests/ohif/node_modules/.package-lock.json -nt tests/ohif/package-lock.json ] \
+    || npm ci --prefix tests/ohif --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null
 echo "ready: $(.venv/bin/python -V), $(Orthanc --version | head -n 1), node $(node --version)"

@@ -2,11 +2,15 @@
 // Keycloak's for the realm "shanoir-ng". Loopback only; every token and grant lives in memory.
 //
 //   node tests/idp/server.mjs --port P --jwks FILE [--opaque] [--ttl S] [--typ T]
-//   (or IDP_PORT, IDP_JWKS, IDP_OPAQUE=1, IDP_TTL, IDP_TYP)
+//                             [--viewer-origin ORIGIN ...]
+//   (or IDP_PORT, IDP_JWKS, IDP_OPAQUE=1, IDP_TTL, IDP_TYP, IDP_VIEWER_ORIGINS=O1,O2)
 //
 // FILE is a private JWKS: the first key signs, every key's public part is published.
+// Each ORIGIN (http://127.0.0.1:PORT) is where a browser viewer runs: the public client
+// "ohif-viewer" logs users in there with the authorization code flow and PKCE, through a login
+// form at {issuer}/interaction/{uid} (users below, no consent asked, as Keycloak's own clients).
 // Prints "ready" on stdout once listening; exits with 0 on SIGTERM or SIGINT.
-import { timingSafeEqual } from 'node:crypto';
+import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import { parseArgs } from 'node:util';
@@ -20,6 +24,7 @@ const { values: args } = parseArgs({
     ttl: { type: 'string' },
     typ: { type: 'string' },
     opaque: { type: 'boolean' },
+    'viewer-origin': { type: 'string', multiple: true },
   },
 });
 const env = process.env;
@@ -28,6 +33,7 @@ const JWKS_FILE = args.jwks ?? env.IDP_JWKS;
 const TTL = Number(args.ttl ?? env.IDP_TTL ?? 300);
 const TYP = args.typ ?? env.IDP_TYP; // header "typ" of JWT access tokens; default at+jwt
 const OPAQUE = args.opaque ?? ['1', 'true', 'yes'].includes(env.IDP_OPAQUE ?? '');
+const VIEWER_ORIGINS = args['viewer-origin'] ?? (env.IDP_VIEWER_ORIGINS ?? '').split(',');
 if (!Number.isInteger(PORT) || PORT <= 0 || !JWKS_FILE || !Number.isInteger(TTL) || TTL <= 0) {
   console.error('usage: server.mjs --port P --jwks FILE [--opaque] [--ttl S] [--typ T]');
   process.exit(2);
@@ -125,7 +131,36 @@ const provider = new Provider(ISSUER, {
       redirect_uris: [],
       token_endpoint_auth_method: 'none',
     })),
+    // A browser viewer: public client, authorization code flow (PKCE is required of public
+    // clients), redirected back to {origin}/callback, OHIF's default redirect_uri.
+    ...(VIEWER_ORIGINS.some(Boolean)
+      ? [{
+        client_id: 'ohif-viewer',
+        grant_types: ['authorization_code'],
+        response_types: ['code'],
+        redirect_uris: VIEWER_ORIGINS.filter(Boolean).map((origin) => `${origin}/callback`),
+        post_logout_redirect_uris: VIEWER_ORIGINS.filter(Boolean).map((origin) => `${origin}/`),
+        token_endpoint_auth_method: 'none',
+      }]
+      : []),
   ],
+  cookies: { keys: [randomBytes(32).toString('base64url')] },
+  // The login form below, under the realm's path like every other URL of the provider.
+  interactions: { url: async (ctx, interaction) => `${REALM}/interaction/${interaction.uid}` },
+  // No consent screen: a logged-in user's first authorization grants what the client asks,
+  // within the scopes every token may have.
+  loadExistingGrant: async (ctx) => {
+    const { client, session, result } = ctx.oidc;
+    const grantId = result?.consent?.grantId || session.grantIdFor(client.clientId);
+    if (grantId) return ctx.oidc.provider.Grant.find(grantId);
+    if (!session.accountId) return undefined;
+    const { accountId } = session;
+    const grant = new ctx.oidc.provider.Grant({ clientId: client.clientId, accountId });
+    grant.addOIDCScope(USER_SCOPE);
+    grant.addResourceScope(RESOURCE, resourceServer.scope);
+    await grant.save();
+    return grant;
+  },
   // Keycloak's endpoint paths, under the issuer's path.
   routes: {
     authorization: '/protocol/openid-connect/auth',
@@ -162,6 +197,9 @@ const provider = new Provider(ISSUER, {
       enabled: true,
       // Every token is for the gateway, whether or not the client sends resource=.
       defaultResource: async () => RESOURCE,
+      // Also the code flow's, which asks for "openid" and names no resource at the token
+      // endpoint (else oidc-provider issues an opaque token for its own userinfo endpoint).
+      useGrantedResource: async () => true,
       getResourceServerInfo: async (ctx, resource) => {
         if (resource !== RESOURCE) throw new errors.InvalidTarget();
         return resourceServer;
@@ -222,11 +260,64 @@ provider.use(async (ctx, next) => {
 });
 provider.on('server_error', (ctx, error) => console.error('server_error', error));
 
+// The login page of the authorization code flow: a form for a username and password.
+const escapeHtml = (text) => text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+const loginPage = (action, error) => `<!doctype html>
+<html><head><meta charset="utf-8"><title>Sign in to shanoir-ng</title></head><body>
+<h1>Sign in to shanoir-ng</h1>${error ? `<p id="input-error">${escapeHtml(error)}</p>` : ''}
+<form method="post" action="${escapeHtml(action)}">
+<label>Username <input id="username" name="username" autofocus></label>
+<label>Password <input id="password" name="password" type="password"></label>
+<button id="kc-login" type="submit">Sign In</button>
+</form></body></html>`;
+
+const readForm = (req) => new Promise((resolve, reject) => {
+  let body = '';
+  req.setEncoding('utf8');
+  req.on('data', (chunk) => { body += chunk; });
+  req.on('end', () => resolve(new URLSearchParams(body)));
+  req.on('error', reject);
+});
+
+async function interaction(req, res) {
+  const html = (status, text) => {
+    res.writeHead(status, {
+      'content-type': 'text/html; charset=utf-8',
+      'cache-control': 'no-store',
+    });
+    res.end(text);
+  };
+  let details;
+  try {
+    details = await provider.interactionDetails(req, res);
+  } catch (error) {
+    return html(400, `<p>${escapeHtml(String(error.message))}</p>`);
+  }
+  const action = req.url.split('?')[0];
+  if (req.method !== 'POST') return html(200, loginPage(action));
+  const form = await readForm(req);
+  const user = USERS.get(form.get('username') ?? '');
+  if (!user || !sameSecret(user.password, form.get('password') ?? '')) {
+    return html(200, loginPage(action, 'Invalid username or password.')); // Keycloak's words
+  }
+  if (details.prompt.name !== 'login') {
+    return html(400, `<p>unexpected prompt ${escapeHtml(details.prompt.name)}</p>`);
+  }
+  return provider.interactionFinished(req, res, { login: { accountId: user.sub } }, {
+    mergeWithLastSubmission: false,
+  });
+}
+
 // Mount under the issuer's path, as Keycloak does. oidc-provider routes on req.url and
 // derives the mount path for the URLs it writes from req.originalUrl.
 const callback = provider.callback();
 const server = http.createServer((req, res) => {
-  if (req.url === REALM || req.url.startsWith(`${REALM}/`)) {
+  if (req.url.startsWith(`${REALM}/interaction/`)) {
+    interaction(req, res).catch((error) => {
+      console.error('interaction', error);
+      res.writeHead(500).end();
+    });
+  } else if (req.url === REALM || req.url.startsWith(`${REALM}/`)) {
     req.originalUrl = req.url;
     req.url = req.url.slice(REALM.length) || '/';
     callback(req, res);

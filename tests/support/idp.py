@@ -7,8 +7,11 @@ mounts it: ``http://127.0.0.1:PORT/realms/shanoir-ng``. Its endpoints have Keycl
 
 Clients: ``dicomweb-proxy`` (confidential, secret ``proxy-secret``, client_credentials,
 the only one allowed to introspect), ``ohif`` and ``shanoir-ng-front`` (public, password
-grant). Users: :data:`USERS`. Tokens, grants and opaque tokens live in the process's memory:
-a restart forgets opaque tokens (JWTs stay verifiable while their key is published).
+grant), and with ``viewer_origins`` ``ohif-viewer`` (public, authorization code flow with PKCE,
+redirected to ``{origin}/callback``; users log in on a form at ``{issuer}/interaction/{uid}``
+whose fields have Keycloak's ids ``username``, ``password`` and ``kc-login``).
+Users: :data:`USERS`. Tokens, grants, sessions and opaque tokens live in the process's memory:
+a restart forgets them (JWTs stay verifiable while their key is published).
 
     with IdentityProvider(tmp_path) as idp:
         token = idp.password_token("alice", "alice-pw")
@@ -23,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -133,7 +137,8 @@ class IdentityProvider(LoopbackProcess):
     and :meth:`rotate_keys`, so the issuer stays the same. ``opaque`` makes access tokens
     opaque (answered by introspection) instead of JWTs; ``ttl`` is their lifetime in seconds;
     ``typ`` overrides the JWT header's ``typ`` (oidc-provider writes ``at+jwt``, Keycloak
-    ``JWT``).
+    ``JWT``). ``viewer_origins`` are the browser origins the ``ohif-viewer`` client may
+    redirect to.
     """
 
     _what = "the identity provider"
@@ -149,11 +154,13 @@ class IdentityProvider(LoopbackProcess):
         opaque: bool = False,
         ttl: int = 300,
         typ: str | None = None,
+        viewer_origins: Sequence[str] = (),
     ) -> None:
         super().__init__(workdir, port)
         self.opaque = opaque
         self.ttl = ttl
         self.typ = typ
+        self.viewer_origins = tuple(viewer_origins)
         self.returncode: int | None = None  # of the last process, once stopped
         self._http: httpx.Client | None = None  # kept open: a new client costs ~20 ms
         self._http_finalizer: weakref.finalize[Any, Any] | None = None
@@ -228,6 +235,8 @@ class IdentityProvider(LoopbackProcess):
         command += ["--jwks", str(self.jwks_path), "--ttl", str(self.ttl)]
         command += ["--opaque"] if self.opaque else []
         command += ["--typ", self.typ] if self.typ else []
+        for origin in self.viewer_origins:
+            command += ["--viewer-origin", origin]
         self.returncode = None
         # A new log per run, since "ready" is looked for in it.
         return self._popen(command, cwd=IDP_DIR, log_mode="wb")
