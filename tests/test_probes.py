@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -355,7 +356,8 @@ def _check(config: Path) -> subprocess.CompletedProcess[str]:
 
 def _config(tmp_path: Path, **sections: Any) -> Path:
     path = tmp_path / "proxy.toml"
-    path.write_text(dump_toml({**CORE_SETTINGS, **sections}))
+    server = {"bind": f"127.0.0.1:{free_port()}"}  # check tries to listen there
+    path.write_text(dump_toml({**CORE_SETTINGS, "server": server, **sections}))
     return path
 
 
@@ -442,3 +444,56 @@ def test_check_a_missing_store(tmp_path: Path, orthanc: OrthancServer) -> None:
         "(or `store import` from a file)"
     )
     assert not path.exists()  # check reports, it does not create
+
+
+@pytest.fixture
+def taken() -> Iterator[str]:
+    """An address another process (here, a socket) listens on."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_check_reports_a_taken_port(tmp_path: Path, orthanc: OrthancServer, taken: str) -> None:
+    config = _config(tmp_path, upstream={"url": orthanc.dicomweb_url}, server={"bind": taken})
+    result = _check(config)
+    assert result.returncode == 1
+    lines = _lines(result)
+    assert lines["upstream"].startswith("ok ")
+    assert lines["listen"] == (
+        f"FAIL  listen    {taken}: already in use: another process listens there: "
+        "choose another [server] bind"
+    )
+    assert result.stdout.splitlines()[-1] == "1 check failed"
+
+
+def test_check_a_free_port(tmp_path: Path, orthanc: OrthancServer) -> None:
+    result = _check(_config(tmp_path, upstream={"url": orthanc.dicomweb_url}))
+    assert result.returncode == 0, result.stdout
+    assert re.fullmatch(r"ok    listen    127\.0\.0\.1:\d+: free", _lines(result)["listen"])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_on_a_taken_port_says_so_in_one_line(
+    tmp_path: Path, taken: str, workers: int
+) -> None:
+    config = _config(tmp_path, upstream={"url": f"http://127.0.0.1:{free_port()}/dicom-web"})
+    command = [sys.executable, "-m", "shanoir_dicomweb_proxy", "serve", "-c", str(config)]
+    command += ["--bind", taken, "--workers", str(workers)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"error: cannot listen on {taken}: already in use: another process listens there\n"
+    )
+
+
+def test_serve_with_a_bad_bind(tmp_path: Path) -> None:
+    config = _config(tmp_path, upstream={"url": "http://127.0.0.1:9/dicom-web"})
+    command = [sys.executable, "-m", "shanoir_dicomweb_proxy", "serve", "-c", str(config)]
+    result = subprocess.run(
+        [*command, "--bind", "nowhere"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        'error: --bind: expected HOST:PORT (IPv6 as [::1]:8080), got "nowhere"\n'
+    )

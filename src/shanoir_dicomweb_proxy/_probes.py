@@ -1,4 +1,5 @@
-"""The probes ``/readyz`` and ``check`` share: the upstream, the issuer, the store, Shanoir-NG.
+"""The probes ``/readyz`` and ``check`` share: the upstream, the issuer, the store, Shanoir-NG;
+and the one ``check`` and ``serve`` run before anything listens: whether the address is free.
 
 Each probe returns a :class:`ProbeResult` and never raises: a failure is a result that says
 what failed, in words fit for an unauthenticated answer (no response body, no UID, no secret).
@@ -9,8 +10,10 @@ that a flood of probes does not become a flood of upstream requests.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,7 +30,9 @@ from ._upstream import Upstream
 __all__ = [
     "ProbeResult",
     "Probes",
+    "listen_failure",
     "probe_issuer",
+    "probe_listen",
     "probe_shanoir",
     "probe_store",
     "probe_upstream",
@@ -228,6 +233,38 @@ async def probe_store(store: SqliteStore, *, within: float) -> ProbeResult:
     if not filled:
         return result(True, "answers; empty: `store sync` or `store import` fills it")
     return result(True, "answers")
+
+
+_LISTEN_FAILURES = {
+    errno.EADDRINUSE: "already in use: another process listens there",
+    errno.EACCES: "permission denied: a port below 1024 needs privileges (CAP_NET_BIND_SERVICE)",
+    errno.EADDRNOTAVAIL: "not an address of this machine",
+}
+
+
+def probe_listen(host: str, port: int) -> ProbeResult:
+    """Whether ``host:port`` can be listened on, bound as hypercorn binds (``SO_REUSEADDR``)
+    and let go at once; the failure says why (in use, privileged port, not an address here)."""
+    started = time.monotonic()
+
+    def result(ok: bool, detail: str) -> ProbeResult:
+        return ProbeResult("listen", ok, detail, time.monotonic() - started)
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        return result(False, listen_failure(exc, host))
+    return result(True, "free")
+
+
+def listen_failure(exc: OSError, host: str) -> str:
+    """Why listening on ``host`` failed, in words (what :func:`probe_listen` says)."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve {host!r}"
+    return _LISTEN_FAILURES.get(exc.errno or 0, exc.strerror or str(exc))
 
 
 class Probes:
