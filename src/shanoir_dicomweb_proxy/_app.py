@@ -105,13 +105,12 @@ class DicomWebProxy:
             caches=_ordered(caches),
         )
         self.app = self.observability
-        backends = (settings.mapping.backend, settings.access.backend)
         self.probes = Probes(
             self.upstream,
             validator=self.validator,
             store=self.backends.store if self.backends is not None else None,
             timeout=settings.server.ready_timeout,
-            http_backends="http" in backends,
+            platforms=self.backends.platforms if self.backends is not None else None,
             shanoir=self.backends.shanoir if self.backends is not None else None,
         )
 

@@ -316,6 +316,10 @@ def _check_text(settings: Settings, result: ProbeResult) -> str:
         else:
             where = auth.introspection.url if auth.introspection else ""
         return f"{where}: {result.detail}{took}{hint}"
+    if result.name in ("mapping", "access"):
+        section = settings.mapping if result.name == "mapping" else settings.access
+        if section.backend == "http":
+            return f"{section.url}: {result.detail}{took}"
     if result.name == "listen":
         hint = "" if result.ok else ": choose another [server] bind"
         return f"{settings.server.bind}: {result.detail}{hint}"
