@@ -531,10 +531,19 @@ def test_bad_base_path(base_path: str) -> None:
         ("cors", "allow_methods", ["GET", "PO ST"], 'expected header or method names, got "PO ST"'),
         ("access", "cache_ttl", -1, "must be >= 0"),
         ("store", "path", "", "must not be empty"),
+        ("server", "forwarded_allow_ips", ["10.0.0.0/8", "gw"], "expected IP addresses"),
+        ("server", "forwarded_allow_ips", ["*", "10.0.0.1"], '"*" must be the only entry'),
     ],
 )
 def test_bad_value(section: str, key: str, value: Any, expected: str) -> None:
     assert fail(**{section: {key: value}}).startswith(f"config.toml: [{section}] {key}: {expected}")
+
+
+def test_forwarded_allow_ips() -> None:
+    assert load().server.forwarded_allow_ips == ("127.0.0.1", "::1")
+    server = load(server={"forwarded_allow_ips": ["10.0.0.0/8", "fd00::/8"]}).server
+    assert server.forwarded_allow_ips == ("10.0.0.0/8", "fd00::/8")
+    assert load(server={"forwarded_allow_ips": "*"}).server.forwarded_allow_ips == ("*",)
 
 
 # --- mapping roots -------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from types import TracebackType
+from typing import Any
 
 from starlette.middleware.cors import CORSMiddleware
 
@@ -177,13 +178,14 @@ def create_app(settings: Settings) -> DicomWebProxy:
     return DicomWebProxy(settings)
 
 
-def _links(settings: Settings) -> dict[str, str]:
+def _links(settings: Settings) -> dict[str, Any]:
     """Where links point: the upstream's base, and the public base answers show instead."""
     server = settings.server
     return {
         "upstream_url": settings.upstream.url,
         "public_url": server.public_url,
         "base_path": server.base_path,
+        "forwarded_allow_ips": server.forwarded_allow_ips,
     }
 
 

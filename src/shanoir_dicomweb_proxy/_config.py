@@ -168,6 +168,12 @@ class ServerSettings(_Section):
     #: (`https://pacs.example.org/dicomweb`): links in answers are built on it. `""` builds them
     #: from the request ([links](behaviour.md#links)); set it behind a reverse proxy.
     public_url: str = ""
+    #: The peers whose `Forwarded` and `X-Forwarded-Host`/`-Proto` headers are believed when links
+    #: are built from the request (`public_url = ""`): addresses or networks (`"10.0.0.0/8"`), or
+    #: `["*"]` for every peer (only when nothing but the reverse proxy can reach the proxy).
+    #: Other clients' forwarded headers are ignored
+    #: ([forwarded headers](deployment.md#forwarded-headers)).
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
     #: STOW-RS bodies larger than this (4 GiB by default) are answered 413 and nothing is stored.
     max_upload_bytes: int = 4294967296
     #: Where the liveness probe answers, at the server root outside ``base_path``; "" = off.
@@ -195,6 +201,7 @@ class ServerSettings(_Section):
         self._check("bind", _bind)
         self._check("base_path", _base_path)
         self._check("public_url", lambda v: v and _http_url(v))
+        self._check("forwarded_allow_ips", _peers)
         self._require(self.max_upload_bytes > 0, "max_upload_bytes", "must be > 0")
         for name in ("healthz_path", "readyz_path", "metrics_path"):
             self._check(name, _probe_path)
@@ -920,6 +927,22 @@ def _split_bind(bind: str) -> tuple[str, int]:
 
 def _bind(value: str) -> str:
     _split_bind(value)
+    return value
+
+
+def _peers(value: tuple[str, ...]) -> tuple[str, ...]:
+    if "*" in value and len(value) > 1:
+        raise ValueError('"*" must be the only entry')
+    for item in value:
+        if item == "*":
+            continue
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(
+                'expected IP addresses or networks such as "10.0.0.0/8", or "*", '
+                f"got {_describe(item)}"
+            ) from None
     return value
 
 
