@@ -81,8 +81,10 @@ class DicomWebProxy:
             self.backends = Backends.build(
                 settings, identifiers=identifiers, access=access, upstream=self.upstream
             )
-            log = settings.logging.audit_log
-            self.audit = AuditLog(log) if log else None
+            log = settings.logging
+            self.audit = (
+                AuditLog(log.audit_log, group=log.audit_log_group) if log.audit_log else None
+            )
             app = _mapped(app, settings, self.backends, self.audit, caches)
         self.identifiers = self.backends.identifiers if self.backends is not None else None
         app = RoutingMiddleware(
