@@ -3,6 +3,9 @@ or filtered with exact paging, the audit log, admins, and a policy that is down.
 
 from __future__ import annotations
 
+import grp
+import os
+import stat
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,7 @@ import orjson
 import pytest
 
 from shanoir_dicomweb_proxy import DicomWebProxy, Principal, Settings, Upstream
-from shanoir_dicomweb_proxy._access import ALL, FILTER_PAGE, INJECT_MAX, Action, Visible
+from shanoir_dicomweb_proxy._access import ALL, FILTER_PAGE, INJECT_MAX, Action, AuditLog, Visible
 from shanoir_dicomweb_proxy._backends import StaticIdentifierMap
 from shanoir_dicomweb_proxy._errors import ProxyError
 from shanoir_dicomweb_proxy._scope import set_principal
@@ -295,3 +298,49 @@ async def test_a_reference_to_an_invisible_series_is_cut_not_shown_real(tmp_path
     answer = await _get(app, _principal("carol"), f"/dicomweb/studies/{_public(3)}/metadata")
     (row,) = orjson.loads(answer.body)
     assert row["00081115"]["Value"][0]["0020000E"]["Value"] == ["1.4.2.41"]
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_audit_log_is_created_for_its_owner_only(tmp_path: Path) -> None:
+    """Who read what is personal data: the file is 0600 whatever the umask, again after
+    logrotate moved it; with a group, 0640 and that group."""
+    path = tmp_path / "audit.jsonl"
+    previous = os.umask(0o022)
+    try:
+        log = AuditLog(str(path))
+        log.start()
+        log.write({"n": 1})
+        log.close()
+        assert _mode(path) == 0o600
+        path.rename(tmp_path / "audit.jsonl.1")  # logrotate
+        log = AuditLog(str(path))
+        log.start()
+        log.write({"n": 2})
+        log.close()
+        assert _mode(path) == 0o600
+        shared = tmp_path / "shared.jsonl"
+        group = grp.getgrgid(os.getgid()).gr_name
+        log = AuditLog(str(shared), group=group)
+        log.start()
+        log.write({"n": 3})
+        log.close()
+    finally:
+        os.umask(previous)
+    assert _mode(shared) == 0o640
+    assert shared.stat().st_gid == os.getgid()
+    assert [orjson.loads(line) for line in path.read_text().splitlines()] == [{"n": 2}]
+
+
+def test_an_audit_log_others_may_read_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.touch(mode=0o644)
+    path.chmod(0o644)
+    log = AuditLog(str(path))
+    log.start()
+    log.close()
+    assert f"the audit log {path} may be read by every user (mode 644)" in caplog.text

@@ -4,8 +4,9 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import pickle
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -401,7 +402,9 @@ def test_missing_upstream_section() -> None:
 
 def test_introspection_needs_url_and_client() -> None:
     message = fail(auth={"introspection": {"url": "https://kc/introspect", "client_id": "p"}})
-    assert message == "config.toml: [auth.introspection] client_secret: required"
+    assert message == (
+        "config.toml: [auth.introspection] client_secret: required (or client_secret_file)"
+    )
 
 
 # --- values --------------------------------------------------------------------------------
@@ -531,10 +534,19 @@ def test_bad_base_path(base_path: str) -> None:
         ("cors", "allow_methods", ["GET", "PO ST"], 'expected header or method names, got "PO ST"'),
         ("access", "cache_ttl", -1, "must be >= 0"),
         ("store", "path", "", "must not be empty"),
+        ("server", "forwarded_allow_ips", ["10.0.0.0/8", "gw"], "expected IP addresses"),
+        ("server", "forwarded_allow_ips", ["*", "10.0.0.1"], '"*" must be the only entry'),
     ],
 )
 def test_bad_value(section: str, key: str, value: Any, expected: str) -> None:
     assert fail(**{section: {key: value}}).startswith(f"config.toml: [{section}] {key}: {expected}")
+
+
+def test_forwarded_allow_ips() -> None:
+    assert load().server.forwarded_allow_ips == ("127.0.0.1", "::1")
+    server = load(server={"forwarded_allow_ips": ["10.0.0.0/8", "fd00::/8"]}).server
+    assert server.forwarded_allow_ips == ("10.0.0.0/8", "fd00::/8")
+    assert load(server={"forwarded_allow_ips": "*"}).server.forwarded_allow_ips == ("*",)
 
 
 # --- mapping roots -------------------------------------------------------------------------
@@ -886,3 +898,138 @@ def test_repr_shows_what_differs_from_defaults() -> None:
     text = repr(load())
     assert text.startswith("Settings(server=ServerSettings(), upstream=UpstreamSettings(url=")
     assert "source" not in text
+
+
+# --- secrets from files and the environment ------------------------------------------------
+
+SECRET = "s3cr3t-never-shown"
+
+
+def _shown(settings: Settings) -> str:
+    """Everything the settings say of themselves: repr, to_dict, and each section's repr."""
+    sections = [repr(getattr(settings, name)) for name in ("upstream", "auth", "mapping")]
+    return " ".join([repr(settings), str(settings.to_dict()), *sections])
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "read"),
+    [
+        (
+            {"upstream": {"auth": {"type": "basic", "username": "proxy"}}},
+            ("upstream", "auth", "password"),
+            lambda s: s.upstream.auth.password,
+        ),
+        (
+            {"upstream": {"auth": {"type": "bearer"}}},
+            ("upstream", "auth", "token"),
+            lambda s: s.upstream.auth.token,
+        ),
+        (
+            {
+                "upstream": {
+                    "auth": {
+                        "type": "client_credentials",
+                        "token_url": "https://kc/token",
+                        "client_id": "proxy",
+                    }
+                }
+            },
+            ("upstream", "auth", "client_secret"),
+            lambda s: s.upstream.auth.client_secret,
+        ),
+        (
+            {"auth": {"introspection": {"url": "https://kc/introspect", "client_id": "proxy"}}},
+            ("auth", "introspection", "client_secret"),
+            lambda s: s.auth.introspection.client_secret,
+        ),
+        (
+            {"mapping": {"backend": "http", "url": "https://platform/api"}},
+            ("mapping", "token"),
+            lambda s: s.mapping.token,
+        ),
+        (
+            {"access": {"backend": "http", "url": "https://platform/api"}},
+            ("access", "token"),
+            lambda s: s.access.token,
+        ),
+    ],
+)
+def test_every_secret_from_a_file_or_the_environment(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    section: dict[str, Any],
+    key: tuple[str, ...],
+    read: Callable[[Settings], str],
+) -> None:
+    def at(value: str, suffix: str = "") -> dict[str, Any]:
+        data: dict[str, Any] = {key[-1] + suffix: value}
+        for name in reversed(key[:-1]):
+            data = {name: data}
+        return merge(section, data)
+
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "value").write_text(SECRET + "\n")
+    from_file = load(**at("secrets/value", "_file"))  # relative to the settings file
+    assert read(from_file) == SECRET
+    assert SECRET not in _shown(from_file)
+    monkeypatch.setenv("PROXY_SECRET", SECRET)
+    from_env = load(**at("${PROXY_SECRET}"))
+    assert read(from_env) == SECRET
+    assert SECRET not in _shown(from_env)
+    where = "[" + ".".join(key[:-1]) + "]"
+    assert fail(**at(str(tmp_path / "missing"), "_file")) == (
+        f"config.toml: {where} {key[-1]}_file: cannot read {tmp_path / 'missing'}: "
+        "No such file or directory"
+    )
+    monkeypatch.delenv("PROXY_SECRET")
+    assert fail(**at("${PROXY_SECRET}")) == (
+        f"config.toml: {where} {key[-1]}: the environment variable PROXY_SECRET is not set"
+    )
+    both = merge(at("inline"), at("secrets/value", "_file"))
+    assert fail(**both) == (
+        f"config.toml: {where} {key[-1]}_file: give {key[-1]} or {key[-1]}_file, not both"
+    )
+
+
+def test_secret_files_are_checked_like_inline_secrets(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("two words\n")
+    message = fail(mapping={"backend": "http", "url": "https://p/api", "token_file": "token"})
+    assert message == (
+        "config.toml: [mapping] token: expected a token of printable ASCII characters "
+        "without spaces"
+    )
+    (tmp_path / "empty").write_text("\n")
+    assert fail(access={"backend": "http", "url": "https://p/api", "token_file": "empty"}) == (
+        f"config.toml: [access] token_file: {tmp_path / 'empty'} is empty"
+    )
+    (tmp_path / "pw").write_text("x")
+    assert fail(upstream={"auth": {"type": "bearer", "token": "t", "password_file": "pw"}}) == (
+        'config.toml: [upstream.auth] password_file: only used with type = "basic" '
+        '(type is "bearer")'
+    )
+
+
+# --- files the proxy writes ------------------------------------------------------------------
+
+
+def test_written_files_go_to_the_state_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/shanoir-dicomweb-proxy")
+    settings = Settings.from_toml(write(render(merge(BASE, {"auth": {"jwks_file": "k.json"}}))))
+    assert settings.store.path == "/var/lib/shanoir-dicomweb-proxy/dicomweb-proxy.sqlite3"
+    assert settings.logging.audit_log == "/var/lib/shanoir-dicomweb-proxy/audit.jsonl"
+    assert settings.auth.jwks_file == str(tmp_path / "k.json")  # read: by the settings file
+    custom = load(store={"path": "/srv/store.sqlite3"}, logging={"audit_log": "logs/a.jsonl"})
+    assert custom.store.path == "/srv/store.sqlite3"
+    assert custom.logging.audit_log == "/var/lib/shanoir-dicomweb-proxy/logs/a.jsonl"
+
+
+def test_audit_log_group() -> None:
+    import grp
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    assert load(logging={"audit_log_group": group}).logging.audit_log_group == group
+    assert fail(logging={"audit_log_group": "no-such-group-here"}) == (
+        'config.toml: [logging] audit_log_group: no such group: "no-such-group-here"'
+    )

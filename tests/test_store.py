@@ -9,6 +9,7 @@ import os
 import pty
 import random
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -827,3 +828,17 @@ def test_sync_with_the_upstream_down(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "error: store sync: the upstream could not be reached" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_new_store_is_its_owners_only(tmp_path: Path) -> None:
+    """Grants and UIDs: the store and the files SQLite adds beside it are created 0600, even
+    under a umask that would leave them readable by everyone."""
+    previous = os.umask(0o022)
+    try:
+        with SqliteStore(tmp_path / "store.sqlite3") as store:
+            store.import_entries([ImportRow(1, _uid(1))])
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    finally:
+        os.umask(previous)
+    assert "store.sqlite3-wal" in modes
+    assert modes == dict.fromkeys(modes, 0o600), modes

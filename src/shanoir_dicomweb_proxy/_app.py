@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from types import TracebackType
+from typing import Any
 
 from starlette.middleware.cors import CORSMiddleware
 
@@ -80,8 +81,10 @@ class DicomWebProxy:
             self.backends = Backends.build(
                 settings, identifiers=identifiers, access=access, upstream=self.upstream
             )
-            log = settings.logging.audit_log
-            self.audit = AuditLog(log) if log else None
+            log = settings.logging
+            self.audit = (
+                AuditLog(log.audit_log, group=log.audit_log_group) if log.audit_log else None
+            )
             app = _mapped(app, settings, self.backends, self.audit, caches)
         self.identifiers = self.backends.identifiers if self.backends is not None else None
         app = RoutingMiddleware(
@@ -105,13 +108,12 @@ class DicomWebProxy:
             caches=_ordered(caches),
         )
         self.app = self.observability
-        backends = (settings.mapping.backend, settings.access.backend)
         self.probes = Probes(
             self.upstream,
             validator=self.validator,
             store=self.backends.store if self.backends is not None else None,
             timeout=settings.server.ready_timeout,
-            http_backends="http" in backends,
+            platforms=self.backends.platforms if self.backends is not None else None,
             shanoir=self.backends.shanoir if self.backends is not None else None,
         )
 
@@ -178,13 +180,14 @@ def create_app(settings: Settings) -> DicomWebProxy:
     return DicomWebProxy(settings)
 
 
-def _links(settings: Settings) -> dict[str, str]:
+def _links(settings: Settings) -> dict[str, Any]:
     """Where links point: the upstream's base, and the public base answers show instead."""
     server = settings.server
     return {
         "upstream_url": settings.upstream.url,
         "public_url": server.public_url,
         "base_path": server.base_path,
+        "forwarded_allow_ips": server.forwarded_allow_ips,
     }
 
 

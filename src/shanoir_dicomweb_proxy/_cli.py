@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from ._config import Settings
 from ._errors import ConfigError, ProxyError
 from ._identifiers import UidFormatter
 from ._observability import configure_logging
-from ._probes import ProbeResult
+from ._probes import ProbeResult, listen_failure, probe_listen
 from ._store import SqliteStore, StoreError, SyncProgress, load_import, sync_store
 from ._upstream import Upstream
 from ._version import __version__
@@ -151,11 +152,11 @@ def _setup_logging(settings: Settings) -> None:
     configure_logging(settings)
 
 
-def _hypercorn_config(settings: Settings, bind: str | None, workers: int) -> object:
+def _hypercorn_config(settings: Settings, workers: int) -> object:
     from hypercorn.config import Config
 
     config = Config()
-    config.bind = [bind or settings.server.bind]
+    config.bind = [settings.server.bind]
     config.workers = workers
     # Hypercorn's error log goes through the root handler, in [logging] format; its access
     # log stays off: the proxy's own (shanoir_dicomweb_proxy.requests) replaces it.
@@ -172,19 +173,49 @@ def _hypercorn_config(settings: Settings, bind: str | None, workers: int) -> obj
 def _serve(settings: Settings, path: str, *, bind: str | None, workers: int) -> int:
     if workers < 1:
         raise ConfigError("--workers: expected a positive integer")
+    if bind is not None:
+        settings = _bound(settings, bind)
+    server = settings.server
+    # A taken port is one line and status 2, found before anything starts.
+    listen = probe_listen(server.host, server.port)
+    if not listen.ok:
+        return _cannot_listen(server.bind, listen.detail)
     _setup_logging(settings)
     app = create_app(settings)  # validates before anything listens
-    config = _hypercorn_config(settings, bind, workers)
-    if workers == 1:
-        from hypercorn.asyncio import serve
+    config = _hypercorn_config(settings, workers)
+    try:
+        if workers == 1:
+            from hypercorn.asyncio import serve
 
-        asyncio.run(serve(app, config))  # type: ignore[arg-type]
-        return 0
-    from hypercorn.run import run
+            asyncio.run(serve(app, config))  # type: ignore[arg-type]
+            return 0
+        from hypercorn.run import run
 
-    os.environ[_CONFIG_ENV] = os.path.abspath(path)
-    config.application_path = f"{__name__}:_worker_app()"  # type: ignore[attr-defined]
-    return int(run(config))  # type: ignore[arg-type]
+        os.environ[_CONFIG_ENV] = os.path.abspath(path)
+        config.application_path = f"{__name__}:_worker_app()"  # type: ignore[attr-defined]
+        return int(run(config))  # type: ignore[arg-type]
+    except OSError as exc:
+        if exc.filename is not None or exc.errno not in _BIND_ERRORS:
+            raise
+        # Taken between the probe and hypercorn's own bind.
+        return _cannot_listen(server.bind, listen_failure(exc, server.host))
+
+
+_BIND_ERRORS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL})
+
+
+def _bound(settings: Settings, bind: str) -> Settings:
+    """``settings`` listening on ``serve --bind``, checked as ``[server] bind`` is."""
+    try:
+        server = dataclasses.replace(settings.server, bind=bind)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("[server] bind", "--bind", 1)) from None
+    return dataclasses.replace(settings, server=server)
+
+
+def _cannot_listen(bind: str, why: str) -> int:
+    print(f"error: cannot listen on {bind}: {why}", file=sys.stderr)
+    return 2
 
 
 def _worker_app() -> DicomWebProxy:
@@ -236,6 +267,7 @@ def _check_all(path: str) -> int:
             return 1
         _check_line(True, "settings", f"{settings.source}: valid")
         results = asyncio.run(_probe(app))
+    results.append(probe_listen(settings.server.host, settings.server.port))
     if missing is not None:
         results = [r for r in results if r.name != "store"] + [missing]
     for result in results:
@@ -284,6 +316,13 @@ def _check_text(settings: Settings, result: ProbeResult) -> str:
         else:
             where = auth.introspection.url if auth.introspection else ""
         return f"{where}: {result.detail}{took}{hint}"
+    if result.name in ("mapping", "access"):
+        section = settings.mapping if result.name == "mapping" else settings.access
+        if section.backend == "http":
+            return f"{section.url}: {result.detail}{took}"
+    if result.name == "listen":
+        hint = "" if result.ok else ": choose another [server] bind"
+        return f"{settings.server.bind}: {result.detail}{hint}"
     if result.name == "store" and "sqlite" in (settings.mapping.backend, settings.access.backend):
         return f"{settings.store.path}: {result.detail}"
     return result.detail

@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import difflib
 import functools
+import grp
 import ipaddress
 import json
 import math
@@ -46,6 +47,19 @@ __all__ = [
 
 _SECRET: Mapping[str, Any] = {"secret": True}
 _PATH: Mapping[str, Any] = {"path": True}
+# A file the proxy writes: a relative path is taken from the state directory.
+_STATE_PATH: Mapping[str, Any] = {"path": True, "state": True}
+# Where systemd's StateDirectory= (and the container image) say the proxy keeps its files.
+_STATE_DIRECTORY_ENV = "STATE_DIRECTORY"
+
+
+def _secret_file(secret: str) -> Mapping[str, Any]:
+    """The metadata of ``SECRET_file``: a file whose content is the secret ``secret``."""
+    return {"path": True, "secret_file": secret}
+
+
+# A secret written as "${NAME}" is read from the environment variable NAME.
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 _ASYMMETRIC_ALGORITHMS = (
     "RS256",
@@ -94,7 +108,39 @@ class _Section:
                 raise self._error(f.name, f"expected {exc.expected}, got {got}") from None
             if coerced is not value:
                 object.__setattr__(self, f.name, coerced)
+        self._read_secrets()
         self._validate()
+
+    def _read_secrets(self) -> None:
+        """Secrets written as ``"${NAME}"`` from the environment; each ``SECRET_file`` into
+        its secret, unless that is given too (then the value given wins). Errors name the key,
+        the variable or the file, never a value."""
+        for f, _ in _fields(type(self)):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and isinstance(value, str):
+                match = _ENV_REFERENCE.fullmatch(value)
+                if match:
+                    name = match.group(1)
+                    if name not in os.environ:
+                        raise self._error(f.name, f"the environment variable {name} is not set")
+                    object.__setattr__(self, f.name, os.environ[name])
+        for f, _ in _fields(type(self)):
+            target = f.metadata.get("secret_file")
+            path = getattr(self, f.name)
+            if target and path and not getattr(self, target):
+                object.__setattr__(self, target, self._read_secret_file(f.name, path))
+
+    def _read_secret_file(self, name: str, path: str) -> str:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read(65536).rstrip()
+        except OSError as exc:
+            raise self._error(name, f"cannot read {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise self._error(name, f"{path}: not UTF-8 text") from None
+        if not text:
+            raise self._error(name, f"{path} is empty")
+        return text
 
     def _validate(self) -> None:
         pass
@@ -168,6 +214,12 @@ class ServerSettings(_Section):
     #: (`https://pacs.example.org/dicomweb`): links in answers are built on it. `""` builds them
     #: from the request ([links](behaviour.md#links)); set it behind a reverse proxy.
     public_url: str = ""
+    #: The peers whose `Forwarded` and `X-Forwarded-Host`/`-Proto` headers are believed when links
+    #: are built from the request (`public_url = ""`): addresses or networks (`"10.0.0.0/8"`), or
+    #: `["*"]` for every peer (only when nothing but the reverse proxy can reach the proxy).
+    #: Other clients' forwarded headers are ignored
+    #: ([forwarded headers](deployment.md#forwarded-headers)).
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
     #: STOW-RS bodies larger than this (4 GiB by default) are answered 413 and nothing is stored.
     max_upload_bytes: int = 4294967296
     #: Where the liveness probe answers, at the server root outside ``base_path``; "" = off.
@@ -195,6 +247,7 @@ class ServerSettings(_Section):
         self._check("bind", _bind)
         self._check("base_path", _base_path)
         self._check("public_url", lambda v: v and _http_url(v))
+        self._check("forwarded_allow_ips", _peers)
         self._require(self.max_upload_bytes > 0, "max_upload_bytes", "must be > 0")
         for name in ("healthz_path", "readyz_path", "metrics_path"):
             self._check(name, _probe_path)
@@ -214,6 +267,10 @@ class UpstreamAuthSettings(_Section):
 
     _section = "upstream.auth"
     _USED_BY: ClassVar[Mapping[str, str]] = {
+        # The files first: a file's secret is read before this check, which names the file.
+        "password_file": "basic",
+        "token_file": "bearer",
+        "client_secret_file": "client_credentials",
         "username": "basic",
         "password": "basic",
         "token": "bearer",
@@ -231,10 +288,15 @@ class UpstreamAuthSettings(_Section):
     type: UpstreamAuthType = "none"
     #: The user name, with `type = "basic"`.
     username: str = ""
-    #: The password, with `type = "basic"`.
+    #: The password, with `type = "basic"` ([secrets](deployment.md#secrets): or `password_file`,
+    #: or `"${VARIABLE}"`).
     password: str = field(default="", repr=False, metadata=_SECRET)
+    #: A file holding the password (a Kubernetes Secret, a systemd credential).
+    password_file: str = field(default="", metadata=_secret_file("password"))
     #: The token sent as `Authorization: Bearer …`, with `type = "bearer"`; never renewed.
     token: str = field(default="", repr=False, metadata=_SECRET)
+    #: A file holding the token.
+    token_file: str = field(default="", metadata=_secret_file("token"))
     #: The token endpoint, with `type = "client_credentials"` (Keycloak:
     #: `https://HOST/realms/REALM/protocol/openid-connect/token`).
     token_url: str = ""
@@ -242,6 +304,8 @@ class UpstreamAuthSettings(_Section):
     client_id: str = ""
     #: That client's secret, with `type = "client_credentials"`.
     client_secret: str = field(default="", repr=False, metadata=_SECRET)
+    #: A file holding the client's secret.
+    client_secret_file: str = field(default="", metadata=_secret_file("client_secret"))
     #: The `scope` asked for with the token, with `type = "client_credentials"`; `""` asks for none.
     scope: str = ""
 
@@ -249,7 +313,10 @@ class UpstreamAuthSettings(_Section):
         missing = [
             name
             for name, owner in self._USED_BY.items()
-            if owner == self.type and name != "scope" and not getattr(self, name)
+            if owner == self.type
+            and name != "scope"
+            and not name.endswith("_file")
+            and not getattr(self, name)
         ]
         if missing:
             raise self._error(", ".join(missing), f'required when type = "{self.type}"')
@@ -320,15 +387,17 @@ class IntrospectionSettings(_Section):
     url: str
     #: The proxy's own client at the issuer, authenticated with HTTP Basic.
     client_id: str
-    #: That client's secret.
-    client_secret: str = field(repr=False, metadata=_SECRET)
+    #: That client's secret (or `client_secret_file`); required.
+    client_secret: str = field(default="", repr=False, metadata=_SECRET)
+    #: A file holding the client's secret.
+    client_secret_file: str = field(default="", metadata=_secret_file("client_secret"))
     #: Seconds an answer is reused, never past the token's `exp`.
     cache_ttl: int = 60
 
     def _validate(self) -> None:
         self._check("url", lambda v: _http_url(v, keep_slash=True, query=True))
         self._require(bool(self.client_id), "client_id", "must not be empty")
-        self._require(bool(self.client_secret), "client_secret", "must not be empty")
+        self._require(bool(self.client_secret), "client_secret", "required (or client_secret_file)")
         self._require(self.cache_ttl >= 0, "cache_ttl", "must be >= 0")
 
 
@@ -492,6 +561,8 @@ class MappingSettings(_Section):
     #: A static token sent to the platform as `Authorization: Bearer …`; only with `backend =
     #: "http"`; printable ASCII, no spaces.
     token: str = field(default="", repr=False, metadata=_SECRET)
+    #: A file holding the token.
+    token_file: str = field(default="", metadata=_secret_file("token"))
     #: Seconds a mapping answer is reused (`0`: not cached); unknown UIDs and IDs are remembered 5 s
     #: at most ([caching](backends.md#caching)).
     cache_ttl: float = 60
@@ -541,6 +612,8 @@ class AccessSettings(_Section):
     #: A static token sent to the platform as `Authorization: Bearer …`, never the user's; only with
     #: `backend = "http"`; printable ASCII, no spaces.
     token: str = field(default="", repr=False, metadata=_SECRET)
+    #: A file holding the token.
+    token_file: str = field(default="", metadata=_secret_file("token"))
 
     def _validate(self) -> None:
         self._require(self.cache_ttl >= 0, "cache_ttl", "must be >= 0")
@@ -563,20 +636,15 @@ class ShanoirServiceSettings(_Section):
     client_id: str = ""
     #: That client's secret (or `client_secret_file`).
     client_secret: str = field(default="", repr=False, metadata=_SECRET)
-    #: A file holding the secret (a Kubernetes Secret or systemd credential), read when a token is
-    #: fetched; trailing whitespace is dropped.
-    client_secret_file: str = field(default="", metadata=_PATH)
+    #: A file holding the secret (a Kubernetes Secret or systemd credential): read at start, and
+    #: again whenever a token is fetched, so that a rotated secret is used.
+    client_secret_file: str = field(default="", metadata=_secret_file("client_secret"))
     #: The `scope` asked for with the token; `""` asks for none.
     scope: str = ""
 
     def _validate(self) -> None:
         if self.token_url:
             self._check("token_url", lambda v: _http_url(v, keep_slash=True, query=True))
-        self._require(
-            not (self.client_secret and self.client_secret_file),
-            "client_secret_file",
-            "give client_secret or client_secret_file, not both",
-        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, repr=False)
@@ -633,7 +701,7 @@ class StoreSettings(_Section):
     #: The embedded SQLite store, which the `store` commands (`sync`, `list`, `import`, `grant`,
     #: `revoke`) manage and `backend = "sqlite"` in `[mapping]` and `[access]` reads
     #: ([the store](store.md)).
-    path: str = field(default="dicomweb-proxy.sqlite3", metadata=_PATH)
+    path: str = field(default="dicomweb-proxy.sqlite3", metadata=_STATE_PATH)
 
     def _validate(self) -> None:
         self._require(bool(self.path), "path", "must not be empty")
@@ -653,8 +721,16 @@ class LoggingSettings(_Section):
     #: One line per request (request id, subject, route kind, status, bytes, durations).
     access_log: bool = True
     #: The audit log, one JSON line per decided request ([the audit log](access.md#the-audit-log));
-    #: `""` turns it off.
-    audit_log: str = field(default="audit.jsonl", metadata=_PATH)
+    #: `""` turns it off. A relative path is taken from the state directory
+    #: ([files](deployment.md#files-the-proxy-writes)). Created readable by its owner only.
+    audit_log: str = field(default="audit.jsonl", metadata=_STATE_PATH)
+    #: A group that may read the audit log (a log shipper's, such as `adm`): the file is then
+    #: created 0640 and given that group, which the proxy's user must belong to. `""`: 0600.
+    audit_log_group: str = ""
+
+    def _validate(self) -> None:
+        if self.audit_log_group:
+            self._check("audit_log_group", _group)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, repr=False)
@@ -735,6 +811,9 @@ def _build(
     for f, hint in spec:
         if not f.metadata.get("file", True):
             continue
+        target = f.metadata.get("secret_file")
+        if target and data.get(f.name) and data.get(target):
+            raise ConfigError(f"{_where(section, f.name)}: give {target} or {f.name}, not both")
         sub = _section_class(hint)
         if f.name in data:
             value = data[f.name]
@@ -754,7 +833,7 @@ def _build(
         else:
             continue
         if f.metadata.get("path") and isinstance(value, str):
-            value = _resolve(value, base_dir)
+            value = _resolve(value, _state_dir(base_dir) if f.metadata.get("state") else base_dir)
         kwargs[f.name] = value
     return typing.cast(_S, typing.cast(Any, cls)(**kwargs))
 
@@ -793,6 +872,15 @@ def _all_keys() -> dict[str, list[str]]:
 
     walk(Settings, "")
     return owners
+
+
+def _state_dir(base_dir: Path | None) -> Path | None:
+    """Where relative paths of the files the proxy writes go: ``$STATE_DIRECTORY`` (its first
+    entry) when set, else ``base_dir``; never anywhere when nothing is resolved."""
+    state = os.environ.get(_STATE_DIRECTORY_ENV, "").split(":")[0]
+    if base_dir is None or not state:
+        return base_dir
+    return base_dir / state  # an absolute $STATE_DIRECTORY replaces base_dir
 
 
 def _resolve(value: str, base_dir: Path | None) -> str:
@@ -920,6 +1008,33 @@ def _split_bind(bind: str) -> tuple[str, int]:
 
 def _bind(value: str) -> str:
     _split_bind(value)
+    return value
+
+
+def _peers(value: tuple[str, ...]) -> tuple[str, ...]:
+    if "*" in value and len(value) > 1:
+        raise ValueError('"*" must be the only entry')
+    for item in value:
+        if item == "*":
+            continue
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(
+                'expected IP addresses or networks such as "10.0.0.0/8", or "*", '
+                f"got {_describe(item)}"
+            ) from None
+    return value
+
+
+def _group(value: str) -> str:
+    try:
+        if value.isdigit():
+            grp.getgrgid(int(value))
+        else:
+            grp.getgrnam(value)
+    except (KeyError, OverflowError):
+        raise ValueError(f"no such group: {_describe(value)}") from None
     return value
 
 

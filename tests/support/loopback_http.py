@@ -91,3 +91,34 @@ def running(server: _S) -> Iterator[_S]:
 def serving(platform: FakePlatform) -> contextlib.AbstractContextManager[LoopbackServer]:
     """``platform`` served at ``server.url`` until the block ends."""
     return running(LoopbackServer(platform))
+
+
+@dataclass
+class WholePlatform(FakePlatform):
+    """Both contracts under one URL: examinations (``studies``: ID → real study UID, and
+    ``series``: acquisition ID → (examination ID, real series UID)), and ``grants``: (user ID,
+    action) → examination IDs. Change them while it serves: a platform where rights change."""
+
+    paths = frozenset(
+        {"/api/studies/lookup", "/api/series/lookup", "/api/access/visible", "/api/access/allowed"}
+    )
+
+    studies: dict[int, str] = field(default_factory=dict)
+    series: dict[int, tuple[int, str]] = field(default_factory=dict)
+    grants: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+
+    def answer(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        if path == "/api/studies/lookup":
+            by_uid = {uid: exam for exam, uid in self.studies.items()}
+            found = [(by_uid[u], u) for u in body.get("uids", []) if u in by_uid]
+            found += [(i, self.studies[i]) for i in body.get("ids", []) if i in self.studies]
+            return {"studies": [{"id": i, "study_uid": u} for i, u in found]}
+        if path == "/api/series/lookup":
+            by_uid = {uid: (acq, exam) for acq, (exam, uid) in self.series.items()}
+            rows = [(by_uid[u][0], by_uid[u][1], u) for u in body.get("uids", []) if u in by_uid]
+            rows += [(i, *self.series[i]) for i in body.get("ids", []) if i in self.series]
+            return {"series": [{"id": a, "exam_id": e, "series_uid": u} for a, e, u in rows]}
+        granted = self.grants.get((str(body["user"]["id"]), body["action"]), [])
+        if path == "/api/access/visible":
+            return {"exam_ids": list(granted)}
+        return {"exam_ids": [i for i in body["exam_ids"] if i in granted]}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import grp
 import logging
 import logging.handlers
+import os
 import queue
+import stat
 import time
 import uuid
 from collections.abc import Mapping
@@ -69,13 +72,47 @@ class AuditRecord:
         }
 
 
+_logger = logging.getLogger("shanoir_dicomweb_proxy.access")
+
+
+class _PrivateFileHandler(logging.handlers.WatchedFileHandler):
+    """A ``WatchedFileHandler`` whose file, when it creates it (at the first line, and after
+    logrotate moved the last one), is its owner's only (0600), or also readable by ``group``
+    (0640), whatever the umask."""
+
+    def __init__(self, path: str, *, group: int | None) -> None:
+        self.group = group
+        super().__init__(path, encoding="utf-8", delay=True)
+
+    def _open(self) -> Any:
+        mode = 0o600 if self.group is None else 0o640
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        try:
+            fd = os.open(self.baseFilename, flags | os.O_EXCL, mode)
+        except FileExistsError:
+            fd = os.open(self.baseFilename, flags, mode)
+        else:
+            os.fchmod(fd, mode)
+            if self.group is not None:
+                os.fchown(fd, -1, self.group)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 class AuditLog:
     """JSON lines, one per decision, written by a thread of their own: a request only puts its
-    line on a queue. The file is reopened when logrotate moves it (``WatchedFileHandler``)."""
+    line on a queue. The file is reopened when logrotate moves it (``WatchedFileHandler``).
 
-    def __init__(self, path: str) -> None:
+    The proxy creates the file 0600, or 0640 with ``group`` (a name or a number) as its group;
+    an existing file keeps its mode, with a warning at start when others may read it.
+    """
+
+    def __init__(self, path: str, *, group: str | None = None) -> None:
+        self.path = path
         self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8", delay=True)
+        gid = None
+        if group:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        handler = _PrivateFileHandler(path, group=gid)
         handler.setFormatter(logging.Formatter("%(message)s"))
         self._listener = logging.handlers.QueueListener(self._queue, handler)
         self._logger = logging.Logger("shanoir_dicomweb_proxy.audit")
@@ -86,6 +123,16 @@ class AuditLog:
 
     def start(self) -> None:
         if not self._started:
+            try:
+                mode = stat.S_IMODE(os.stat(self.path).st_mode)
+            except OSError:
+                mode = 0
+            if mode & 0o007:
+                _logger.warning(
+                    "the audit log %s may be read by every user (mode %o): chmod o-rwx it",
+                    self.path,
+                    mode,
+                )
             self._listener.start()
             self._started = True
 

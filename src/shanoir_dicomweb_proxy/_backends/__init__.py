@@ -23,7 +23,7 @@ from ._build import (
     shanoir_directory,
 )
 from ._cache import CachingAccessPolicy, CachingIdentifierMap
-from ._platform import HttpAccessPolicy, HttpIdentifierMap
+from ._platform import HttpAccessPolicy, HttpIdentifierMap, PlatformClient
 from ._shanoir import ShanoirAccessPolicy, ShanoirDirectory, ShanoirIdentifierMap
 from ._sqlite import SqliteAccessPolicy, SqliteIdentifierMap
 from ._static import StaticAccessPolicy, StaticGrant, StaticIdentifierMap
@@ -36,6 +36,7 @@ __all__ = [
     "HttpIdentifierMap",
     "ManagedAccessPolicy",
     "ManagedIdentifierMap",
+    "PlatformClient",
     "ShanoirAccessPolicy",
     "ShanoirDirectory",
     "ShanoirIdentifierMap",

@@ -278,6 +278,8 @@ class Backends:
     uploads: ASGIApp | None = None
     identifier_cache: CachingIdentifierMap | None = None
     access_cache: CachingAccessPolicy | None = None
+    #: The platforms the ``http`` backends ask, by section (for the readiness probe).
+    platforms: dict[str, PlatformClient] = field(default_factory=dict)
     _closers: list[Closer] = field(default_factory=list, repr=False)
 
     @classmethod
@@ -339,6 +341,11 @@ class Backends:
         inner = identifiers.inner if isinstance(identifiers, CachingIdentifierMap) else identifiers
         exam_series = inner if isinstance(inner, ExamSeries) else None
         exam_subjects = inner if isinstance(inner, ExamSubjects) else None
+        platforms: dict[str, PlatformClient] = {
+            section: backend
+            for section, backend in (("mapping", inner), ("access", _innermost(access)))
+            if isinstance(backend, PlatformClient)
+        }
         return cls(
             identifiers,
             access,
@@ -350,6 +357,7 @@ class Backends:
             uploads,
             identifier_cache,
             access_cache,
+            platforms,
             closers,
         )
 
@@ -358,6 +366,13 @@ class Backends:
         closers, self._closers = self._closers, []
         for close in reversed(closers):
             await close()
+
+
+def _innermost(policy: AccessPolicy) -> AccessPolicy:
+    """The policy behind its management and its cache."""
+    if isinstance(policy, ManagedAccessPolicy):
+        policy = policy.policy
+    return policy.inner if isinstance(policy, CachingAccessPolicy) else policy
 
 
 def _registrar(sqlite_map: SqliteIdentifierMap, cache: CachingIdentifierMap) -> SeriesRegistrar:

@@ -89,22 +89,41 @@ class PlatformClient:
             client, self._client = self._client, None
             await client.aclose()
 
+    async def probe(self) -> str | None:
+        """One request of the contract, about examination 1 and nobody's identity, for the
+        readiness probe: None when the answer keeps the contract, else why not (no value)."""
+        try:
+            await self._probe()
+        except _Failure as exc:
+            return exc.reason
+        return None
+
+    async def _probe(self) -> None:
+        raise NotImplementedError
+
     async def _post(self, path: str, body: Mapping[str, Any], parse: Callable[[Any], _V]) -> _V:
-        """POST ``body`` as JSON; ``parse`` the decoded answer (raising :class:`Malformed`)."""
-        what = f"{self._section} platform: POST {self.url}{path}"
-        log = self._logger
+        """POST ``body`` as JSON; ``parse`` the decoded answer (raising :class:`Malformed`);
+        a failure is logged and raised as :meth:`_unavailable`."""
+        try:
+            return await self._exchange(path, body, parse)
+        except _Failure as exc:
+            what = f"{self._section} platform: POST {self.url}{path}"
+            self._logger.warning("%s: %s", what, exc.logged)
+            raise self._unavailable() from None
+
+    async def _exchange(self, path: str, body: Mapping[str, Any], parse: Callable[[Any], _V]) -> _V:
+        """:meth:`_post` without the log: a failure raises :class:`_Failure`."""
         try:
             response = await self._http().post(self.url + path, json=body, headers=self._headers)
         except httpx.TimeoutException:
-            log.warning("%s: no answer in time", what)
-            raise self._unavailable() from None
+            raise _Failure("no answer in time") from None
         except httpx.HTTPError as exc:
-            log.warning("%s: %s: %s", what, type(exc).__name__, exc)
-            raise self._unavailable() from None
-        if response.status_code != 200:
-            hint = f" (check [{self._section}] token)" if response.status_code in (401, 403) else ""
-            log.warning("%s: answered %d%s", what, response.status_code, hint)
-            raise self._unavailable()
+            raise _Failure("unreachable", f"{type(exc).__name__}: {exc}") from None
+        status = response.status_code
+        if status != 200:
+            hint = f" (check [{self._section}] token)" if status in (401, 403) else ""
+            url_hint = f" (check [{self._section}] url)" if status == 404 else hint
+            raise _Failure(f"POST {path} answered {status}{url_hint}", f"answered {status}{hint}")
         try:
             try:
                 data = json.loads(response.content)
@@ -112,8 +131,28 @@ class PlatformClient:
                 raise Malformed("not JSON") from None
             return parse(data)
         except Malformed as exc:
-            log.warning("%s: malformed answer: %s", what, exc)
-            raise self._unavailable() from None
+            logged = f"malformed answer: {exc}"
+            raise _Failure(f"POST {path}: {logged}", logged) from None
+
+
+class _Failure(Exception):
+    """Why a request to the platform failed: ``reason`` in words fit for an unauthenticated
+    answer, ``logged`` with the library's own message."""
+
+    def __init__(self, reason: str, logged: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.logged = logged or reason
+
+
+#: The examination and identity the readiness probe asks about.
+_PROBE_ID = 1
+_PROBE_USER: dict[str, Any] = {
+    "id": None,
+    "subject": "shanoir-dicomweb-proxy-readiness-probe",
+    "username": None,
+    "roles": [],
+}
 
 
 class HttpIdentifierMap(PlatformClient):
@@ -179,6 +218,13 @@ class HttpIdentifierMap(PlatformClient):
                 if entry.acquisition_id in asked
             )
         return result
+
+    async def _probe(self) -> None:
+        await self._exchange(
+            "/studies/lookup",
+            {"ids": [_PROBE_ID]},
+            lambda data: _parse_answer(data, "studies", _study, _study_keys),
+        )
 
     async def _studies(self, body: Mapping[str, list[Any]]) -> list[tuple[int, str]]:
         return await self._lookup("/studies/lookup", "studies", body, _study, _study_keys)
@@ -287,6 +333,10 @@ class HttpAccessPolicy(PlatformClient):
 
     def _unavailable(self) -> ProxyError:
         return AccessUnavailable(_ACCESS_UNAVAILABLE)
+
+    async def _probe(self) -> None:
+        body = {"user": _PROBE_USER, "action": "read", "exam_ids": [_PROBE_ID]}
+        await self._exchange("/access/allowed", body, _allowed_answer)
 
     async def visible(self, principal: Principal, action: Action) -> Visible:
         """``POST {url}/access/visible``: everything, or the IDs."""

@@ -6,8 +6,10 @@ they are rewritten to the proxy's public base, as a stream, chunk by chunk.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from .._dicom import BodyRewriter, BufferedPart, MultipartRewriter, PassPart
-from .._headers import LINK_HEADERS, parse_media_type, public_base_url
+from .._headers import LINK_HEADERS, TrustedProxies, parse_media_type, public_base_url
 from .._types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["LinkRewriter", "RewriteMiddleware"]
@@ -98,16 +100,24 @@ class RewriteMiddleware:
 
     ``upstream_url`` is the base the upstream builds its links from (Orthanc builds them from
     the ``Host`` header the proxy sends, so the configured upstream URL). The public base comes
-    from ``public_url`` or from the request (``Forwarded``, ``Host``), plus ``base_path``.
+    from ``public_url`` or from the request (``Forwarded`` from ``forwarded_allow_ips`` only,
+    ``Host``), plus ``base_path``.
     """
 
     def __init__(
-        self, app: ASGIApp, *, upstream_url: str, public_url: str = "", base_path: str = ""
+        self,
+        app: ASGIApp,
+        *,
+        upstream_url: str,
+        public_url: str = "",
+        base_path: str = "",
+        forwarded_allow_ips: Iterable[str] = ("127.0.0.1", "::1"),
     ) -> None:
         self.app = app
         self.upstream_url = upstream_url.rstrip("/").encode()
         self.public_url = public_url
         self.base_path = base_path
+        self.trusted = TrustedProxies(forwarded_allow_ips)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -117,7 +127,9 @@ class RewriteMiddleware:
         await self.app(scope, receive, responder.send)
 
     def public_base(self, scope: Scope) -> bytes:
-        return public_base_url(scope, public_url=self.public_url, base_path=self.base_path).encode()
+        return public_base_url(
+            scope, public_url=self.public_url, base_path=self.base_path, trusted=self.trusted
+        ).encode()
 
 
 class _LinkResponder:

@@ -9,6 +9,8 @@ Part 10 instance of a retrieve, links, Content-Location, Location and Warning.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from cachetools import TTLCache
 
 from .._dicom import (
@@ -19,7 +21,7 @@ from .._dicom import (
     json_value,
 )
 from .._errors import NotFound
-from .._headers import public_base_url
+from .._headers import TrustedProxies, public_base_url
 from .._request import DicomWebRequest, Level, Resource, Service
 from .._scope import (
     get_dicomweb_request,
@@ -50,6 +52,7 @@ class TranslationMiddleware:
         upstream_url: str,
         public_url: str = "",
         base_path: str = "",
+        forwarded_allow_ips: Iterable[str] = ("127.0.0.1", "::1"),
         membership_ttl: float = 60.0,
     ) -> None:
         self.app = app
@@ -57,6 +60,7 @@ class TranslationMiddleware:
         self.upstream_url = upstream_url.rstrip("/")
         self.public_url = public_url
         self.base_path = base_path
+        self.trusted = TrustedProxies(forwarded_allow_ips)
         # (study, series, instance) real UIDs the upstream confirmed belong together.
         self._members: TTLCache[tuple[str, str, str | None], bool] = TTLCache(
             maxsize=100_000, ttl=membership_ttl
@@ -78,7 +82,9 @@ class TranslationMiddleware:
         if translated.instance is not None or known.unmapped_series:
             await self._verify_membership(scope, receive, translated)
         set_dicomweb_request(scope, translated)
-        public_base = public_base_url(scope, public_url=self.public_url, base_path=self.base_path)
+        public_base = public_base_url(
+            scope, public_url=self.public_url, base_path=self.base_path, trusted=self.trusted
+        )
         responder = Responder(
             self.translator,
             known,

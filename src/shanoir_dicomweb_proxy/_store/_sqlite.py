@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping
@@ -398,6 +399,8 @@ def _open(path: Path, *, create: bool, timeout: float) -> sqlite3.Connection:
     if not create and not path.exists():
         raise StoreError(f"{path}: no store there (store sync or store import creates one)")
     mode = "rwc" if create else "rw"
+    if create:
+        _create_private(path)
     try:
         # isolation_level=None: transactions are explicit (BEGIN … COMMIT), nothing implicit.
         conn = sqlite3.connect(
@@ -420,6 +423,18 @@ def _open(path: Path, *, create: bool, timeout: float) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _create_private(path: Path) -> None:
+    """Create a missing store file readable by its owner only (SQLite gives its -wal and -shm
+    files the database's mode); an existing one is left as it is."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError:
+        return  # sqlite3 says why, in the words of its error
+    os.close(fd)
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
