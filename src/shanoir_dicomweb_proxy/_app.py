@@ -20,6 +20,7 @@ from ._auth import AuthMiddleware, TokenValidator
 from ._backends import Backends
 from ._config import Settings
 from ._errors import AuthUnavailable, ConfigError
+from ._headers import TrustedProxies
 from ._identifiers import IdentifierMap, UidFormatter
 from ._observability import CacheCounts, ObservabilityMiddleware
 from ._probes import Probes
@@ -27,6 +28,7 @@ from ._problems import ErrorMiddleware, send_json
 from ._rewrite import IdentifierTranslator, RewriteMiddleware, StowMiddleware, TranslationMiddleware
 from ._routing import RoutingMiddleware
 from ._scope import route_path
+from ._signed_links import LinkIssuer, LinkKeys, SignedLinks
 from ._types import ASGIApp, Receive, Scope, Send
 from ._upstream import Upstream, UpstreamProxy
 
@@ -92,9 +94,27 @@ class DicomWebProxy:
             base_path=settings.server.base_path,
             max_upload_bytes=settings.server.max_upload_bytes,
         )
+        links = settings.links
+        keys = LinkKeys.load(links.keys_file) if links.enabled else None
+        if keys is not None and self.backends is not None:
+            server = settings.server
+            app = LinkIssuer(
+                app,
+                keys=keys,
+                policy=self.backends.access,
+                identifiers=self.backends.identifiers,
+                formatter=UidFormatter(settings.mapping.study_root, settings.mapping.series_root),
+                max_ttl=links.max_ttl,
+                base_path=server.base_path,
+                public_url=server.public_url,
+                trusted=TrustedProxies(server.forwarded_allow_ips),
+                audit=self.audit,
+            )
         if self.validator is not None:
             caches["token"] = self.validator
             app = _authenticated(app, settings, self.validator)
+        if keys is not None:
+            app = SignedLinks(app, keys=keys, base_path=settings.server.base_path)
         else:
             logger.warning(
                 "AUTHENTICATION IS DISABLED ([auth] enabled = false): every client that can "

@@ -34,6 +34,7 @@ __all__ = [
     "AuthSettings",
     "CorsSettings",
     "IntrospectionSettings",
+    "LinksSettings",
     "LoggingSettings",
     "MappingSettings",
     "ServerSettings",
@@ -734,6 +735,30 @@ class LoggingSettings(_Section):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, repr=False)
+class LinksSettings(_Section):
+    """``[links]``: signed links, for what a browser cannot send a header with
+    ([signed links](links.md))."""
+
+    _section = "links"
+
+    #: Serve `POST {base_path}/links`, which gives an authenticated caller a URL prefix that
+    #: reads one examination (or one acquisition) without any header until it expires.
+    enabled: bool = False
+    #: The longest life of a link, in seconds; a caller may ask for less.
+    max_ttl: int = 3600
+    #: The keys that sign and verify links: a JSON Web Key Set of `oct` keys of 32 bytes or more,
+    #: the newest first. The first signs; all verify; removing a key revokes every link it
+    #: signed. Required when `enabled`.
+    keys_file: str = field(default="", metadata=_PATH)
+
+    def _validate(self) -> None:
+        self._require(0 < self.max_ttl <= 7 * 86400, "max_ttl", "must be from 1 to 604800")
+        self._require(
+            not self.enabled or bool(self.keys_file), "keys_file", "required when enabled"
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, repr=False)
 class Settings(_Section):
     """The whole configuration. Load it with :meth:`from_toml` or :meth:`from_dict`."""
 
@@ -757,6 +782,8 @@ class Settings(_Section):
     shanoir: ShanoirSettings = field(default_factory=ShanoirSettings)
     #: The embedded SQLite store ([the store](store.md)).
     store: StoreSettings = field(default_factory=StoreSettings)
+    #: Signed links for browsers' `<img>`, downloads and shared links ([signed links](links.md)).
+    links: LinksSettings = field(default_factory=LinksSettings)
     #: Logs and the audit log ([operations](operations.md)).
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: str = field(default="<dict>", compare=False, repr=False, metadata={"file": False})
@@ -769,6 +796,17 @@ class Settings(_Section):
         ]
         if users and not self.shanoir.url:
             raise self.shanoir._error("url", f'required when {" and ".join(users)} = "shanoir"')
+        if self.links.enabled and self.shanoir.credentials == "user" and users:
+            # A link carries no token to forward to Shanoir: its grant is checked locally.
+            raise self.links._error(
+                "enabled", 'with the shanoir backends, needs credentials = "service"'
+            )
+        if self.links.enabled and (self.mapping.backend == "identity" or not self.auth.enabled):
+            raise self.links._error(
+                "enabled",
+                "a link grants one examination: it needs [auth] and a [mapping] backend other "
+                'than "identity"',
+            )
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> Settings:

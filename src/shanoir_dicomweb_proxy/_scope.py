@@ -35,6 +35,7 @@ from ._types import Scope
 
 __all__ = [
     "InstanceAudit",
+    "LinkGrant",
     "Principal",
     "RequestRecord",
     "Visibility",
@@ -49,6 +50,7 @@ __all__ = [
     "get_upstream_rows",
     "get_visibility",
     "get_write_check",
+    "link_prefix",
     "route_path",
     "set_dicomweb_request",
     "set_instance_audit",
@@ -76,6 +78,22 @@ InstanceAudit = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True, slots=True)
+class LinkGrant:
+    """What a signed link grants: ``action`` (``read`` or ``download``) on examination
+    ``exam``, on its acquisition ``series`` (a public series UID) only when set, until
+    ``expires_at``. ``issuer`` is the subject who asked for it (for the audit log); ``prefix``
+    is the link's path segment (``/links/{token}``), which links in answers keep so that they
+    work without a header too: it never goes upstream, into a log or into a ``repr``."""
+
+    exam: int
+    series: str | None
+    action: str
+    expires_at: float
+    issuer: str
+    prefix: str = field(default="", repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     """Who is calling, from a validated token.
 
@@ -96,6 +114,15 @@ class Principal:
     is_admin: bool
     token_id: str
     token: str = field(default="", repr=False, compare=False)
+    #: Set for a request made with a signed link: then only what it grants is allowed.
+    link: LinkGrant | None = None
+
+
+def link_prefix(scope: Scope) -> str:
+    """The path segment of the signed link this request came with ("" without one): public
+    links in its answers carry it."""
+    principal = get_principal(scope)
+    return principal.link.prefix if principal is not None and principal.link is not None else ""
 
 
 class RequestRecord:

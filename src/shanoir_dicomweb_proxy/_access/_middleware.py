@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from .._errors import Forbidden, InvalidToken, NotFound, ProxyError
 from .._identifiers import UidFormatter
-from .._request import DicomWebRequest, Resource, is_study_key, split_uid_list
+from .._request import DicomWebRequest, Level, Resource, is_study_key, split_uid_list
 from .._scope import (
     Principal,
     get_dicomweb_request,
@@ -21,7 +21,7 @@ from .._scope import (
 from .._subrequests import empty_search
 from .._types import ASGIApp, Receive, Scope, Send
 from ._audit import AuditLog, AuditRecord
-from ._policy import ALL, AccessPolicy, Action, AllowAll
+from ._policy import ALL, AccessPolicy, Action, AllowAll, LinkPolicy
 from ._search import filtered_search
 
 __all__ = ["DENIED", "INJECT_MAX", "AccessMiddleware"]
@@ -130,6 +130,11 @@ class AccessMiddleware:
         action: Action,
         record: AuditRecord,
     ) -> None:
+        policy = self.policy
+        if principal.link is not None:
+            # A signed link is decided by what it grants alone, never by the backends.
+            policy = LinkPolicy(principal.link)
+            request = self._within_link(scope, request, principal.link.series)
         if request.resource is Resource.STORE and self.audit is not None:
             audit = self.audit
             set_instance_audit(scope, lambda fields: audit.write({**record.entry(), **fields}))
@@ -142,18 +147,18 @@ class AccessMiddleware:
                 return
             await self.app(scope, receive, send)
             return
-        if not isinstance(self.policy, AllowAll):
+        if not isinstance(policy, AllowAll):
             # What the answer shows of other examinations (nested references, rows of a foreign
             # study the PACS would send) is cut to what this principal may read, whatever the
             # PACS sends. With allow_all there is nothing to cut: no lookup per batch.
-            set_visibility(scope, functools.partial(self.policy.allowed, principal, "read"))
+            set_visibility(scope, functools.partial(policy.allowed, principal, "read"))
             if request.resource is Resource.STORE:
                 # An upload is decided instance by instance, on the examination each names.
-                set_write_check(scope, functools.partial(self.policy.allowed, principal, "write"))
+                set_write_check(scope, functools.partial(policy.allowed, principal, "write"))
         if request.study is not None:
             exam = self.formatter.exam_id(request.study)
             record.exams = [exam] if exam is not None else []
-            allowed = await self.policy.allowed(principal, action, [exam]) if exam else ()
+            allowed = await policy.allowed(principal, action, [exam]) if exam else ()
             if exam is None or exam not in allowed:
                 record.decision = "deny"
                 raise self.deny()
@@ -164,7 +169,7 @@ class AccessMiddleware:
             record.decision = "per-instance"
             await self.app(scope, receive, send)
             return
-        visible = await self.policy.visible(principal, action)
+        visible = await policy.visible(principal, action)
         if visible is ALL:
             record.decision = "allow"
             if self._pages_copies(request):
@@ -175,6 +180,25 @@ class AccessMiddleware:
         assert isinstance(visible, frozenset)
         record.decision = "filter"
         await self._search(scope, receive, send, request, visible, record)
+
+    def _within_link(
+        self, scope: Scope, request: DicomWebRequest, series: str | None
+    ) -> DicomWebRequest:
+        """A request made with a link to one acquisition: only that series, its instances and
+        the study's own search row; the study's other resources are denied."""
+        if series is None:
+            return request
+        if request.series is not None:
+            if request.series != series:
+                raise self.deny()
+            return request
+        if request.resource is not Resource.SEARCH:
+            raise self.deny()
+        if request.level is Level.STUDY:
+            return request
+        narrowed = replace(request, query=(*request.query, ("SeriesInstanceUID", series)))
+        set_dicomweb_request(scope, narrowed)
+        return narrowed
 
     async def _search(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from typing import Final, Literal, Protocol, runtime_checkable
 
-from .._scope import Principal
+from .._scope import LinkGrant, Principal
 
 __all__ = [
     "ACTIONS",
@@ -20,6 +20,7 @@ __all__ = [
     "Action",
     "AllowAll",
     "Everything",
+    "LinkPolicy",
     "Visible",
     "grant_covers",
     "user_key",
@@ -81,6 +82,28 @@ class AllowAll:
         self, principal: Principal, action: Action, exam_ids: Collection[int]
     ) -> frozenset[int]:
         return frozenset(exam_ids)
+
+
+class LinkPolicy:
+    """The rights of a signed link, whatever the backends say: its action (``download``
+    includes ``read``) on its one examination, nothing else; never ``write``."""
+
+    def __init__(self, link: LinkGrant) -> None:
+        self.link = link
+
+    def _covers(self, action: Action) -> bool:
+        granted: Action = "download" if self.link.action == "download" else "read"
+        return grant_covers(granted, action)
+
+    async def visible(self, principal: Principal, action: Action) -> Visible:
+        return frozenset({self.link.exam}) if self._covers(action) else frozenset()
+
+    async def allowed(
+        self, principal: Principal, action: Action, exam_ids: Collection[int]
+    ) -> frozenset[int]:
+        if not self._covers(action):
+            return frozenset()
+        return frozenset(e for e in exam_ids if e == self.link.exam)
 
 
 def user_key(principal: Principal) -> str:

@@ -6,7 +6,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from .._errors import InvalidToken, ProxyError
 from .._headers import header
-from .._scope import get_record, set_principal
+from .._scope import get_principal, get_record, set_principal
 from .._types import ASGIApp, Receive, Scope, Send
 from ._tokens import TokenValidator
 
@@ -38,7 +38,9 @@ class AuthMiddleware:
         self.cookie_name = cookie_name
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        existing = get_principal(scope)
+        if scope["type"] != "http" or (existing is not None and existing.link is not None):
+            # A signed link (checked further out) stands in for a token: nothing more to read.
             await self.app(scope, receive, send)
             return
         record = get_record(scope)

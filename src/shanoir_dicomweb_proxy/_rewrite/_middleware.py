@@ -27,6 +27,7 @@ from .._scope import (
     get_dicomweb_request,
     get_upstream_rows,
     get_visibility,
+    link_prefix,
     set_dicomweb_request,
 )
 from .._subrequests import empty_search, search_json
@@ -85,6 +86,8 @@ class TranslationMiddleware:
         public_base = public_base_url(
             scope, public_url=self.public_url, base_path=self.base_path, trusted=self.trusted
         )
+        # Links in an answer to a signed link carry it, so that they work without a header too.
+        public_base += link_prefix(scope)
         responder = Responder(
             self.translator,
             known,

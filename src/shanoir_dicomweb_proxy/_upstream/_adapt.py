@@ -27,7 +27,7 @@ from .._headers import MediaType, parse_media_type, split_accept
 from .._request import DicomWebRequest, Level, Resource
 from .._types import Message, Send
 
-__all__ = ["THUMBNAIL_VIEWPORT", "Adaptation", "RangeNotSatisfiable", "adapt"]
+__all__ = ["THUMBNAIL_VIEWPORT", "Adaptation", "RangeNotSatisfiable", "Reframe", "adapt"]
 
 #: The ``viewport`` of a thumbnail asked of the rendered resource (width,height).
 THUMBNAIL_VIEWPORT: Final = "128,128"
