@@ -6,6 +6,7 @@ import hashlib
 import re
 import struct
 import tracemalloc
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
@@ -35,6 +36,7 @@ EXPLICIT_LE = Syntax("1.2.840.10008.1.2.1", True, True)
 IMPLICIT_LE = Syntax("1.2.840.10008.1.2", False, True)
 EXPLICIT_BE = Syntax("1.2.840.10008.1.2.2", True, False)
 JPEG_BASELINE = Syntax("1.2.840.10008.1.2.4.50", True, True)  # encapsulated pixel data
+DEFLATED = Syntax("1.2.840.10008.1.2.1.99", True, True)  # explicit VR LE, then deflated
 
 UNDEFINED = 0xFFFFFFFF
 LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
@@ -139,7 +141,17 @@ def part10(nodes: list[Node], syntax: Syntax, *, group_length: bool = True) -> b
     body = encode(meta, EXPLICIT_LE)
     if group_length:
         body = encode([El(0x00020000, "UL", struct.pack("<L", len(body)))], EXPLICIT_LE) + body
-    return b"\0" * 128 + b"DICM" + body + encode(sorted(nodes, key=_key), syntax)
+    dataset = encode(sorted(nodes, key=_key), syntax)
+    if syntax == DEFLATED:
+        dataset = deflate(dataset)
+    return b"\0" * 128 + b"DICM" + body + dataset
+
+
+def deflate(data: bytes) -> bytes:
+    """A raw deflate stream, padded to an even length (PS3.5 §A.5)."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out = compressor.compress(data) + compressor.flush()
+    return out + b"\0" if len(out) % 2 else out
 
 
 def _key(node: Node) -> int:
@@ -392,6 +404,7 @@ def _public(index: int) -> str:
         "rtplan.dcm",  # implicit VR, referenced study in sequences
         "MR_small_bigendian.dcm",
         "JPEG2000.dcm",  # encapsulated pixel data
+        "image_dfl.dcm",  # Deflated Explicit VR Little Endian
         "SC_rgb_rle.dcm",
         "UN_sequence.dcm",  # a private UN sequence of undefined length holding the study
         "reportsi.dcm",
@@ -588,10 +601,101 @@ async def test_sequence_beyond_max_buffer() -> None:
 # -- 4. what cannot be rewritten ----------------------------------------------------------------
 
 
-async def test_deflated_transfer_syntax() -> None:
-    data = _testdata("image_dfl.dcm")
-    with pytest.raises(UpstreamError, match="deflated transfer syntax, which cannot be rewritten"):
-        await rewrite(data)
+def _inflated(data: bytes) -> bytes:
+    """The dataset of a deflated Part 10 file (after its File Meta group), inflated."""
+    meta_end = 144 + struct.unpack_from("<L", data, 140)[0]
+    return zlib.decompressobj(-zlib.MAX_WBITS).decompress(data[meta_end:])
+
+
+@pytest.mark.parametrize("large_value", [1, 64 * 1024])
+async def test_deflated_dataset_is_inflated_rewritten_and_deflated(large_value: int) -> None:
+    pixels = bytes(range(256)) * 64
+    nodes: list[Node] = [
+        El(0x00080018, "UI", ui(SOP_INSTANCE)),
+        El(0x0020000D, "UI", ui(REAL_STUDIES[0])),
+        El(0x0020000E, "UI", ui(REAL_SERIES[1])),
+        Sq(0x00081110, (Item((El(0x00081155, "UI", ui(REAL_STUDIES[1])),)),)),
+        El(0x7FE00010, "OW", pixels),
+    ]
+    data = part10(nodes, DEFLATED)
+    outputs = set()
+    for sizes in ([1], [7, 300], [4096], [len(data)]):
+        out, _ = await rewrite(data, FORWARD, sizes, large_value=large_value)
+        outputs.add(out)
+    assert len(outputs) == 1  # however the input is cut
+    out = outputs.pop()
+    plain, _ = await rewrite(part10(nodes, EXPLICIT_LE), FORWARD)
+    assert _inflated(out) == plain[len(plain) - len(_inflated(out)) :]  # the same dataset
+    assert len(out) % 2 == 0
+    ds = pydicom.dcmread(BytesIO(out))
+    assert ds.file_meta.TransferSyntaxUID == DEFLATED.uid
+    assert (ds.StudyInstanceUID, ds.SeriesInstanceUID) == (
+        PUBLIC_STUDIES[REAL_STUDIES[0]],
+        PUBLIC_SERIES[REAL_SERIES[1]],
+    )
+    assert (
+        ds.ReferencedStudySequence[0].ReferencedSOPInstanceUID
+        == "2.25.3141592653589793238462643383"
+    )
+    assert ds.PixelData == pixels
+    assert REAL_STUDIES[0].encode() not in _inflated(out)
+
+
+async def test_deflated_unknown_study_drops_the_instance() -> None:
+    data = part10(
+        [El(0x0020000D, "UI", ui("1.2.3.4")), El(0x0020000E, "UI", ui("1.2.3.5"))], DEFLATED
+    )
+    out, rewriter = await rewrite(data, FORWARD, [10])
+    assert rewriter.dropped and out == b""
+
+
+async def test_deflated_large_value_streams_in_bounded_memory() -> None:
+    # 32 MiB of zeros deflate to ~32 KiB: a ratio of 1000, inflated piece by piece.
+    data = part10(
+        [
+            El(0x0020000D, "UI", ui(REAL_STUDIES[1])),
+            El(0x0020000E, "UI", ui(REAL_SERIES[1])),
+            El(0x7FE00010, "OW", bytes(32 * 1024 * 1024)),
+        ],
+        DEFLATED,
+    )
+    assert len(data) < 100_000
+    rewriter = Part10Rewriter(Resolver(FORWARD), study_known=False)
+    out: list[bytes] = []
+    held = 0
+    tracemalloc.start()
+    try:
+        for piece in _pieces(data, [8192]):
+            out.append(bytes(await rewriter.feed(piece)))
+            held = max(held, rewriter.buffered)
+        out.append(bytes(await rewriter.close()))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held <= 2 * 64 * 1024
+    assert peak < 4 * 1024 * 1024
+    ds = pydicom.dcmread(BytesIO(b"".join(out)))
+    assert ds.StudyInstanceUID == PUBLIC_STUDIES[REAL_STUDIES[1]]
+    assert len(ds.PixelData) == 32 * 1024 * 1024 and not any(ds.PixelData[::4096])
+
+
+async def test_malformed_deflate_stream_is_a_clean_error() -> None:
+    data = part10([El(0x0020000D, "UI", ui(REAL_STUDIES[0]))], DEFLATED)
+    meta_end = 144 + struct.unpack_from("<L", data, 140)[0]
+    corrupt = data[:meta_end] + b"\xff\xff\xff\xff" + data[meta_end + 4 :]
+    with pytest.raises(UpstreamError, match="corrupt deflated dataset"):
+        await rewrite(corrupt)
+    for cut in (meta_end + 1, meta_end + 5, len(data) - 3):
+        for size in (1, 1000):
+            with pytest.raises(UpstreamError, match="truncated"):
+                await rewrite(data[:cut], sizes=[size])
+    out, _ = await rewrite(data + b"\0\0trailer")  # what follows the stream is left out
+    assert out == (await rewrite(data))[0]
+    assert pydicom.dcmread(BytesIO(out)).StudyInstanceUID == PUBLIC_STUDIES[REAL_STUDIES[0]]
+    with pytest.raises(UpstreamError, match="without a File Meta group length"):
+        await rewrite(
+            part10([El(0x0020000D, "UI", ui(REAL_STUDIES[0]))], DEFLATED, group_length=False)
+        )
 
 
 async def test_missing_dicm_prefix() -> None:

@@ -8,7 +8,9 @@ series, pydicom's SR test file, and an instance stored deflated.
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,13 @@ import httpx
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from pydicom.data import get_testdata_file
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from shanoir_dicomweb_proxy._store import SqliteStore
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, SampleSet
 
-from .support.archive import DEFLATED_STUDY, SEG_SERIES, SERIES_ROOT, STUDY_ROOT
+from .support.archive import DEFLATED_INSTANCE, SEG_SERIES, SERIES_ROOT, STUDY_ROOT
 from .support.dicomweb import DICOM, OCTET, XML, parts
 from .support.settings import ProxyFactory
 
@@ -236,20 +240,29 @@ def test_implicit_vr_instances_are_translated(client: DICOMwebClient, samples: S
     assert (ds.StudyInstanceUID, ds.SeriesInstanceUID) == (public_study, public_series)
 
 
-def test_deflated_instance_is_refused_cleanly(client: DICOMwebClient, mapped: ProxyServer) -> None:
-    rows = client.search_for_series(search_filters={"Modality": "CT"})
-    studies = {r["0020000D"]["Value"][0] for r in rows}
-    response = None
-    for study in studies:
+def test_deflated_instance_is_retrieved_with_public_uids(
+    client: DICOMwebClient, mapped: ProxyServer, real_uids: set[str]
+) -> None:
+    (row,) = client.search_for_instances(search_filters={"SOPInstanceUID": DEFLATED_INSTANCE})
+    study, series = row["0020000D"]["Value"][0], row["0020000E"]["Value"][0]
+    original = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for path in (
+        f"/studies/{study}",
+        f"/studies/{study}/series/{series}/instances/{DEFLATED_INSTANCE}",
+    ):
         response = httpx.get(
-            f"{mapped.dicomweb_url}/studies/{study}",
-            headers={"Accept": f"{DICOM}; transfer-syntax=*"},
+            mapped.dicomweb_url + path, headers={"Accept": f"{DICOM}; transfer-syntax=*"}
         )
-        if response.status_code != 200:
-            break
-    assert response is not None and response.status_code == 502
-    assert "deflate" in response.json()["detail"]
-    assert DEFLATED_STUDY not in response.text
+        assert response.status_code == 200, response.text
+        ((_, body),) = parts(response)
+        ds = pydicom.dcmread(BytesIO(body))
+        assert ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+        assert (ds.StudyInstanceUID, ds.SeriesInstanceUID) == (study, series)
+        assert ds.PixelData == original.PixelData
+        meta_end = 144 + int.from_bytes(body[140:144], "little")
+        dataset = zlib.decompressobj(-zlib.MAX_WBITS).decompress(body[meta_end:])
+        assert study.encode() in dataset and series.encode() in dataset
+        assert not [uid for uid in real_uids if uid.encode() in dataset or uid.encode() in body]
 
 
 # --- the leak test -------------------------------------------------------------------------

@@ -90,6 +90,7 @@ def _deflated(folder: Path) -> Path:
 
 
 DEFLATED_STUDY = "1.2.826.0.1.3680043.8.498.4343.1"
+DEFLATED_INSTANCE = "1.2.826.0.1.3680043.8.498.4343.3"
 
 
 def extra_files(samples: SampleSet, folder: Path) -> list[Path]:

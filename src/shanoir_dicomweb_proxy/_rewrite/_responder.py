@@ -33,7 +33,7 @@ class Responder:
     """Wraps ``send``: translates the head and the body of the upstream's answer.
 
     The head is held until the body's first output, so that a body that cannot be
-    translated (a deflated instance first in a retrieve) still gets a clean error status.
+    translated (a malformed instance first in a retrieve) still gets a clean error status.
     """
 
     def __init__(
