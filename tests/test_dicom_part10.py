@@ -8,7 +8,7 @@ import struct
 import tracemalloc
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -450,17 +450,21 @@ async def test_file_without_uids_passes_unchanged() -> None:
     assert resolver.calls == []
 
 
-async def test_one_lookup_per_file() -> None:
+async def test_one_lookup_per_batch_with_uids() -> None:
+    # The first batch (up to (0020,000E)) holds the study and series, and the other UI values
+    # before them; the Frame of Reference UID comes in a later batch; the pixel data in none.
     data = _testdata("CT_small.dcm")
-    study, series = "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322", "1.3.6.1.4.1.5962.1.3.1.1"
+    suffix = ".20040119072730.12322"
+    study, series = "1.3.6.1.4.1.5962.1.2.1" + suffix, "1.3.6.1.4.1.5962.1.3.1.1" + suffix
     resolver = Resolver(Translation(studies={study: "2.25.1"}, series={}))
     rewriter = Part10Rewriter(resolver, study_known=False, large_value=1024)
     out = [await rewriter.feed(data[i : i + 512]) for i in range(0, len(data), 512)]
     out.append(await rewriter.close())
     assert not rewriter.dropped
-    assert len(resolver.calls) == 1
-    assert resolver.calls[0].studies == {study}
-    assert resolver.calls[0].series == {series + ".20040119072730.12322"}
+    assert [(c.studies, c.series) for c in resolver.calls] == [({study}, {series}), (set(), set())]
+    assert "1.3.6.1.4.1.5962.1.1.1.1.1" + suffix in resolver.calls[0].others  # SOP Instance
+    assert resolver.calls[1].others == {"1.3.6.1.4.1.5962.1.4.1.1" + suffix}  # Frame of Ref.
+    assert not any(uid.startswith("1.2.840.10008.") for c in resolver.calls for uid in c.others)
     assert pydicom.dcmread(BytesIO(b"".join(out))).StudyInstanceUID == "2.25.1"
 
 
@@ -596,6 +600,71 @@ async def test_sequence_beyond_max_buffer() -> None:
     rewriter = Part10Rewriter(Resolver(FORWARD), study_known=False, max_buffer=64 * 1024)
     with pytest.raises(UpstreamError, match="larger than"):
         await rewriter.feed(header[:1000])  # known too big from the element's header
+
+
+HIDDEN_STUDY, UNMAPPED_SERIES, SOP_CLASS = (
+    "1.2.826.0.1.77",
+    "1.2.826.0.1.55",
+    "1.2.840.10008.5.1.4.1.1.4",
+)
+
+
+@pytest.mark.parametrize("syntax", [EXPLICIT_LE, IMPLICIT_LE, EXPLICIT_BE, DEFLATED])
+@pytest.mark.parametrize("expose", [True, False])
+async def test_real_uids_under_other_attributes(syntax: Syntax, expose: bool) -> None:
+    study, series = REAL_STUDIES[0], REAL_SERIES[0]
+    public_study, public_series = PUBLIC_STUDIES[study], PUBLIC_SERIES[series]
+    reference = Item((El(0x00081150, "UI", ui(SOP_CLASS)), El(0x00081155, "UI", ui(series))))
+    deep = Item((El(0x00209164, "UI", ui(study)),))
+    evidence = Item(
+        (
+            El(0x00081155, "UI", ui(UNMAPPED_SERIES)),
+            Sq(0x00081115, (deep,), defined=False),
+            El(0x0040A124, "UI", ui(SOP_INSTANCE + "\\" + HIDDEN_STUDY)),
+        )
+    )
+    nodes: list[Node] = [
+        El(0x00080016, "UI", ui(SOP_CLASS)),
+        El(0x00080018, "UI", ui(SOP_INSTANCE)),
+        Sq(0x00081140, (reference,)),
+        El(0x0020000D, "UI", ui(study)),
+        El(0x0020000E, "UI", ui(series)),
+        El(0x00200052, "UI", ui(study)),  # Frame of Reference UID equal to the study's
+        El(0x00200200, "UI", ui(series)),  # Synchronization Frame of Reference UID
+        El(0x00209161, "UI", ui(HIDDEN_STUDY)),  # Concatenation UID: a study not shown here
+        Sq(0x0040A375, (evidence,)),
+        El(0x7FE00010, "OW", bytes(range(256)) * 16),
+    ]
+    translation = replace(
+        FORWARD,
+        hidden=frozenset({HIDDEN_STUDY}),
+        unmapped=frozenset({UNMAPPED_SERIES}),
+        expose_unmapped=expose,
+    )
+    data = part10(nodes, syntax)
+    resolver = Resolver(translation)
+    outputs = set()
+    for sizes in ([1], [13, 700], [len(data)]):
+        out, _ = await rewrite(data, translation, sizes, large_value=256)
+        outputs.add(out)
+    assert len(outputs) == 1
+    rewriter = Part10Rewriter(resolver, study_known=False)
+    assert await rewriter.feed(data) + await rewriter.close() in outputs
+    ds = pydicom.dcmread(BytesIO(outputs.pop()))
+    assert ds.SOPClassUID == SOP_CLASS and ds.SOPInstanceUID == SOP_INSTANCE
+    assert ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID == public_series
+    assert ds.ReferencedImageSequence[0].ReferencedSOPClassUID == SOP_CLASS
+    assert ds.FrameOfReferenceUID == public_study
+    assert ds.SynchronizationFrameOfReferenceUID == public_series
+    assert ds.ConcatenationUID == ""
+    item = ds.CurrentRequestedProcedureEvidenceSequence[0]
+    assert item.ReferencedSeriesSequence[0].DimensionOrganizationUID == public_study
+    assert item.ReferencedSOPInstanceUID == (UNMAPPED_SERIES if expose else "")
+    assert item.UID == ""
+    assert ds.PixelData == bytes(range(256)) * 16
+    collected = set().union(*(c.others for c in resolver.calls))
+    assert {study, series, SOP_INSTANCE, HIDDEN_STUDY, UNMAPPED_SERIES} <= collected
+    assert SOP_CLASS not in collected
 
 
 # -- 4. what cannot be rewritten ----------------------------------------------------------------

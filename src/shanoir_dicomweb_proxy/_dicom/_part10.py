@@ -123,9 +123,9 @@ _IMPLICIT_LITTLE: Final = _Encoding(explicit=False, little=True)
 
 
 class _Element:
-    """A held element whose value may be translated (one of TRANSLATED_TAGS)."""
+    """A held element whose value may be translated (of TRANSLATED_TAGS, or UI-valued)."""
 
-    __slots__ = ("tag", "vr", "start", "header", "long", "value", "new", "encoding")
+    __slots__ = ("tag", "vr", "start", "header", "long", "value", "new", "encoding", "_values")
 
     def __init__(
         self, tag: int, vr: str, start: int, header: bytes, value: bytes, encoding: _Encoding
@@ -138,11 +138,15 @@ class _Element:
         self.value = value
         self.new: bytes | None = None
         self.encoding = encoding
+        self._values: list[str] | None = None
 
     def values(self) -> list[str]:
-        raw = self.value if self.new is None else self.new
-        text = raw.decode("utf-8", "surrogateescape").rstrip("\0 ")
-        return text.split("\\") if text else []
+        """The values (decoded once; not to be changed by the caller)."""
+        if self._values is None:
+            raw = self.value if self.new is None else self.new
+            text = raw.decode("utf-8", "surrogateescape").rstrip("\0 ")
+            self._values = text.split("\\") if text else []
+        return self._values
 
     def encode(self, values: list[str] | None) -> None:
         if (values or []) == self.values():
@@ -153,6 +157,7 @@ class _Element:
         if not self.long and len(raw) > 0xFFFF:
             raise MalformedBody("a DICOM value too long for its length field once rewritten")
         self.new = None if raw == self.value else raw
+        self._values = None
 
     def replacement(self) -> bytes:
         """Header and new value, to replace the original element."""
@@ -177,11 +182,20 @@ class _Sequence:
 class _Dataset:
     """The Part 10 :class:`DatasetView`: a sequence item, or the held top-level elements.
 
-    Only what the rules may look at is kept: the elements of TRANSLATED_TAGS, the sequences,
-    and the group lengths (which follow the changes of their group).
+    Only what the rules may look at is kept: the elements of TRANSLATED_TAGS and the UI-valued
+    ones (short), the sequences, and the group lengths (which follow the changes of their group).
     """
 
-    __slots__ = ("elements", "seqs", "group_lengths", "length_at", "length", "encoding")
+    __slots__ = (
+        "elements",
+        "seqs",
+        "group_lengths",
+        "length_at",
+        "length",
+        "encoding",
+        "_first",
+        "_indexed",
+    )
 
     def __init__(self, length_at: int, length: int, encoding: _Encoding) -> None:
         self.elements: list[_Element] = []
@@ -190,12 +204,15 @@ class _Dataset:
         self.length_at = length_at  # item length field; -1 for the top level
         self.length = length
         self.encoding = encoding
+        self._first: dict[int, _Element] = {}  # the first element of each tag, once parsed
+        self._indexed = 0  # how many of ``elements`` _first was built from
 
     def get(self, tag: int) -> list[str] | None:
-        for element in self.elements:
-            if element.tag == tag:
-                return element.values()
-        return None
+        if self._indexed != len(self.elements):
+            self._first = {element.tag: element for element in reversed(self.elements)}
+            self._indexed = len(self.elements)
+        element = self._first.get(tag)
+        return None if element is None else element.values()
 
     def put(self, tag: int, values: list[str] | None) -> None:
         for element in self.elements:  # every copy of a repeated tag, so that none leaks
@@ -204,6 +221,9 @@ class _Dataset:
 
     def sequences(self) -> Iterable[tuple[int, Iterable[_Dataset]]]:
         return [(seq.tag, seq.items) for seq in self.seqs]
+
+    def uid_tags(self) -> Iterable[int]:
+        return [element.tag for element in self.elements if element.vr == "UI"]
 
     def map_links(self, rewrite: Callable[[str], str | None]) -> None:
         """Part 10 has no links other than RetrieveURL, which :meth:`get` and :meth:`put` see."""
@@ -710,7 +730,7 @@ class Part10Rewriter:
             if end > size:
                 self._need = end
                 break
-            if tag in self._tags:
+            if tag in self._tags or vr_code == b"UI" or vr == "UI":
                 if encoding.explicit:
                     vr = vr_code.decode("ascii")
                 header = bytes(buf[at : at + header_size])
@@ -737,7 +757,7 @@ class Part10Rewriter:
         if batch.elements or batch.seqs:
             collector = UidCollector()
             collect_uids(batch, collector)
-            if collector.studies or collector.series:
+            if collector:
                 self._translation = await self._resolve(collector)
             translation = self._translation or Translation(studies={}, series={})
             keep = apply_translation(batch, translation, study_known=self._study_known)
