@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -22,6 +23,7 @@ from shanoir_dicomweb_proxy._dicom import (
     UidCollector,
     XmlDataset,
     split_parts,
+    to_xml,
     translate_xml,
 )
 
@@ -266,3 +268,105 @@ async def test_a_study_row_of_copies_is_one_xml_part_per_examination() -> None:
     assert series.get(STUDY_INSTANCE_UID) == ["1.4.9.42"]
     assert series.get(SERIES_INSTANCE_UID) == ["1.4.8.7"]
     assert REAL_STUDY.encode() not in out
+
+
+# --- a real UID under another attribute ------------------------------------------------------
+
+HIDDEN, UNMAPPED, SOP_CLASS = "7.7.7", "5.5.5", "1.2.840.10008.5.1.4.1.1.4"
+OTHERS = replace(TRANSLATION, hidden=frozenset({HIDDEN}), unmapped=frozenset({UNMAPPED}))
+
+
+def _ui(*values: str) -> dict[str, Any]:
+    return {"vr": "UI", "Value": list(values)}
+
+
+def _sq(*items: dict[str, Any]) -> dict[str, Any]:
+    return {"vr": "SQ", "Value": list(items)}
+
+
+def _other_attributes() -> dict[str, Any]:
+    """A dataset whose real study and series UIDs also appear under other UI attributes, at
+    the top level and at depths 1 and 2, with a hidden study and an unmapped series."""
+    return {
+        "00080016": _ui(SOP_CLASS),
+        "00080018": _ui("1.2.3.4.5.6"),
+        "00081140": _sq({"00081150": _ui(SOP_CLASS), "00081155": _ui(REAL_SERIES)}),
+        "0020000D": _ui(REAL_STUDY),
+        "0020000E": _ui(REAL_SERIES),
+        "00200052": _ui(REAL_STUDY),  # Frame of Reference UID equal to the study's
+        "00200200": _ui(REAL_SERIES),  # Synchronization Frame of Reference UID
+        "00209161": _ui(HIDDEN),  # Concatenation UID: a study not shown here
+        "0040A375": _sq(
+            {
+                "00081115": _sq({"00209164": _ui(REAL_STUDY)}),
+                "00081155": _ui(UNMAPPED),
+                "0040A124": _ui("1.2.3.4.5.6", HIDDEN),
+            }
+        ),
+    }
+
+
+def _expected_values(translation: Translation) -> dict[tuple[str, ...], list[str] | None]:
+    """Path of tags → the values the translated dataset shows (None: emptied)."""
+    unmapped = [UNMAPPED] if translation.expose_unmapped else None
+    return {
+        ("00080016",): [SOP_CLASS],
+        ("00080018",): ["1.2.3.4.5.6"],
+        ("00081140", "00081155"): ["1.4.8.7"],
+        ("00081140", "00081150"): [SOP_CLASS],
+        ("0020000D",): ["1.4.9.42"],
+        ("00200052",): ["1.4.9.42"],
+        ("00200200",): ["1.4.8.7"],
+        ("00209161",): None,
+        ("0040A375", "00081115", "00209164"): ["1.4.9.42"],
+        ("0040A375", "00081155"): unmapped,
+        ("0040A375", "0040A124"): None,  # one value hidden: the element is emptied
+    }
+
+
+def _json_values(data: dict[str, Any], path: tuple[str, ...]) -> list[str] | None:
+    for tag in path[:-1]:
+        data = data[tag]["Value"][0]
+    values = data[path[-1]].get("Value")
+    return None if values is None else list(values)
+
+
+def _xml_values(view: XmlDataset, path: tuple[str, ...]) -> list[str] | None:
+    for tag in path[:-1]:
+        view = next(iter(dict(view.sequences())[int(tag, 16)]))  # type: ignore[assignment]
+    values = view.get(int(path[-1], 16))
+    return values or None
+
+
+@pytest.mark.parametrize("expose", [True, False])
+async def test_real_uids_under_other_attributes_json(expose: bool) -> None:
+    translation = replace(OTHERS, expose_unmapped=expose)
+    asked: list[UidCollector] = []
+
+    async def resolve(collector: UidCollector) -> Translation:
+        asked.append(collector)
+        return translation
+
+    rewriter = JsonRewriter(resolve, study_known=False)
+    body = await rewriter.feed(orjson.dumps([_other_attributes()])) + await rewriter.close()
+    (row,) = orjson.loads(body)
+    for path, values in _expected_values(translation).items():
+        assert _json_values(row, path) == values, path
+    (collector,) = asked
+    assert collector.others == {REAL_STUDY, REAL_SERIES, "1.2.3.4.5.6", HIDDEN, UNMAPPED}
+    assert (collector.studies, collector.series) == ({REAL_STUDY}, {REAL_SERIES})
+
+
+@pytest.mark.parametrize("expose", [True, False])
+async def test_real_uids_under_other_attributes_xml(expose: bool) -> None:
+    translation = replace(OTHERS, expose_unmapped=expose)
+
+    async def resolve(collector: UidCollector) -> Translation:
+        assert REAL_STUDY in collector.others and SOP_CLASS not in collector.others
+        return translation
+
+    [out] = await translate_xml(to_xml(_other_attributes()), resolve, study_known=False)
+    view = XmlDataset(ET.fromstring(out))
+    for path, values in _expected_values(translation).items():
+        assert _xml_values(view, path) == values, path
+    assert f">{REAL_STUDY}<".encode() not in out and f">{HIDDEN}<".encode() not in out

@@ -6,8 +6,9 @@ import hashlib
 import re
 import struct
 import tracemalloc
+import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ EXPLICIT_LE = Syntax("1.2.840.10008.1.2.1", True, True)
 IMPLICIT_LE = Syntax("1.2.840.10008.1.2", False, True)
 EXPLICIT_BE = Syntax("1.2.840.10008.1.2.2", True, False)
 JPEG_BASELINE = Syntax("1.2.840.10008.1.2.4.50", True, True)  # encapsulated pixel data
+DEFLATED = Syntax("1.2.840.10008.1.2.1.99", True, True)  # explicit VR LE, then deflated
 
 UNDEFINED = 0xFFFFFFFF
 LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
@@ -139,7 +141,17 @@ def part10(nodes: list[Node], syntax: Syntax, *, group_length: bool = True) -> b
     body = encode(meta, EXPLICIT_LE)
     if group_length:
         body = encode([El(0x00020000, "UL", struct.pack("<L", len(body)))], EXPLICIT_LE) + body
-    return b"\0" * 128 + b"DICM" + body + encode(sorted(nodes, key=_key), syntax)
+    dataset = encode(sorted(nodes, key=_key), syntax)
+    if syntax == DEFLATED:
+        dataset = deflate(dataset)
+    return b"\0" * 128 + b"DICM" + body + dataset
+
+
+def deflate(data: bytes) -> bytes:
+    """A raw deflate stream, padded to an even length (PS3.5 §A.5)."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out = compressor.compress(data) + compressor.flush()
+    return out + b"\0" if len(out) % 2 else out
 
 
 def _key(node: Node) -> int:
@@ -392,6 +404,7 @@ def _public(index: int) -> str:
         "rtplan.dcm",  # implicit VR, referenced study in sequences
         "MR_small_bigendian.dcm",
         "JPEG2000.dcm",  # encapsulated pixel data
+        "image_dfl.dcm",  # Deflated Explicit VR Little Endian
         "SC_rgb_rle.dcm",
         "UN_sequence.dcm",  # a private UN sequence of undefined length holding the study
         "reportsi.dcm",
@@ -437,17 +450,21 @@ async def test_file_without_uids_passes_unchanged() -> None:
     assert resolver.calls == []
 
 
-async def test_one_lookup_per_file() -> None:
+async def test_one_lookup_per_batch_with_uids() -> None:
+    # The first batch (up to (0020,000E)) holds the study and series, and the other UI values
+    # before them; the Frame of Reference UID comes in a later batch; the pixel data in none.
     data = _testdata("CT_small.dcm")
-    study, series = "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322", "1.3.6.1.4.1.5962.1.3.1.1"
+    suffix = ".20040119072730.12322"
+    study, series = "1.3.6.1.4.1.5962.1.2.1" + suffix, "1.3.6.1.4.1.5962.1.3.1.1" + suffix
     resolver = Resolver(Translation(studies={study: "2.25.1"}, series={}))
     rewriter = Part10Rewriter(resolver, study_known=False, large_value=1024)
     out = [await rewriter.feed(data[i : i + 512]) for i in range(0, len(data), 512)]
     out.append(await rewriter.close())
     assert not rewriter.dropped
-    assert len(resolver.calls) == 1
-    assert resolver.calls[0].studies == {study}
-    assert resolver.calls[0].series == {series + ".20040119072730.12322"}
+    assert [(c.studies, c.series) for c in resolver.calls] == [({study}, {series}), (set(), set())]
+    assert "1.3.6.1.4.1.5962.1.1.1.1.1" + suffix in resolver.calls[0].others  # SOP Instance
+    assert resolver.calls[1].others == {"1.3.6.1.4.1.5962.1.4.1.1" + suffix}  # Frame of Ref.
+    assert not any(uid.startswith("1.2.840.10008.") for c in resolver.calls for uid in c.others)
     assert pydicom.dcmread(BytesIO(b"".join(out))).StudyInstanceUID == "2.25.1"
 
 
@@ -585,13 +602,169 @@ async def test_sequence_beyond_max_buffer() -> None:
         await rewriter.feed(header[:1000])  # known too big from the element's header
 
 
+HIDDEN_STUDY, UNMAPPED_SERIES, SOP_CLASS = (
+    "1.2.826.0.1.77",
+    "1.2.826.0.1.55",
+    "1.2.840.10008.5.1.4.1.1.4",
+)
+
+
+@pytest.mark.parametrize("syntax", [EXPLICIT_LE, IMPLICIT_LE, EXPLICIT_BE, DEFLATED])
+@pytest.mark.parametrize("expose", [True, False])
+async def test_real_uids_under_other_attributes(syntax: Syntax, expose: bool) -> None:
+    study, series = REAL_STUDIES[0], REAL_SERIES[0]
+    public_study, public_series = PUBLIC_STUDIES[study], PUBLIC_SERIES[series]
+    reference = Item((El(0x00081150, "UI", ui(SOP_CLASS)), El(0x00081155, "UI", ui(series))))
+    deep = Item((El(0x00209164, "UI", ui(study)),))
+    evidence = Item(
+        (
+            El(0x00081155, "UI", ui(UNMAPPED_SERIES)),
+            Sq(0x00081115, (deep,), defined=False),
+            El(0x0040A124, "UI", ui(SOP_INSTANCE + "\\" + HIDDEN_STUDY)),
+        )
+    )
+    nodes: list[Node] = [
+        El(0x00080016, "UI", ui(SOP_CLASS)),
+        El(0x00080018, "UI", ui(SOP_INSTANCE)),
+        Sq(0x00081140, (reference,)),
+        El(0x0020000D, "UI", ui(study)),
+        El(0x0020000E, "UI", ui(series)),
+        El(0x00200052, "UI", ui(study)),  # Frame of Reference UID equal to the study's
+        El(0x00200200, "UI", ui(series)),  # Synchronization Frame of Reference UID
+        El(0x00209161, "UI", ui(HIDDEN_STUDY)),  # Concatenation UID: a study not shown here
+        Sq(0x0040A375, (evidence,)),
+        El(0x7FE00010, "OW", bytes(range(256)) * 16),
+    ]
+    translation = replace(
+        FORWARD,
+        hidden=frozenset({HIDDEN_STUDY}),
+        unmapped=frozenset({UNMAPPED_SERIES}),
+        expose_unmapped=expose,
+    )
+    data = part10(nodes, syntax)
+    resolver = Resolver(translation)
+    outputs = set()
+    for sizes in ([1], [13, 700], [len(data)]):
+        out, _ = await rewrite(data, translation, sizes, large_value=256)
+        outputs.add(out)
+    assert len(outputs) == 1
+    rewriter = Part10Rewriter(resolver, study_known=False)
+    assert await rewriter.feed(data) + await rewriter.close() in outputs
+    ds = pydicom.dcmread(BytesIO(outputs.pop()))
+    assert ds.SOPClassUID == SOP_CLASS and ds.SOPInstanceUID == SOP_INSTANCE
+    assert ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID == public_series
+    assert ds.ReferencedImageSequence[0].ReferencedSOPClassUID == SOP_CLASS
+    assert ds.FrameOfReferenceUID == public_study
+    assert ds.SynchronizationFrameOfReferenceUID == public_series
+    assert ds.ConcatenationUID == ""
+    item = ds.CurrentRequestedProcedureEvidenceSequence[0]
+    assert item.ReferencedSeriesSequence[0].DimensionOrganizationUID == public_study
+    assert item.ReferencedSOPInstanceUID == (UNMAPPED_SERIES if expose else "")
+    assert item.UID == ""
+    assert ds.PixelData == bytes(range(256)) * 16
+    collected = set().union(*(c.others for c in resolver.calls))
+    assert {study, series, SOP_INSTANCE, HIDDEN_STUDY, UNMAPPED_SERIES} <= collected
+    assert SOP_CLASS not in collected
+
+
 # -- 4. what cannot be rewritten ----------------------------------------------------------------
 
 
-async def test_deflated_transfer_syntax() -> None:
-    data = _testdata("image_dfl.dcm")
-    with pytest.raises(UpstreamError, match="deflated transfer syntax, which cannot be rewritten"):
-        await rewrite(data)
+def _inflated(data: bytes) -> bytes:
+    """The dataset of a deflated Part 10 file (after its File Meta group), inflated."""
+    meta_end = 144 + struct.unpack_from("<L", data, 140)[0]
+    return zlib.decompressobj(-zlib.MAX_WBITS).decompress(data[meta_end:])
+
+
+@pytest.mark.parametrize("large_value", [1, 64 * 1024])
+async def test_deflated_dataset_is_inflated_rewritten_and_deflated(large_value: int) -> None:
+    pixels = bytes(range(256)) * 64
+    nodes: list[Node] = [
+        El(0x00080018, "UI", ui(SOP_INSTANCE)),
+        El(0x0020000D, "UI", ui(REAL_STUDIES[0])),
+        El(0x0020000E, "UI", ui(REAL_SERIES[1])),
+        Sq(0x00081110, (Item((El(0x00081155, "UI", ui(REAL_STUDIES[1])),)),)),
+        El(0x7FE00010, "OW", pixels),
+    ]
+    data = part10(nodes, DEFLATED)
+    outputs = set()
+    for sizes in ([1], [7, 300], [4096], [len(data)]):
+        out, _ = await rewrite(data, FORWARD, sizes, large_value=large_value)
+        outputs.add(out)
+    assert len(outputs) == 1  # however the input is cut
+    out = outputs.pop()
+    plain, _ = await rewrite(part10(nodes, EXPLICIT_LE), FORWARD)
+    assert _inflated(out) == plain[len(plain) - len(_inflated(out)) :]  # the same dataset
+    assert len(out) % 2 == 0
+    ds = pydicom.dcmread(BytesIO(out))
+    assert ds.file_meta.TransferSyntaxUID == DEFLATED.uid
+    assert (ds.StudyInstanceUID, ds.SeriesInstanceUID) == (
+        PUBLIC_STUDIES[REAL_STUDIES[0]],
+        PUBLIC_SERIES[REAL_SERIES[1]],
+    )
+    assert (
+        ds.ReferencedStudySequence[0].ReferencedSOPInstanceUID
+        == "2.25.3141592653589793238462643383"
+    )
+    assert ds.PixelData == pixels
+    assert REAL_STUDIES[0].encode() not in _inflated(out)
+
+
+async def test_deflated_unknown_study_drops_the_instance() -> None:
+    data = part10(
+        [El(0x0020000D, "UI", ui("1.2.3.4")), El(0x0020000E, "UI", ui("1.2.3.5"))], DEFLATED
+    )
+    out, rewriter = await rewrite(data, FORWARD, [10])
+    assert rewriter.dropped and out == b""
+
+
+async def test_deflated_large_value_streams_in_bounded_memory() -> None:
+    # 32 MiB of zeros deflate to ~32 KiB: a ratio of 1000, inflated piece by piece.
+    data = part10(
+        [
+            El(0x0020000D, "UI", ui(REAL_STUDIES[1])),
+            El(0x0020000E, "UI", ui(REAL_SERIES[1])),
+            El(0x7FE00010, "OW", bytes(32 * 1024 * 1024)),
+        ],
+        DEFLATED,
+    )
+    assert len(data) < 100_000
+    rewriter = Part10Rewriter(Resolver(FORWARD), study_known=False)
+    out: list[bytes] = []
+    held = 0
+    tracemalloc.start()
+    try:
+        for piece in _pieces(data, [8192]):
+            out.append(bytes(await rewriter.feed(piece)))
+            held = max(held, rewriter.buffered)
+        out.append(bytes(await rewriter.close()))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held <= 2 * 64 * 1024
+    assert peak < 4 * 1024 * 1024
+    ds = pydicom.dcmread(BytesIO(b"".join(out)))
+    assert ds.StudyInstanceUID == PUBLIC_STUDIES[REAL_STUDIES[1]]
+    assert len(ds.PixelData) == 32 * 1024 * 1024 and not any(ds.PixelData[::4096])
+
+
+async def test_malformed_deflate_stream_is_a_clean_error() -> None:
+    data = part10([El(0x0020000D, "UI", ui(REAL_STUDIES[0]))], DEFLATED)
+    meta_end = 144 + struct.unpack_from("<L", data, 140)[0]
+    corrupt = data[:meta_end] + b"\xff\xff\xff\xff" + data[meta_end + 4 :]
+    with pytest.raises(UpstreamError, match="corrupt deflated dataset"):
+        await rewrite(corrupt)
+    for cut in (meta_end + 1, meta_end + 5, len(data) - 3):
+        for size in (1, 1000):
+            with pytest.raises(UpstreamError, match="truncated"):
+                await rewrite(data[:cut], sizes=[size])
+    out, _ = await rewrite(data + b"\0\0trailer")  # what follows the stream is left out
+    assert out == (await rewrite(data))[0]
+    assert pydicom.dcmread(BytesIO(out)).StudyInstanceUID == PUBLIC_STUDIES[REAL_STUDIES[0]]
+    with pytest.raises(UpstreamError, match="without a File Meta group length"):
+        await rewrite(
+            part10([El(0x0020000D, "UI", ui(REAL_STUDIES[0]))], DEFLATED, group_length=False)
+        )
 
 
 async def test_missing_dicm_prefix() -> None:

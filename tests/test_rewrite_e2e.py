@@ -8,7 +8,9 @@ series, pydicom's SR test file, and an instance stored deflated.
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,13 @@ import httpx
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from pydicom.data import get_testdata_file
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from shanoir_dicomweb_proxy._store import SqliteStore
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, SampleSet
 
-from .support.archive import DEFLATED_STUDY, SEG_SERIES, SERIES_ROOT, STUDY_ROOT
+from .support.archive import DEFLATED_INSTANCE, SEG_SERIES, SERIES_ROOT, STUDY_ROOT
 from .support.dicomweb import DICOM, OCTET, XML, parts
 from .support.settings import ProxyFactory
 
@@ -236,20 +240,81 @@ def test_implicit_vr_instances_are_translated(client: DICOMwebClient, samples: S
     assert (ds.StudyInstanceUID, ds.SeriesInstanceUID) == (public_study, public_series)
 
 
-def test_deflated_instance_is_refused_cleanly(client: DICOMwebClient, mapped: ProxyServer) -> None:
-    rows = client.search_for_series(search_filters={"Modality": "CT"})
-    studies = {r["0020000D"]["Value"][0] for r in rows}
-    response = None
-    for study in studies:
+def test_deflated_instance_is_retrieved_with_public_uids(
+    client: DICOMwebClient, mapped: ProxyServer, real_uids: set[str]
+) -> None:
+    (row,) = client.search_for_instances(search_filters={"SOPInstanceUID": DEFLATED_INSTANCE})
+    study, series = row["0020000D"]["Value"][0], row["0020000E"]["Value"][0]
+    original = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for path in (
+        f"/studies/{study}",
+        f"/studies/{study}/series/{series}/instances/{DEFLATED_INSTANCE}",
+    ):
         response = httpx.get(
-            f"{mapped.dicomweb_url}/studies/{study}",
-            headers={"Accept": f"{DICOM}; transfer-syntax=*"},
+            mapped.dicomweb_url + path, headers={"Accept": f"{DICOM}; transfer-syntax=*"}
         )
-        if response.status_code != 200:
+        assert response.status_code == 200, response.text
+        ((_, body),) = parts(response)
+        ds = pydicom.dcmread(BytesIO(body))
+        assert ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+        assert (ds.StudyInstanceUID, ds.SeriesInstanceUID) == (study, series)
+        assert ds.PixelData == original.PixelData
+        meta_end = 144 + int.from_bytes(body[140:144], "little")
+        dataset = zlib.decompressobj(-zlib.MAX_WBITS).decompress(body[meta_end:])
+        assert study.encode() in dataset and series.encode() in dataset
+        assert not [uid for uid in real_uids if uid.encode() in dataset or uid.encode() in body]
+
+
+def test_real_uids_under_other_attributes_are_public(
+    client: DICOMwebClient, mapped: ProxyServer, samples: SampleSet, real_uids: set[str]
+) -> None:
+    """The SEG's Frame of Reference UID is its study's real UID, and the MR series it refers to
+    is also a Dimension Organization UID and a Source Image Sequence's Referenced SOP Instance
+    UID: every representation shows the public UIDs there, and no byte names a real one."""
+    study = _seg_study(client)
+    source = samples.small_studies[0].series[0]
+    (row,) = client.search_for_instances(search_filters={"SOPInstanceUID": source.instances[0]})
+    series = row["0020000E"]["Value"][0]
+    seg_row = client.search_for_series(search_filters={"Modality": "SEG"})[0]
+    seg_series = seg_row["0020000E"]["Value"][0]
+    pattern = re.compile("|".join(re.escape(u) for u in sorted(real_uids, key=len, reverse=True)))
+    base = mapped.dicomweb_url
+    json_, xml = {"Accept": "application/dicom+json"}, {"Accept": XML}
+    answers: dict[str, httpx.Response] = {}
+    with httpx.Client(base_url=base, timeout=60) as http:
+        for path, headers in (
+            (f"/studies/{study}/metadata", json_),
+            (f"/studies/{study}/series/{seg_series}/metadata", xml),
+            ("/instances?includefield=all&Modality=SEG", json_),
+            (f"/studies/{study}/instances?includefield=all", json_),
+            ("/series?includefield=all&Modality=SEG", json_),
+            (f"/studies?includefield=all&StudyInstanceUID={study}", json_),
+            (f"/studies/{study}", {"Accept": DICOM}),
+            (f"/studies/{study}/series/{seg_series}", {"Accept": f"{DICOM}; transfer-syntax=*"}),
+        ):
+            response = http.get(path, headers=headers)
+            assert response.status_code == 200, (path, response.text)
+            hit = pattern.search(response.content.decode("latin-1"))
+            assert hit is None, (path, hit and hit.group(0))
+            answers[path] = response
+    (seg,) = [
+        m for m in answers[f"/studies/{study}/metadata"].json() if m["00080060"]["Value"] == ["SEG"]
+    ]
+    assert seg["00200052"]["Value"] == [study]
+    assert seg["00209221"]["Value"][0]["00209164"]["Value"] == [series]
+    derivation = seg["52009230"]["Value"][0]["00089124"]["Value"][0]
+    assert derivation["00082112"]["Value"][1]["00081155"]["Value"] == [series]
+    [(_, body)] = parts(answers[f"/studies/{study}/series/{seg_series}/metadata"])
+    assert f'<Value number="1">{series}</Value>'.encode() in body
+    for ds in client.retrieve_study(study):
+        if ds.Modality == "SEG":
+            assert ds.FrameOfReferenceUID == study
+            assert ds.DimensionOrganizationSequence[0].DimensionOrganizationUID == series
+            source_images = ds.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
+            assert source_images.SourceImageSequence[1].ReferencedSOPInstanceUID == series
             break
-    assert response is not None and response.status_code == 502
-    assert "deflate" in response.json()["detail"]
-    assert DEFLATED_STUDY not in response.text
+    else:
+        raise AssertionError("no SEG retrieved")
 
 
 # --- the leak test -------------------------------------------------------------------------

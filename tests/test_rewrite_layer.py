@@ -180,3 +180,56 @@ async def test_a_foreign_instance_under_a_known_series_is_not_fetched() -> None:
     checks = [r for r in pacs.requests if r.url.path == "/dicom-web/instances"]
     assert len(checks) == 3
     assert checks[-1].url.params["SOPInstanceUID"] == "2.25.5"
+
+
+class _CountingMap(StaticIdentifierMap):
+    """The static map, recording what it is asked by UID."""
+
+    def __init__(self, rows: list[ImportRow]) -> None:
+        super().__init__(rows)
+        self.asked: list[set[str]] = []
+
+    async def studies_by_uid(self, uids: Collection[str]) -> Mapping[str, int]:
+        self.asked.append(set(uids))
+        return await super().studies_by_uid(uids)
+
+    async def series_by_uid(self, uids: Collection[str]) -> Mapping[str, SeriesEntry]:
+        self.asked.append(set(uids))
+        return await super().series_by_uid(uids)
+
+
+async def test_real_uids_under_other_attributes_are_translated_or_emptied() -> None:
+    """A UI value that is a real study or series UID shows its public UID; one that this answer
+    names as a study the map does not know is emptied; others pass and are asked for once."""
+
+    def ui(*values: str) -> dict[str, Any]:
+        return {"vr": "UI", "Value": list(values)}
+
+    known = {
+        "00080016": ui("1.2.840.10008.5.1.4.1.1.4"),
+        "00080018": ui("2.25.5"),
+        "0020000D": ui(STUDY),
+        "0020000E": ui(SERIES),
+        "00200052": ui(STUDY),
+        "00081140": {"vr": "SQ", "Value": [{"00081155": ui(SERIES)}]},
+        "00209161": ui(OTHER_STUDY),
+        "0040A124": ui("1.2.840.99.2"),  # examination 43's study, named nowhere else
+    }
+    unknown = {"0020000D": ui(OTHER_STUDY), "00080018": ui("2.25.6")}
+    rows = [known, unknown]
+    upstream = _Recorder(b"[" + b",".join(orjson.dumps(r) for r in rows) + b"]")
+    identifiers = _CountingMap(ROWS)
+    app = _build(upstream, identifiers)
+    answer = await call(app, "GET", b"/dicomweb/instances", b"includefield=all")
+    assert answer.status == 200
+    (row,) = orjson.loads(answer.body)
+    assert row["00200052"]["Value"] == [PUBLIC_STUDY]
+    assert row["00081140"]["Value"][0]["00081155"]["Value"] == [PUBLIC_SERIES]
+    assert "Value" not in row["00209161"]
+    assert row["0040A124"]["Value"] == ["1.4.1.43"]
+    assert row["00080018"]["Value"] == ["2.25.5"]
+    assert row["00080016"]["Value"] == ["1.2.840.10008.5.1.4.1.1.4"]
+    assert STUDY.encode() not in answer.body and OTHER_STUDY.encode() not in answer.body
+    asked = [uid for batch in identifiers.asked for uid in batch]
+    assert asked.count("2.25.5") == 2  # once as a study, once as a series
+    assert not [uid for uid in asked if uid.startswith("1.2.840.10008.")]

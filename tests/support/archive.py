@@ -28,7 +28,10 @@ def _testdata(name: str) -> Path:
 
 def _seg(samples: SampleSet, folder: Path) -> Path:
     """A SEG in the KOS study that refers to one of its MR series at three depths, and to
-    its own study through a Referenced Study Sequence."""
+    its own study through a Referenced Study Sequence. Other UI attributes hold real UIDs too:
+    its Frame of Reference UID is its study's (as in pydicom's MR test series), and the MR
+    series UID is a Dimension Organization UID (depth 1) and a Referenced SOP Instance UID of
+    a Source Image Sequence (depth 3)."""
     study = samples.small_studies[0]
     source = study.series[0]
     ds = Dataset()
@@ -54,14 +57,21 @@ def _seg(samples: SampleSet, folder: Path) -> Path:
     study_ref.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
     study_ref.ReferencedSOPInstanceUID = study.uid
     ds.ReferencedStudySequence = Sequence([study_ref])
+    odd_ref = Dataset()
+    odd_ref.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    odd_ref.ReferencedSOPInstanceUID = source.uid
     derivation = Dataset()
-    derivation.SourceImageSequence = Sequence([ref])
+    derivation.SourceImageSequence = Sequence([ref, odd_ref])
     frame = Dataset()
     frame.DerivationImageSequence = Sequence([derivation])
     evidence = Dataset()
     evidence.StudyInstanceUID = study.uid
     evidence.ReferencedSeriesSequence = Sequence([series_ref])
     ds.PerFrameFunctionalGroupsSequence = Sequence([frame])
+    ds.FrameOfReferenceUID = study.uid
+    dimension = Dataset()
+    dimension.DimensionOrganizationUID = source.uid
+    ds.DimensionOrganizationSequence = Sequence([dimension])
     ds.CurrentRequestedProcedureEvidenceSequence = Sequence([evidence])
     ds.Rows = ds.Columns = 8
     ds.BitsAllocated = ds.BitsStored = 1
@@ -90,6 +100,7 @@ def _deflated(folder: Path) -> Path:
 
 
 DEFLATED_STUDY = "1.2.826.0.1.3680043.8.498.4343.1"
+DEFLATED_INSTANCE = "1.2.826.0.1.3680043.8.498.4343.3"
 
 
 def extra_files(samples: SampleSet, folder: Path) -> list[Path]:

@@ -36,7 +36,7 @@ _NO_TRANSLATION = Translation(studies={}, series={})
 class JsonDataset:
     """A DICOM JSON object (PS3.18 Annex F) as a :class:`DatasetView`."""
 
-    __slots__ = ("data", "_sequences", "_bulk")
+    __slots__ = ("data", "_sequences", "_bulk", "_uid_tags")
 
     def __init__(self, data: dict[str, Any], *, sequences: bool = True, bulk: bool = True) -> None:
         """``sequences`` and ``bulk`` may say, from a look at the raw bytes, that the object
@@ -51,6 +51,7 @@ class JsonDataset:
         self._bulk = (
             [e for e in data.values() if type(e) is dict and "BulkDataURI" in e] if bulk else []
         )
+        self._uid_tags: list[int] | None = None
 
     def get(self, tag: int) -> list[str] | None:
         element = self.data.get(f"{tag:08X}")
@@ -72,6 +73,15 @@ class JsonDataset:
 
     def sequences(self) -> Iterable[tuple[int, Iterable[DatasetView]]]:
         return self._sequences
+
+    def uid_tags(self) -> Iterable[int]:
+        if self._uid_tags is None:
+            self._uid_tags = [
+                int(key, 16)
+                for key, element in self.data.items()
+                if type(element) is dict and element.get("vr") == "UI"
+            ]
+        return self._uid_tags
 
     def map_links(self, rewrite: Callable[[str], str | None]) -> None:
         for element in self._bulk:
@@ -197,7 +207,7 @@ class JsonRewriter:
         collector = UidCollector()
         for view in views:
             collect_uids(view, collector)
-        if not collector.studies and not collector.series:
+        if not collector:
             return _NO_TRANSLATION
         return await self._resolve(collector)
 

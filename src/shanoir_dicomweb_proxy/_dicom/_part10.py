@@ -12,11 +12,17 @@ whole, and nothing of it is ever sent). After it, small top-level elements are h
 in batches; a large top-level value (``large_value`` bytes or more, or of undefined length, and
 not a sequence: pixel data) flushes the batch before it and then streams through as it arrives.
 Sequences are always held whole, since a UID inside one changes its lengths.
+
+Deflated transfer syntaxes (PS3.5 §A.5: the whole dataset after the File Meta group is one raw
+deflate stream) are inflated as they arrive, in pieces of at most ``_INFLATE_PIECE`` bytes that
+go through the same parser, and what comes out is deflated again piece by piece: memory holds
+what the parser holds plus zlib's windows, whatever the compression ratio.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final
 
@@ -48,6 +54,8 @@ _IMPLICIT_LE: Final = "1.2.840.10008.1.2"
 _EXPLICIT_BE: Final = "1.2.840.10008.1.2.2"
 # Whole-dataset deflate: Deflated Explicit VR LE and JPIP Referenced Deflate.
 _DEFLATED: Final = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95"})
+# Inflated bytes handed to the parser at a time, so that a high ratio cannot fill memory.
+_INFLATE_PIECE: Final = 64 * 1024
 
 # Explicit VRs whose length field is 4 bytes (after 2 reserved bytes); the others have 2.
 _LONG_VRS: Final = frozenset(
@@ -115,9 +123,9 @@ _IMPLICIT_LITTLE: Final = _Encoding(explicit=False, little=True)
 
 
 class _Element:
-    """A held element whose value may be translated (one of TRANSLATED_TAGS)."""
+    """A held element whose value may be translated (of TRANSLATED_TAGS, or UI-valued)."""
 
-    __slots__ = ("tag", "vr", "start", "header", "long", "value", "new", "encoding")
+    __slots__ = ("tag", "vr", "start", "header", "long", "value", "new", "encoding", "_values")
 
     def __init__(
         self, tag: int, vr: str, start: int, header: bytes, value: bytes, encoding: _Encoding
@@ -130,11 +138,15 @@ class _Element:
         self.value = value
         self.new: bytes | None = None
         self.encoding = encoding
+        self._values: list[str] | None = None
 
     def values(self) -> list[str]:
-        raw = self.value if self.new is None else self.new
-        text = raw.decode("utf-8", "surrogateescape").rstrip("\0 ")
-        return text.split("\\") if text else []
+        """The values (decoded once; not to be changed by the caller)."""
+        if self._values is None:
+            raw = self.value if self.new is None else self.new
+            text = raw.decode("utf-8", "surrogateescape").rstrip("\0 ")
+            self._values = text.split("\\") if text else []
+        return self._values
 
     def encode(self, values: list[str] | None) -> None:
         if (values or []) == self.values():
@@ -145,6 +157,7 @@ class _Element:
         if not self.long and len(raw) > 0xFFFF:
             raise MalformedBody("a DICOM value too long for its length field once rewritten")
         self.new = None if raw == self.value else raw
+        self._values = None
 
     def replacement(self) -> bytes:
         """Header and new value, to replace the original element."""
@@ -169,11 +182,20 @@ class _Sequence:
 class _Dataset:
     """The Part 10 :class:`DatasetView`: a sequence item, or the held top-level elements.
 
-    Only what the rules may look at is kept: the elements of TRANSLATED_TAGS, the sequences,
-    and the group lengths (which follow the changes of their group).
+    Only what the rules may look at is kept: the elements of TRANSLATED_TAGS and the UI-valued
+    ones (short), the sequences, and the group lengths (which follow the changes of their group).
     """
 
-    __slots__ = ("elements", "seqs", "group_lengths", "length_at", "length", "encoding")
+    __slots__ = (
+        "elements",
+        "seqs",
+        "group_lengths",
+        "length_at",
+        "length",
+        "encoding",
+        "_first",
+        "_indexed",
+    )
 
     def __init__(self, length_at: int, length: int, encoding: _Encoding) -> None:
         self.elements: list[_Element] = []
@@ -182,12 +204,15 @@ class _Dataset:
         self.length_at = length_at  # item length field; -1 for the top level
         self.length = length
         self.encoding = encoding
+        self._first: dict[int, _Element] = {}  # the first element of each tag, once parsed
+        self._indexed = 0  # how many of ``elements`` _first was built from
 
     def get(self, tag: int) -> list[str] | None:
-        for element in self.elements:
-            if element.tag == tag:
-                return element.values()
-        return None
+        if self._indexed != len(self.elements):
+            self._first = {element.tag: element for element in reversed(self.elements)}
+            self._indexed = len(self.elements)
+        element = self._first.get(tag)
+        return None if element is None else element.values()
 
     def put(self, tag: int, values: list[str] | None) -> None:
         for element in self.elements:  # every copy of a repeated tag, so that none leaks
@@ -196,6 +221,9 @@ class _Dataset:
 
     def sequences(self) -> Iterable[tuple[int, Iterable[_Dataset]]]:
         return [(seq.tag, seq.items) for seq in self.seqs]
+
+    def uid_tags(self) -> Iterable[int]:
+        return [element.tag for element in self.elements if element.vr == "UI"]
 
     def map_links(self, rewrite: Callable[[str], str | None]) -> None:
         """Part 10 has no links other than RetrieveURL, which :meth:`get` and :meth:`put` see."""
@@ -298,6 +326,7 @@ class Part10Rewriter:
         self._meta_end = -1
         self._encoding = _EXPLICIT_LITTLE
         self._syntax_seen = False
+        self._syntax = ""
         # Held input: _buf[0] is at stream position _off; positions below are stream positions.
         self._buf: _Chunk = b""
         self._off = 0
@@ -313,6 +342,14 @@ class Part10Rewriter:
         self._left = 0
         self._fragments = False
         self._item_header = bytearray()
+        # A deflated dataset: its inflater and deflater, the compressed input met with the end of
+        # the File Meta group, the output bytes still to pass as they are (preamble and File
+        # Meta) and the size of the deflated output so far.
+        self._inflater: zlib._Decompress | None = None
+        self._deflater: zlib._Compress | None = None
+        self._tail: _Chunk = b""
+        self._plain_out = 0
+        self._deflated_out = 0
 
     @property
     def buffered(self) -> int:
@@ -323,14 +360,25 @@ class Part10Rewriter:
         """Take the next bytes of the file; return the rewritten bytes ready so far."""
         if self.dropped or not chunk:
             return b""
+        if self._inflater is not None:
+            return await self._inflate(chunk)
         out: list[_Chunk] = []
         await self._consume(chunk, out)
-        return b"" if self.dropped else _join(out)
+        if self._inflater is None or self.dropped:
+            return b"" if self.dropped else _join(out)
+        # The File Meta group just ended, in a deflated transfer syntax: out holds nothing.
+        tail, self._tail = self._tail, b""
+        return await self._inflate(tail)
 
     async def close(self) -> Chunk:
         """End of the file: return the rest; raise :class:`MalformedBody` if it was cut short."""
         if self.dropped:
             return b""
+        inflated = b""
+        if self._inflater is not None:
+            inflated = await self._inflate(b"", final=True)
+            if self.dropped:
+                return b""
         if self._phase == _META and self._meta_end < 0:
             self._scan_meta(at_end=True)
         if (
@@ -344,7 +392,59 @@ class Part10Rewriter:
         out: list[_Chunk] = []
         await self._flush(out, first=not self._first_done)
         self._buf = b""
-        return b"" if self.dropped else _join(out)
+        if self.dropped:
+            return b""
+        if self._deflater is None:
+            return _join(out)
+        rest = self._deflate(out)
+        end = self._deflater.flush()
+        self._deflated_out += len(end)
+        rest += end
+        if self._deflated_out % 2:  # PS3.5 §A.5: padded to an even length
+            rest += b"\0"
+        return inflated + rest
+
+    # -- deflated datasets -------------------------------------------------------------
+
+    async def _inflate(self, data: _Chunk, *, final: bool = False) -> bytes:
+        """Inflate ``data``, parse and rewrite it, and deflate the output, piece by piece."""
+        inflater = self._inflater
+        assert inflater is not None
+        compressed: list[bytes] = []
+        while not self.dropped:
+            try:
+                piece = inflater.decompress(data, _INFLATE_PIECE)
+            except zlib.error as exc:
+                raise _malformed("a corrupt deflated dataset") from exc
+            data = inflater.unconsumed_tail
+            if piece:
+                out: list[_Chunk] = []
+                await self._consume(piece, out)
+                if out and not self.dropped:
+                    compressed.append(self._deflate(out))
+            if inflater.eof:
+                # What follows the stream (NUL padding; image_dfl.dcm of pydicom has a gzip
+                # trailer) is left out, as readers ignore it.
+                break
+            if not data and len(piece) < _INFLATE_PIECE:
+                if final:
+                    raise MalformedBody("a truncated DICOM file")
+                break
+        return b"" if self.dropped else b"".join(compressed)
+
+    def _deflate(self, out: list[_Chunk]) -> bytes:
+        """The output pieces in their final form: preamble and File Meta as they are, the
+        dataset deflated."""
+        assert self._deflater is not None
+        data = _join(out)
+        plain = b""
+        if self._plain_out:
+            take = min(self._plain_out, len(data))
+            plain, data = bytes(data[:take]), data[take:]
+            self._plain_out -= take
+        deflated = self._deflater.compress(data)
+        self._deflated_out += len(deflated)
+        return plain + deflated
 
     # -- input handling -------------------------------------------------------------------
 
@@ -490,14 +590,20 @@ class Part10Rewriter:
         self._phase = _DATASET
         self._pos = self._need = pos
         self._batch = _Dataset(-1, _UNDEFINED, self._encoding)
+        if self._syntax in _DEFLATED:
+            # The rest of the input is compressed: it goes through the inflater (see feed).
+            self._tail, self._buf = bytes(buf[pos:]), buf[:pos]
+            self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            self._deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+            self._plain_out = pos
         return True
 
     def _set_syntax(self, syntax: str) -> None:
         self._syntax_seen = True
-        if syntax in _DEFLATED:
-            raise MalformedBody(
-                "a DICOM file in a deflated transfer syntax, which cannot be rewritten"
-            )
+        self._syntax = syntax
+        if syntax in _DEFLATED and self._meta_end < 0:
+            # Without it, the end of the File Meta group would be guessed in compressed bytes.
+            raise _malformed("a deflated dataset without a File Meta group length")
         if syntax == _IMPLICIT_LE:
             self._encoding = _IMPLICIT_LITTLE
         elif syntax == _EXPLICIT_BE:
@@ -624,7 +730,7 @@ class Part10Rewriter:
             if end > size:
                 self._need = end
                 break
-            if tag in self._tags:
+            if tag in self._tags or vr_code == b"UI" or vr == "UI":
                 if encoding.explicit:
                     vr = vr_code.decode("ascii")
                 header = bytes(buf[at : at + header_size])
@@ -651,7 +757,7 @@ class Part10Rewriter:
         if batch.elements or batch.seqs:
             collector = UidCollector()
             collect_uids(batch, collector)
-            if collector.studies or collector.series:
+            if collector:
                 self._translation = await self._resolve(collector)
             translation = self._translation or Translation(studies={}, series={})
             keep = apply_translation(batch, translation, study_known=self._study_known)

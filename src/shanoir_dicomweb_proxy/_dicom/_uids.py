@@ -6,6 +6,11 @@ Every representation (DICOM JSON, DICOM XML, Part 10) offers its datasets throug
 - (0020,000D) Study Instance UID and (0020,000E) Series Instance UID are translated at every
   depth, and so is (0008,1155) inside (0008,1110) Referenced Study Sequence items (where it
   holds a study UID).
+- Any other UI-valued element whose value is a real study or series UID (a Frame of Reference
+  UID equal to the study's, a series in a reference of another kind) is translated to the same
+  public UID, at every depth; it is emptied when that study or series is not shown. Values
+  under the DICOM standard's root (``1.2.840.10008.``: SOP classes, transfer syntaxes) are
+  never study or series UIDs and are not looked up.
 - A study the map does not know is never shown: a top-level dataset (a search row, an
   instance) of an unknown study is dropped; a nested reference to one is emptied.
 - A series the map does not know is shown as it is (``unmapped_series = "expose"``) inside a
@@ -47,7 +52,8 @@ __all__ = [
     "copies_of",
 ]
 
-#: The tags whose values this module may change; a representation may skip everything else.
+#: The tags whose values this module may change besides the UI-valued elements (any of which
+#: may hold a study or series UID); a representation may skip everything else.
 TRANSLATED_TAGS = frozenset(
     {STUDY_INSTANCE_UID, SERIES_INSTANCE_UID, REFERENCED_SOP_INSTANCE_UID, RETRIEVE_URL}
     | {PATIENT_NAME, PATIENT_ID}
@@ -70,6 +76,10 @@ class DatasetView(Protocol):
         """Every sequence element at this level, as (tag, its items)."""
         ...
 
+    def uid_tags(self) -> Iterable[int]:
+        """The tags of the UI-valued elements at this level (:meth:`get` reads them)."""
+        ...
+
     def map_links(self, rewrite: Callable[[str], str | None]) -> None:
         """Apply ``rewrite`` to the links held at this level other than RetrieveURL (JSON's
         BulkDataURI attributes, XML's BulkData elements); None removes the link."""
@@ -78,14 +88,20 @@ class DatasetView(Protocol):
 
 @dataclass(slots=True)
 class UidCollector:
-    """Real UIDs met in datasets, gathered to be looked up in one batch."""
+    """Real UIDs met in datasets, gathered to be looked up in one batch: ``studies`` and
+    ``series`` where the attribute says which, ``others`` (any other UI value) where either
+    may be."""
 
     studies: set[str] = field(default_factory=set)
     series: set[str] = field(default_factory=set)
+    others: set[str] = field(default_factory=set)
 
     def add_link(self, url: str) -> None:
         for kind, uid in _LINK_UID.findall(url):
             (self.studies if kind == "studies" else self.series).add(uid)
+
+    def __bool__(self) -> bool:
+        return bool(self.studies or self.series or self.others)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +109,10 @@ class Translation:
     """What a batch lookup found: real UID → public UID, for the known ones only.
 
     ``upstream_base`` and ``public_base`` are the link prefixes to swap; ``expose_unmapped``
-    is ``[mapping] unmapped_series == "expose"``; ``hidden`` are real series UIDs the map knows
-    but that must not be shown here (another examination's): never shown as unmapped either.
+    is ``[mapping] unmapped_series == "expose"``; ``hidden`` are real study and series UIDs
+    that must not be shown here (another examination's, one the caller may not see, a study the
+    map does not know): never shown as unmapped either; ``unmapped`` are real series UIDs met
+    that the map does not know (shown as they are only where ``expose_unmapped`` shows them).
     ``patients`` gives, by real study UID, the name PatientName and PatientID show instead of
     the PACS's (a copied examination's subject). ``copies`` names, by real study UID, the other
     examinations a study-level search row stands for: each is listed as a row of its own, with
@@ -107,6 +125,7 @@ class Translation:
     upstream_base: str = ""
     public_base: str = ""
     hidden: frozenset[str] = frozenset()
+    unmapped: frozenset[str] = frozenset()
     patients: Mapping[str, str] = field(default_factory=dict)
     copies: Mapping[str, tuple[tuple[str, str | None], ...]] = field(default_factory=dict)
 
@@ -127,6 +146,18 @@ class Translation:
         if uid in self.hidden:
             return None
         return uid if study_known and self.expose_unmapped else None
+
+    def other_uid(self, uid: str, *, study_known: bool) -> str | None:
+        """The public form of a UI value of another attribute: the public UID of the study or
+        series it is, None when that is not shown, else the value itself."""
+        public = self.studies.get(uid) or self.series.get(uid)
+        if public is not None:
+            return public
+        if uid in self.hidden:
+            return None
+        if uid in self.unmapped:
+            return self.series_uid(uid, study_known=study_known)
+        return uid
 
     def link(self, url: str, *, study_known: bool) -> str | None:
         """The public form of an upstream link, or None when it names something unknown."""
@@ -153,6 +184,9 @@ class Translation:
 
 
 _LINK_UID = re.compile(r"/(studies|series)/([0-9.]+)")
+#: The root of the UIDs the DICOM standard defines (PS3.6 Annex A): never an archive's.
+_STANDARD_ROOT = "1.2.840.10008."
+_OWN_TAGS = frozenset({STUDY_INSTANCE_UID, SERIES_INSTANCE_UID})
 
 #: Looks up what a collector gathered, in one batch.
 Resolve = Callable[[UidCollector], Awaitable[Translation]]
@@ -176,6 +210,11 @@ def collect_uids(dataset: DatasetView, into: UidCollector) -> None:
         return url
 
     dataset.map_links(keep)
+    for tag in dataset.uid_tags():
+        if tag not in _OWN_TAGS:
+            values = dataset.get(tag)
+            if values:
+                into.others.update(v for v in values if not v.startswith(_STANDARD_ROOT))
     for tag, items in dataset.sequences():
         for item in items:
             if tag == REFERENCED_STUDY_SEQUENCE:
@@ -223,6 +262,16 @@ def apply_translation(
         links = [translation.link(url, study_known=study_known) for url in urls]
         dataset.put(RETRIEVE_URL, [u for u in links if u is not None] or None)
     dataset.map_links(lambda url: translation.link(url, study_known=study_known))
+    for tag in dataset.uid_tags():
+        if tag in _OWN_TAGS:
+            continue
+        values = dataset.get(tag)
+        if not values:
+            continue
+        others = [translation.other_uid(uid, study_known=study_known) for uid in values]
+        if others != values:
+            shown = [uid for uid in others if uid is not None]
+            dataset.put(tag, shown if len(shown) == len(values) else None)
     for tag, items in dataset.sequences():
         for item in items:
             if tag == REFERENCED_STUDY_SEQUENCE:

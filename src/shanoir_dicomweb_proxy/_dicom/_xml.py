@@ -76,6 +76,11 @@ class XmlDataset:
                 items = [XmlDataset(i) for i in child if _local(i.tag) == "Item"]
                 yield int(child.get("tag", "0"), 16), items
 
+    def uid_tags(self) -> Iterable[int]:
+        for child in self._element:
+            if _local(child.tag) == "DicomAttribute" and child.get("vr") == "UI":
+                yield int(child.get("tag", "0"), 16)
+
     def map_links(self, rewrite: Callable[[str], str | None]) -> None:
         for child in self._element:
             if _local(child.tag) != "DicomAttribute":
@@ -99,7 +104,7 @@ async def translate_xml(body: bytes, resolve: Resolve, *, study_known: bool) -> 
     view = XmlDataset(root)
     collector = UidCollector()
     collect_uids(view, collector)
-    if not collector.studies and not collector.series:
+    if not collector:
         return [_written(root)]
     translation = await resolve(collector)
     copies = copies_of(view, translation)

@@ -33,7 +33,7 @@ class Responder:
     """Wraps ``send``: translates the head and the body of the upstream's answer.
 
     The head is held until the body's first output, so that a body that cannot be
-    translated (a deflated instance first in a retrieve) still gets a clean error status.
+    translated (a malformed instance first in a retrieve) still gets a clean error status.
     """
 
     def __init__(
@@ -54,6 +54,9 @@ class Responder:
         self._visibility = visibility
         self._visible: set[int] = set()
         self._hidden: set[int] = set()
+        # Real UIDs met as a study (or series) that the map does not know, in any batch.
+        self._unknown_studies: set[str] = set()
+        self._unmapped_series: set[str] = set()
         self._known = known
         self._upstream_base = upstream_base
         self._public_base = public_base
@@ -78,9 +81,15 @@ class Responder:
             series = {u: p for u, p in series.items() if known.exams.get(u) in self._visible}
         # A series the map knows but this caller may not see is hidden, never shown as an
         # unmapped series with its real UID (a reference without its study, under a known one).
-        hidden = known.hidden
+        # So are, where another attribute holds them, a study the caller may not see and one
+        # the map does not know.
+        self._unknown_studies |= collector.studies - known.studies.keys()
+        self._unmapped_series |= collector.series - known.series.keys() - known.hidden
+        hidden = known.hidden | self._unknown_studies
         if len(series) < len(known.series):
-            hidden = hidden | (known.series.keys() - series.keys())
+            hidden |= known.series.keys() - series.keys()
+        if len(studies) < len(known.studies):
+            hidden |= known.studies.keys() - studies.keys()
         patients = await self._translator.patients(known, studies)
         copies = await self._copies(known, studies) if not self._study_known else {}
         return Translation(
@@ -90,6 +99,7 @@ class Responder:
             upstream_base=self._upstream_base,
             public_base=self._public_base,
             hidden=frozenset(hidden),
+            unmapped=frozenset(self._unmapped_series - hidden),
             patients=patients,
             copies=copies,
         )
@@ -219,7 +229,7 @@ class Responder:
         uids = set(UID_IN_TEXT.findall(text))
         if not uids:
             return text
-        translation = await self.resolve(UidCollector(studies=uids, series=set(uids)))
+        translation = await self.resolve(UidCollector(others=uids))
 
         def swap(match: re.Match[str]) -> str:
             uid = match.group(0)

@@ -37,6 +37,9 @@ class Known:
     subjects: dict[int, str | None] = field(default_factory=dict)
     #: The examinations a search asked for, by real study UID.
     asked: dict[str, set[int]] = field(default_factory=dict)
+    #: UI values of other attributes looked up and found to be no study or series the map
+    #: knows (SOP Instance UIDs, Frame of Reference UIDs...): not asked for again.
+    unrelated: set[str] = field(default_factory=set)
 
 
 class IdentifierTranslator:
@@ -89,23 +92,36 @@ class IdentifierTranslator:
         return result
 
     async def public(self, collector: UidCollector, known: Known) -> None:
-        """Learn the public UIDs of what ``collector`` holds into ``known``."""
-        studies = collector.studies - known.studies.keys()
+        """Learn the public UIDs of what ``collector`` holds into ``known``; its ``others``
+        are looked up as studies, then as series."""
+        others = (
+            collector.others
+            - collector.studies
+            - collector.series
+            - known.studies.keys()
+            - known.series.keys()
+            - known.hidden
+            - known.unrelated
+        )
+        studies = (collector.studies | others) - known.studies.keys()
         if studies:
             found = await self.identifiers.studies_by_uid(studies)
             for uid, exam_id in found.items():
                 known.studies[uid] = self.formatter.study_uid(exam_id)
                 known.exams[uid] = exam_id
+            others -= found.keys()
         series = collector.series - known.series.keys() - known.hidden
-        if series and self.exam_series is not None and known.exam is not None:
+        if (series or others) and self.exam_series is not None and known.exam is not None:
             own, alone = await self.exam_series.series_of_exam(known.exam)
-            self._learn_series(known, {u: e for u, e in own.items() if u in series})
+            self._learn_series(known, {u: e for u, e in own.items() if u in series or u in others})
             series -= own.keys()
+            others -= own.keys()
             if alone:  # the rest of its study is another examination's
                 known.hidden.update(series)
-                return
-        if series:
-            self._learn_series(known, await self.identifiers.series_by_uid(series))
+                series = set()
+        if series or others:
+            self._learn_series(known, await self.identifiers.series_by_uid(series | others))
+        known.unrelated.update(others - known.series.keys())
 
     async def patients(self, known: Known, studies: Iterable[str]) -> dict[str, str]:
         """Real study UID → the name its datasets show, for those of ``studies`` whose
