@@ -462,7 +462,8 @@ async def test_one_lookup_per_batch_with_uids() -> None:
     out.append(await rewriter.close())
     assert not rewriter.dropped
     assert [(c.studies, c.series) for c in resolver.calls] == [({study}, {series}), (set(), set())]
-    assert "1.3.6.1.4.1.5962.1.1.1.1.1" + suffix in resolver.calls[0].others  # SOP Instance
+    # An instance's own SOP Instance UID is never a study or series UID: not asked.
+    assert "1.3.6.1.4.1.5962.1.1.1.1.1" + suffix not in resolver.calls[0].others
     assert resolver.calls[1].others == {"1.3.6.1.4.1.5962.1.4.1.1" + suffix}  # Frame of Ref.
     assert not any(uid.startswith("1.2.840.10008.") for c in resolver.calls for uid in c.others)
     assert pydicom.dcmread(BytesIO(b"".join(out))).StudyInstanceUID == "2.25.1"

@@ -37,6 +37,7 @@ from ._tags import (
     REFERENCED_STUDY_SEQUENCE,
     RETRIEVE_URL,
     SERIES_INSTANCE_UID,
+    SOP_INSTANCE_UID,
     STUDY_INSTANCE_UID,
 )
 
@@ -186,7 +187,11 @@ class Translation:
 _LINK_UID = re.compile(r"/(studies|series)/([0-9.]+)")
 #: The root of the UIDs the DICOM standard defines (PS3.6 Annex A): never an archive's.
 _STANDARD_ROOT = "1.2.840.10008."
-_OWN_TAGS = frozenset({STUDY_INSTANCE_UID, SERIES_INSTANCE_UID})
+#: Tags whose values are not looked up as other UIDs: the study and series UIDs themselves, and
+#: an instance's own SOP Instance UID (the bulk of an answer's UI values), which DICOM's
+#: uniqueness keeps from ever equalling a study or series UID; looking each up would cost the
+#: `shanoir` map a PACS search per batch. References (0008,1155) are still looked up.
+_OWN_TAGS = frozenset({STUDY_INSTANCE_UID, SERIES_INSTANCE_UID, SOP_INSTANCE_UID})
 
 #: Looks up what a collector gathered, in one batch.
 Resolve = Callable[[UidCollector], Awaitable[Translation]]
