@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Request, Response, sync_playwright
 
@@ -87,6 +89,13 @@ def app_config(proxy: ProxyServer, idp: IdentityProvider) -> dict[str, Any]:
     }
 
 
+def _link_keys(folder: Path) -> Path:
+    path = folder / "link-keys.json"
+    secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+    path.write_text(json.dumps({"keys": [{"kty": "oct", "kid": "k1", "k": secret}]}))
+    return path
+
+
 @dataclass
 class Site:
     viewer: ViewerSite
@@ -132,6 +141,7 @@ def site(
                 "access": {"backend": "sqlite"},
                 "store": {"path": str(store)},
                 "cors": {"allow_origins": [viewer.origin]},
+                "links": {"enabled": True, "keys_file": str(_link_keys(folder))},
             }
             with ProxyServer(folder / "proxy", settings) as proxy:
                 viewer.configure(app_config(proxy, idp))
@@ -279,6 +289,10 @@ _RENDERED = """() => {
   }
   return { lit: lit / (data.length / 4), levels: levels.size };
 }"""
+#: Waits until the viewport shows an image: more than 5 % lit, more than 16 grey levels.
+_RENDERED_ENOUGH = (
+    f"(() => {{ const r = ({_RENDERED})(); return r && r.lit > 0.05 && r.levels > 16 && r; }})"
+)
 
 
 def test_a_study_opens_and_renders(site: Site, alice: tuple[Session, Response]) -> None:
@@ -287,10 +301,7 @@ def test_a_study_opens_and_renders(site: Site, alice: tuple[Session, Response]) 
     page = session.page
     # A link to a study by its public UID (a new page load: OHIF logs in again, silently).
     page.goto(f"{site.viewer.origin}/viewer?StudyInstanceUIDs={study}")
-    rendered = page.wait_for_function(
-        f"(() => {{ const r = ({_RENDERED})(); return r && r.lit > 0.05 && r.levels > 16 && r; }})",
-        timeout=60_000,
-    ).json_value()
+    rendered = page.wait_for_function(_RENDERED_ENOUGH, timeout=60_000).json_value()
     assert rendered["lit"] > 0.05 and rendered["levels"] > 16, rendered
     assert page.locator(".infinite-loading-bar").count() == 0  # not the loading overlay
     assert len(session.authorizations) == 2  # the new page load went to the provider again
@@ -315,6 +326,44 @@ def test_a_second_user_sees_a_different_list(browser: Browser, site: Site) -> No
         assert _listed(session.page) == sorted(GRANTS["bob"])
         session.screenshot(site, "3-bob-study-list")
         _check_answers(site, session)
+    finally:
+        session.context.close()
+
+
+def test_a_signed_link_opens_its_study_with_no_login(browser: Browser, site: Site) -> None:
+    """A shared link: OHIF with the link's URL as its DICOMweb root, no oidc, opens and renders
+    the study with no header at all; nothing else is readable through it."""
+    token = site.idp.password_token("alice")
+    search = httpx.get(
+        site.proxy.dicomweb_url + "/studies", headers={"authorization": f"Bearer {token}"}
+    )
+    study = min(row["0020000D"]["Value"][0] for row in search.json())
+    made = httpx.post(
+        site.proxy.dicomweb_url + "/links",
+        json={"study": study, "ttl": 300},
+        headers={"authorization": f"Bearer {token}"},
+    )
+    assert made.status_code == 201, made.text
+    link = made.json()["url"]
+    config = app_config(site.proxy, site.idp)
+    del config["oidc"]
+    source = config["dataSources"][0]["configuration"]
+    source["qidoRoot"] = source["wadoRoot"] = source["wadoUriRoot"] = link
+    session = _open(browser, site, config)
+    try:
+        page = session.page
+        page.goto(f"{site.viewer.origin}/viewer?StudyInstanceUIDs={study}")
+        rendered = page.wait_for_function(_RENDERED_ENOUGH, timeout=60_000).json_value()
+        assert rendered["lit"] > 0.05 and rendered["levels"] > 16, rendered
+        assert session.authorizations == [] and session.login_forms == 0  # no login at all
+        session.screenshot(site, "5-signed-link-viewer")
+        assert session.proxy and not session.failures, session.failures
+        for response in session.proxy:
+            request = response.request
+            assert response.url.startswith(link + "/"), response.url
+            assert 200 <= response.status < 300, (request.method, response.url, response.status)
+            assert request.header_value("authorization") is None
+        assert any("/frames/" in r.url for r in session.proxy)
     finally:
         session.context.close()
 
