@@ -38,6 +38,7 @@ from .support.asgi import build, call
 from .support.settings import CORE_SETTINGS, ProxyFactory
 
 HEX_ID = re.compile(r"[0-9a-f]{32}")
+REPO = Path(__file__).resolve().parent.parent
 
 # --- in-process ------------------------------------------------------------------------------
 
@@ -498,3 +499,21 @@ def test_workers_share_their_metrics(
 
         key = ("dicomweb_proxy_requests_total", _labels(route="qido.search.study", status="200"))
         _eventually(lambda: _scrape(proxy).get(key) == count)
+
+
+def test_the_grafana_dashboard_charts_what_the_proxy_exports(world: dict[str, Any]) -> None:
+    """deploy/grafana-dashboard.json: every query names a metric this proxy's /metrics has
+    (its TYPE line), and every exported metric is on some panel."""
+    dashboard = json.loads((REPO / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(exprs) >= 8
+    response = httpx.get(world["text"].url + "/metrics", timeout=10)
+    exported = {_family(n) for n in re.findall(r"^# TYPE (\S+) ", response.text, re.M)}
+    exported = {n for n in exported if n.startswith("dicomweb_proxy_")}
+    charted = {_family(n) for e in exprs for n in re.findall(r"\bdicomweb_proxy_[a-z_]+", e)}
+    assert charted and charted <= exported, charted - exported
+    assert exported <= charted, exported - charted
+
+
+def _family(name: str) -> str:
+    return re.sub(r"_(total|bucket|sum|count|created)$", "", name)
