@@ -368,6 +368,51 @@ def test_a_signed_link_opens_its_study_with_no_login(browser: Browser, site: Sit
         session.context.close()
 
 
+def test_a_signed_link_opens_an_image_and_a_wado_uri_object_in_a_tab(
+    browser: Browser, site: Site
+) -> None:
+    """What an <img>, a new tab or a download link does with a signed link: no header at all.
+    The same link fails for a second study, and after it expires."""
+    token = site.idp.password_token("alice")
+    bearer = {"authorization": f"Bearer {token}"}
+    studies = sorted(
+        row["0020000D"]["Value"][0]
+        for row in httpx.get(site.proxy.dicomweb_url + "/studies", headers=bearer).json()
+    )
+    study, second = studies[0], studies[1]
+    made = httpx.post(
+        site.proxy.dicomweb_url + "/links", json={"study": study, "ttl": 4}, headers=bearer
+    )
+    link = made.json()["url"]
+    row = httpx.get(f"{site.proxy.dicomweb_url}/studies/{study}/instances", headers=bearer)
+    series, sop = row.json()[0]["0020000E"]["Value"][0], row.json()[0]["00080018"]["Value"][0]
+    rendered = f"{link}/studies/{study}/series/{series}/instances/{sop}/rendered"
+    wado = f"{link}/wado?requestType=WADO&studyUID={study}&seriesUID={series}&objectUID={sop}"
+    context = browser.new_context()
+    try:
+        tab = context.new_page()
+        image = tab.goto(rendered)
+        assert image is not None and image.status == 200
+        assert image.header_value("content-type") == "image/jpeg"
+        assert image.request.header_value("authorization") is None
+        assert tab.evaluate("document.images.length === 1 && document.images[0].naturalWidth") > 0
+        jpeg = tab.goto(wado + "&contentType=image/jpeg")
+        assert jpeg is not None and jpeg.status == 200
+        with tab.expect_download() as download:  # application/dicom: the browser saves it
+            tab.evaluate(
+                "url => { window.location.href = url; }", wado + "&contentType=application/dicom"
+            )
+        saved = Path(download.value.path())
+        assert saved.read_bytes()[128:132] == b"DICM"
+        other = tab.goto(rendered.replace(f"/studies/{study}/", f"/studies/{second}/"))
+        assert other is not None and other.status == 404
+        time.sleep(max(0.0, made.json()["expires"] + 1 - time.time()))
+        expired = tab.goto(rendered)
+        assert expired is not None and expired.status == 401
+    finally:
+        context.close()
+
+
 def test_an_expired_session_is_refused(browser: Browser, site: Site) -> None:
     """A token that expired (OHIF not renewing it) is refused: 401, and OHIF shows an error."""
     config = app_config(site.proxy, site.idp)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -23,6 +24,7 @@ from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, SampleSet
 
 from .support.archive import SERIES_ROOT, STUDY_ROOT
 from .support.dicomweb import DICOM, OCTET, XML
+from .support.relay import RecordingRelay
 from .support.settings import ProxyFactory
 
 MAX_TTL = 600
@@ -227,6 +229,31 @@ def test_tampered_expired_and_withdrawn_links_are_refused(world: dict[str, Any])
         )
         moved = f"{other.dicomweb_url}/links/{suffix}/studies/{study}/series"
         assert httpx.get(moved).status_code == status, keys.name
+
+
+def test_a_link_never_goes_upstream(world: dict[str, Any]) -> None:
+    """What the proxy sends its PACS, byte for byte, holds neither the link nor its token,
+    whatever route the link is used on."""
+    archive: OrthancServer = world["archive"]
+    target = urlsplit(archive.dicomweb_url)
+    assert target.hostname is not None and target.port is not None
+    with RecordingRelay((target.hostname, target.port)) as relay:
+        proxy: ProxyServer = world["factory"](relay.url(target.path), **world["sections"])
+        study = _study(world, 0)
+        headers = {"authorization": f"Bearer {world['token']('alice')}"}
+        made = httpx.post(proxy.dicomweb_url + "/links", json={"study": study}, headers=headers)
+        url = made.json()["url"]
+        token = url.rsplit("/", 1)[1]
+        series, instance = _image(url, study)
+        i = f"{url}/studies/{study}/series/{series}/instances/{instance}"
+        wado = f"requestType=WADO&studyUID={study}&seriesUID={series}&objectUID={instance}"
+        for path in (f"{i}/metadata", f"{i}/frames/1", f"{i}/rendered", f"{url}/wado?{wado}"):
+            assert httpx.get(path, timeout=30).status_code == 200, path
+        sent = bytes(relay.sent)
+    assert b"GET /dicom-web/studies/" in sent  # the relay did see the proxy's requests
+    assert token.encode() not in sent and b"/links" not in sent
+    assert token.split(".")[2].encode() not in sent  # not even the signature
+    assert headers["authorization"].split()[1].encode() not in sent
 
 
 def test_a_link_is_never_logged(world: dict[str, Any]) -> None:

@@ -141,3 +141,29 @@ def test_byte_ranges_of_bulk_data(
     # Several ranges are ignored (RFC 9110 §14.2): the whole value.
     whole = httpx.get(url, headers={**octets, "range": "bytes=0-1,5-6"}, timeout=60)
     assert whole.status_code == 200 and len(whole.content) == large.pixel_bytes
+
+
+BROWSER_ACCEPT = (
+    "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,"
+    "image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7"
+)
+IMG_ACCEPT = "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"
+
+
+def test_rendered_images_for_a_browser(
+    proxy: ProxyServer, orthanc: OrthancServer, samples: SampleSet
+) -> None:
+    """A new tab or an <img> sends the browser's Accept list, which Orthanc refuses (400):
+    the proxy asks for the first type it accepts that a PACS renders, JPEG for a wildcard."""
+    study = samples.small_studies[1]
+    series, instance = study.series[0].uid, study.series[0].instances[0]
+    path = f"/studies/{study.uid}/series/{series}/instances/{instance}/rendered"
+    assert httpx.get(orthanc.dicomweb_url + path, headers={"accept": BROWSER_ACCEPT}).is_error
+    jpeg = httpx.get(orthanc.dicomweb_url + path, headers={"accept": "image/jpeg"})
+    for accept in (BROWSER_ACCEPT, IMG_ACCEPT):
+        through = httpx.get(proxy.dicomweb_url + path, headers={"accept": accept})
+        assert through.status_code == 200, accept
+        assert through.headers["content-type"] == "image/jpeg"
+        assert through.content == jpeg.content
+    png = httpx.get(proxy.dicomweb_url + path, headers={"accept": "image/webp, image/png;q=0.9"})
+    assert png.headers["content-type"] == "image/png"

@@ -5,6 +5,10 @@ for; the proxy asks for what every PACS serves and gives the client what it aske
 
 - **Thumbnails** (``/thumbnail``) are asked of the rendered resource with a thumbnail
   ``viewport`` (the client's own, else :data:`THUMBNAIL_VIEWPORT`).
+- Rendered images and thumbnails asked by a browser (``text/html, ..., image/*, */*``: an
+  ``<img>``, a new tab) are asked as the first type the client accepts that a PACS renders,
+  ``image/jpeg`` for a wildcard (the standard's default), not with the browser's list, which
+  Orthanc refuses (400).
 - Frames and bulk data asked as ``multipart/related; type="*/*"`` (dicomweb-client's default)
   are asked as ``application/octet-stream`` in any transfer syntax (``transfer-syntax=*``).
 - **Single-part answers**: an instance as ``application/dicom``, a frame or bulk data as
@@ -69,14 +73,17 @@ class Adaptation:
 
 def adapt(request: DicomWebRequest, accept: bytes | None, range_: bytes | None) -> Adaptation:
     """How ``request``, with the client's ``Accept`` and ``Range`` headers, goes upstream."""
+    if any(key == "accept" for key, _ in request.query):
+        return Adaptation(request)  # an accept= parameter is the upstream's to judge
     if request.resource is Resource.THUMBNAIL:
         query = request.query
         if not any(key == "viewport" for key, _ in query):
             query = (*query, ("viewport", THUMBNAIL_VIEWPORT))
-        return Adaptation(replace(request, resource=Resource.RENDERED, query=query))
-    if request.method != "GET" or any(key == "accept" for key, _ in request.query):
-        # A HEAD gets the upstream's own head; an accept= parameter is the upstream's to judge.
-        return Adaptation(request)
+        request = replace(request, resource=Resource.RENDERED, query=query)
+    if request.resource is Resource.RENDERED:
+        return Adaptation(request, accept=_rendered_accept(accept))
+    if request.method != "GET":
+        return Adaptation(request)  # a HEAD gets the upstream's own head
     first = _first_range(accept)
     if request.resource is Resource.RETRIEVE and request.level is Level.INSTANCE:
         if first is not None and first.type == "application/dicom":
@@ -98,19 +105,50 @@ def adapt(request: DicomWebRequest, accept: bytes | None, range_: bytes | None) 
     return Adaptation(request, byte_range=byte_range)
 
 
+#: What a PACS renders (PS3.18 §8.7.4): a browser's other types (text/html, image/webp) are not.
+_RENDERED_TYPES: Final = frozenset(
+    {
+        "image/jpeg",
+        "image/png",
+        "image/gif",
+        "image/jp2",
+        "video/mpeg",
+        "video/mp4",
+        "application/pdf",
+    }
+)
+
+
+def _rendered_accept(accept: bytes | None) -> bytes | None:
+    """The one type to ask a rendered resource in: the client's first (by quality) that a PACS
+    renders, ``image/jpeg`` for a wildcard; None (the client's own header) when it names
+    nothing of the kind or only that type already."""
+    if not accept:
+        return None
+    ranges = sorted(split_accept(accept.decode("latin-1")), key=_quality, reverse=True)
+    for media in ranges:
+        if _quality(media) <= 0:
+            break
+        wanted = media.type
+        if wanted in ("*/*", "image/*"):
+            wanted = "image/jpeg"
+        if wanted in _RENDERED_TYPES:
+            return None if len(ranges) == 1 and media.type == wanted else wanted.encode()
+    return None
+
+
+def _quality(media: MediaType) -> float:
+    try:
+        return float(media.params.get("q", "1"))
+    except ValueError:
+        return 0.0
+
+
 def _first_range(accept: bytes | None) -> MediaType | None:
     """The client's preferred media range (the first of the highest quality)."""
     if not accept:
         return None
-    ranges = split_accept(accept.decode("latin-1"))
-
-    def quality(media: MediaType) -> float:
-        try:
-            return float(media.params.get("q", "1"))
-        except ValueError:
-            return 0.0
-
-    return max(ranges, key=quality, default=None)
+    return max(split_accept(accept.decode("latin-1")), key=_quality, default=None)
 
 
 def _syntax(media: MediaType) -> bytes:
