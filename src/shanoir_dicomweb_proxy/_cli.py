@@ -183,6 +183,7 @@ def _serve(settings: Settings, path: str, *, bind: str | None, workers: int) -> 
     _setup_logging(settings)
     app = create_app(settings)  # validates before anything listens
     config = _hypercorn_config(settings, workers)
+    _close_on_client_eof()
     try:
         if workers == 1:
             from hypercorn.asyncio import serve
@@ -225,7 +226,30 @@ def _worker_app() -> DicomWebProxy:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     settings = Settings.from_toml(os.environ[_CONFIG_ENV])
     _setup_logging(settings)
+    _close_on_client_eof()
     return create_app(settings)
+
+
+def _close_on_client_eof() -> None:
+    """Close a connection as soon as its client closes it between two requests.
+
+    Hypercorn 0.18's asyncio server keeps such a connection (in CLOSE_WAIT, its descriptor
+    held) until ``keep_alive_timeout`` ends: its task group waits for the keep-alive timer,
+    which nothing stops once the client's end of file is read. Stopping the timer there
+    closes it at once; a request in flight is closed by hypercorn itself, as before.
+    """
+    from hypercorn.asyncio.tcp_server import TCPServer
+
+    read_data = TCPServer._read_data
+    if getattr(read_data, "_closes_on_eof", False):
+        return
+
+    async def _read_data(self: TCPServer) -> None:
+        await read_data(self)
+        await self.idle_task.stop()
+
+    _read_data._closes_on_eof = True  # type: ignore[attr-defined]
+    TCPServer._read_data = _read_data  # type: ignore[method-assign]
 
 
 def _check(path: str) -> int:
