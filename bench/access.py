@@ -573,10 +573,16 @@ class Bench:
         return archive, orthanc, store
 
     def _proxy(
-        self, stack: contextlib.ExitStack, workdir: Path, orthanc: OrthancServer, store: Path
+        self,
+        stack: contextlib.ExitStack,
+        workdir: Path,
+        orthanc: OrthancServer,
+        store: Path,
+        env: Mapping[str, str] | None = None,
     ) -> ProxyServer:
         """``serve -c FILE`` with auth (a local JWKS holding the key dev tokens are signed
-        with), the sqlite mapping and the sqlite access policy at its default cache_ttl."""
+        with), the sqlite mapping and the sqlite access policy at its default cache_ttl;
+        ``env`` is added to the proxy's environment."""
         keys = workdir / "keys.json"
         key = RSAKey.generate_key(2048, parameters={"kid": "bench"}, private=True)
         keys.write_text(json.dumps({"keys": [key.as_dict(private=True)]}))
@@ -587,7 +593,7 @@ class Bench:
             "store": {"path": str(store)},
             "upstream": {"url": orthanc.dicomweb_url, "transport": "aiohttp"},
         }
-        proxy = ProxyServer(workdir / "proxy", settings)
+        proxy = ProxyServer(workdir / "proxy", settings, env=env)
         stack.callback(proxy.stop)
         proxy.start()
         self.log(f"proxy on {proxy.url}")

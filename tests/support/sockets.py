@@ -5,10 +5,17 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-__all__ = ["TcpSocket", "open_descriptors", "server_connections", "settle", "tcp_sockets"]
+__all__ = [
+    "TcpSocket",
+    "open_descriptors",
+    "process_sockets",
+    "server_connections",
+    "settle",
+    "tcp_sockets",
+]
 
 T = TypeVar("T")
 
@@ -75,16 +82,27 @@ def server_connections(port: int) -> list[TcpSocket]:
     ]
 
 
+def _descriptors(pid: int) -> Iterator[str]:
+    """What each open descriptor of process ``pid`` points to (``socket:[inode]``, a path)."""
+    directory = f"/proc/{pid}/fd"
+    for name in os.listdir(directory):
+        try:
+            yield os.readlink(f"{directory}/{name}")
+        except FileNotFoundError:  # closed meanwhile
+            continue
+
+
+def process_sockets(pid: int) -> list[TcpSocket]:
+    """The TCP sockets process ``pid`` holds."""
+    inodes = {int(t[8:-1]) for t in _descriptors(pid) if t.startswith("socket:[")}
+    return [s for s in tcp_sockets() if s.inode in inodes]
+
+
 def open_descriptors(pid: int) -> Counter[str]:
     """The open descriptors of process ``pid`` by kind: ``socket``, ``pipe``, ``file``, ...;
     ``total`` counts them all."""
     kinds: Counter[str] = Counter()
-    directory = f"/proc/{pid}/fd"
-    for name in os.listdir(directory):
-        try:
-            target = os.readlink(f"{directory}/{name}")
-        except FileNotFoundError:  # closed meanwhile
-            continue
+    for target in _descriptors(pid):
         kind = target.split(":", 1)[0] if ":" in target and not target.startswith("/") else "file"
         kinds[kind] += 1
         kinds["total"] += 1
