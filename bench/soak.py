@@ -132,6 +132,7 @@ def _setup(
     cache: Path,
     ttl: int,
     env: dict[str, str] | None = None,
+    upstream: dict[str, Any] | None = None,
 ) -> Stack:
     log = Bench(argparse.Namespace(client="httpx"))
     data = prepare(cache)
@@ -160,7 +161,7 @@ def _setup(
             for exam in granted:
                 opened.grant(user, exam, "read")
         opened.grant("alice", upload_exam, "write")
-    proxy = log._proxy(stack, workdir, orthanc, store, env=env)
+    proxy = log._proxy(stack, workdir, orthanc, store, env=env, upstream=upstream)
     config = Settings.from_toml(proxy.config_path)
     tokens = {
         user: dev_token(config, user, {"userId": user}, ttl=ttl)
@@ -244,8 +245,9 @@ class Load:
                 while not self.stopping.is_set():
                     await self._one(http, user, rng, slow=slow, hangs=hangs)
 
-        async def stop() -> None:
-            await asyncio.sleep(seconds)
+        async def stop() -> None:  # after ``seconds``, or earlier when told to
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), seconds)
             self.stopping.set()
 
         await asyncio.gather(stop(), *(client(n) for n in range(self.clients)))
