@@ -18,7 +18,14 @@ import httpx
 
 from shanoir_dicomweb_proxy.testing import ProxyServer, free_port
 
-__all__ = ["MAPPING", "PROXY_VARIANTS", "NginxServer", "ProxyVariant", "start_proxy"]
+__all__ = [
+    "MAPPING",
+    "PROXY_VARIANTS",
+    "NginxServer",
+    "ProxyVariant",
+    "start_proxy",
+    "tune_env",
+]
 
 _TUNE_DIR = Path(__file__).resolve().parent / "_tune"
 
@@ -90,10 +97,7 @@ def start_proxy(
         assert store is not None, "a mapped proxy needs a synced store"
         settings["mapping"] = MAPPING
         settings["store"] = {"path": str(store)}
-    env: dict[str, str] = {}
-    if variant.patches:
-        path = os.pathsep.join(p for p in (str(_TUNE_DIR), os.environ.get("PYTHONPATH")) if p)
-        env = {"PYTHONPATH": path, **variant.patches}
+    env = tune_env(variant.patches) if variant.patches else {}
     proxy = ProxyServer(workdir / variant.name, settings, env=env)
     proxy.start()
     if variant.patches:
@@ -103,6 +107,12 @@ def start_proxy(
             proxy.stop()
             raise RuntimeError(f"proxy variant {variant.name}: patch not applied: {missing}")
     return proxy
+
+
+def tune_env(patches: Mapping[str, str]) -> dict[str, str]:
+    """The environment that applies ``patches`` (``bench/_tune/sitecustomize.py``) to a proxy."""
+    path = os.pathsep.join(p for p in (str(_TUNE_DIR), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, **patches}
 
 
 _NGINX_CONF = """\

@@ -573,10 +573,17 @@ class Bench:
         return archive, orthanc, store
 
     def _proxy(
-        self, stack: contextlib.ExitStack, workdir: Path, orthanc: OrthancServer, store: Path
+        self,
+        stack: contextlib.ExitStack,
+        workdir: Path,
+        orthanc: OrthancServer,
+        store: Path,
+        env: Mapping[str, str] | None = None,
+        upstream: Mapping[str, Any] | None = None,
     ) -> ProxyServer:
         """``serve -c FILE`` with auth (a local JWKS holding the key dev tokens are signed
-        with), the sqlite mapping and the sqlite access policy at its default cache_ttl."""
+        with), the sqlite mapping and the sqlite access policy at its default cache_ttl;
+        ``env`` is added to the proxy's environment, ``upstream`` to its ``[upstream]``."""
         keys = workdir / "keys.json"
         key = RSAKey.generate_key(2048, parameters={"kid": "bench"}, private=True)
         keys.write_text(json.dumps({"keys": [key.as_dict(private=True)]}))
@@ -585,9 +592,9 @@ class Bench:
             "mapping": dict(MAPPING),
             "access": {"backend": "sqlite"},
             "store": {"path": str(store)},
-            "upstream": {"url": orthanc.dicomweb_url, "transport": "aiohttp"},
+            "upstream": {"url": orthanc.dicomweb_url, "transport": "aiohttp", **(upstream or {})},
         }
-        proxy = ProxyServer(workdir / "proxy", settings)
+        proxy = ProxyServer(workdir / "proxy", settings, env=env)
         stack.callback(proxy.stop)
         proxy.start()
         self.log(f"proxy on {proxy.url}")

@@ -21,10 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -63,6 +63,7 @@ ORTHANC_MALLOC = {
     "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024 * 1024),
 }
 
+_T = TypeVar("_T")
 SLOW_RATE = 10e6  # bytes/s of the slow client in the memory check
 RSS_TARGET_MIB = 32
 
@@ -525,6 +526,26 @@ def _terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def in_workdir(
+    prefix: str, keep: bool, work: Callable[[contextlib.ExitStack, Path], _T]
+) -> _T | None:
+    """``work(stack, workdir)`` in a fresh work dir; every server it puts on ``stack`` is
+    stopped at the end, on Ctrl-C or SIGTERM too (then None, said on stderr); the dir is
+    removed unless ``keep``."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        with _terminate_as_interrupt(), contextlib.ExitStack() as stack:
+            if not keep:
+                stack.callback(shutil.rmtree, workdir, True)
+            result = work(stack, workdir)
+    except KeyboardInterrupt:
+        print("interrupted: every server was stopped", file=sys.stderr)
+        return None
+    if keep:
+        print(f"work dir kept: {workdir}", file=sys.stderr)
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

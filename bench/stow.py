@@ -21,10 +21,8 @@ import asyncio
 import contextlib
 import io
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +44,7 @@ from run import (  # noqa: E402
     _environ,
     _orthanc_version,
     _public_uids,
-    _terminate_as_interrupt,
+    in_workdir,
 )
 from shanoir_dicomweb_proxy import Settings  # noqa: E402
 from shanoir_dicomweb_proxy._auth import dev_token  # noqa: E402
@@ -383,17 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mb <= 0 or args.rounds < 1:
         parser.error("--mb must be > 0 and --rounds >= 1")
 
-    workdir = Path(tempfile.mkdtemp(prefix="shanoir-bench-stow-"))
-    try:
-        with _terminate_as_interrupt(), contextlib.ExitStack() as stack:
-            if not args.keep:
-                stack.callback(shutil.rmtree, workdir, True)
-            lines = run(args, stack, workdir)
-    except KeyboardInterrupt:
-        print("interrupted: every server was stopped", file=sys.stderr)
+    lines = in_workdir("shanoir-bench-stow-", args.keep, lambda s, w: run(args, s, w))
+    if lines is None:
         return 130
-    if args.keep:
-        print(f"work dir kept: {workdir}", file=sys.stderr)
     print("\n".join(lines))
     return 0
 

@@ -10,7 +10,10 @@ import base64
 import hashlib
 import hmac
 import json
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -307,3 +310,69 @@ async def test_keycloak_id_and_refresh_tokens(keys: KeySet, jwks_file: Path, kin
     app = build(Upstream(), auth=_auth(jwks_file, audience_matches_azp=True))
     _refused(await _get(app, token))
     assert (await _get(app, _sign(keys, _claims(typ="Bearer")))).status == 200
+
+
+class _Introspection(ThreadingHTTPServer):
+    """An RFC 7662 endpoint on the loopback interface that answers ``answer`` to every token."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _IntrospectionHandler)
+        self.answer: dict[str, Any] = {}
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/introspect"
+
+
+class _IntrospectionHandler(BaseHTTPRequestHandler):
+    server: _Introspection
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        body = json.dumps(self.server.answer).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def introspection() -> Iterator[_Introspection]:
+    server = _Introspection()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("claim", "refused"),
+    [
+        ({"exp": int(time.time()) - 600}, "the access token expired"),
+        ({"iss": "https://other.example.org/realms/x"}, None),
+        ({"aud": ["account"]}, None),
+    ],
+    ids=["expired", "wrong-issuer", "wrong-audience"],
+)
+async def test_introspected_claims_are_checked(
+    jwks_file: Path,
+    introspection: _Introspection,
+    claim: dict[str, Any],
+    refused: str | None,
+) -> None:
+    # The same answer but for one claim passes: each refusal is that claim's check.
+    settings = {"url": introspection.url, "client_id": "proxy", "client_secret": "s"}
+    app = build(Upstream(), auth=_auth(jwks_file, leeway=0, introspection=settings))
+    introspection.answer = {"active": True, **_claims()}
+    assert (await _get(app, "opaque-token-1")).status == 200
+    introspection.answer = {"active": True, **_claims(**claim)}
+    answer = await _get(app, "opaque-token-2")
+    _refused(answer)
+    if refused is not None:
+        assert json.loads(answer.body)["detail"] == refused

@@ -14,3 +14,28 @@ if _read:
 
     AsyncHTTP11Connection.READ_NUM_BYTES = int(_read)
     print(f"bench-tune: BENCH_HTTPCORE_READ_NUM_BYTES={_read}", file=sys.stderr, flush=True)
+
+_trace = os.environ.get("BENCH_TRACEMALLOC")
+if _trace:
+    # Snapshots of the proxy's Python allocations, every BENCH_TRACEMALLOC_EVERY seconds, to
+    # the directory BENCH_TRACEMALLOC names (bench/soak.py --tracemalloc compares them).
+    import threading
+    import time
+    import tracemalloc
+
+    _every = float(os.environ.get("BENCH_TRACEMALLOC_EVERY", "30"))
+
+    def _snapshots() -> None:
+        # Tracing from the first import makes the start take minutes: trace from when the
+        # proxy is serving (what grows under load is what matters).
+        time.sleep(float(os.environ.get("BENCH_TRACEMALLOC_DELAY", "5")))
+        tracemalloc.start(int(os.environ.get("BENCH_TRACEMALLOC_FRAMES", "12")))
+        started = time.monotonic()
+        while True:
+            time.sleep(_every)
+            path = os.path.join(_trace, f"{os.getpid()}-{time.monotonic() - started:08.1f}.snap")
+            tracemalloc.take_snapshot().dump(path + ".tmp")
+            os.replace(path + ".tmp", path)
+
+    threading.Thread(target=_snapshots, daemon=True, name="bench-tracemalloc").start()
+    print(f"bench-tune: BENCH_TRACEMALLOC={_trace}", file=sys.stderr, flush=True)

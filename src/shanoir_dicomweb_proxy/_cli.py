@@ -13,7 +13,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +183,7 @@ def _serve(settings: Settings, path: str, *, bind: str | None, workers: int) -> 
     _setup_logging(settings)
     app = create_app(settings)  # validates before anything listens
     config = _hypercorn_config(settings, workers)
+    _fix_hypercorn()
     try:
         if workers == 1:
             from hypercorn.asyncio import serve
@@ -225,7 +226,66 @@ def _worker_app() -> DicomWebProxy:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     settings = Settings.from_toml(os.environ[_CONFIG_ENV])
     _setup_logging(settings)
+    _fix_hypercorn()
     return create_app(settings)
+
+
+def _fix_hypercorn() -> None:
+    """Two fixes to hypercorn 0.18's asyncio server, each of which held connections forever
+    or for the whole keep-alive timeout (issue 19); applied once per process."""
+    from hypercorn.asyncio.task_group import TaskGroup
+    from hypercorn.asyncio.tcp_server import TCPServer
+
+    if getattr(TCPServer, "_shanoir_fixed", False):
+        return
+    TCPServer._shanoir_fixed = True  # type: ignore[attr-defined]
+    read_data = TCPServer._read_data
+    spawn_app = TaskGroup.spawn_app
+
+    async def _read_data(self: TCPServer) -> None:
+        # A connection its client closed between two requests stayed open (CLOSE_WAIT) until
+        # keep_alive_timeout: its task group waits for the keep-alive timer, which nothing
+        # stopped once the client's end of file was read.
+        await read_data(self)
+        await self.idle_task.stop()
+
+    async def _spawn_app(
+        self: TaskGroup, app: Any, config: Any, scope: Any, send: Any
+    ) -> Callable[[Any], Awaitable[None]]:
+        # An app that answers before reading the whole request body (a refused or failed
+        # upload) left the body's queue full: the server then waited forever to put the rest
+        # there, and the disconnect that ends the exchange, so the connection never closed.
+        # Once the response is complete, what the app did not read is dropped.
+        queue: asyncio.Queue[Any] | None = None
+        answered = False
+
+        def drain() -> None:
+            while queue is not None and not queue.empty():
+                queue.get_nowait()  # also frees a put already waiting
+
+        async def app_send(message: Any) -> None:
+            nonlocal answered
+            if message is None or (
+                message["type"] == "http.response.body" and not message.get("more_body", False)
+            ):
+                answered = True
+                drain()
+            await send(message)
+
+        put = await spawn_app(self, app, config, scope, app_send)
+        queue = put.__self__  # type: ignore[attr-defined]
+
+        async def app_put(message: Any) -> None:
+            if not answered:
+                await put(message)
+            elif message["type"] == "http.disconnect":
+                drain()  # room for it, for an app still reading
+                queue.put_nowait(message)
+
+        return app_put
+
+    TCPServer._read_data = _read_data  # type: ignore[method-assign]
+    TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
 
 
 def _check(path: str) -> int:

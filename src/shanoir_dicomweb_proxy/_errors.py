@@ -27,6 +27,7 @@ __all__ = [
     "PayloadTooLarge",
     "ProxyError",
     "ShanoirUnavailable",
+    "SpoolUnavailable",
     "UnsupportedMediaType",
     "UpstreamError",
     "UpstreamRejected",
@@ -192,6 +193,14 @@ class ShanoirUnavailable(ProxyError):
 
     status = 503
     code = "shanoir_unavailable"
+
+
+class SpoolUnavailable(ProxyError):
+    """An upload cannot be held whole before it goes to the PACS (the disk of the temporary
+    files is full, or failing): 503, and nothing is sent to the PACS."""
+
+    status = 503
+    code = "spool_unavailable"
 
 
 class ConfigError(Exception):

@@ -14,7 +14,7 @@ import anyio
 import anyio.to_thread
 
 from ._dicom import BodyRewriter
-from ._errors import PayloadTooLarge
+from ._errors import PayloadTooLarge, SpoolUnavailable
 from ._types import Message, Receive
 
 __all__ = ["SPOOL_CHUNK", "SPOOL_IN_MEMORY", "read_spool", "spool_body", "spooled_receive"]
@@ -48,7 +48,13 @@ async def spool_body(
             pending += await rewriter.close()
         if len(pending) >= SPOOL_CHUNK or not more:
             size += len(pending)
-            await anyio.to_thread.run_sync(spool.write, bytes(pending))
+            try:
+                await anyio.to_thread.run_sync(spool.write, bytes(pending))
+            except OSError as exc:  # the disk of temporary files is full (or failing)
+                raise SpoolUnavailable(
+                    "the upload cannot be held now (no room for temporary files); "
+                    "nothing was stored"
+                ) from exc
             pending.clear()
         if not more:
             break
