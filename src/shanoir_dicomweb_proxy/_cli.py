@@ -273,7 +273,10 @@ def _fix_hypercorn() -> None:
             await send(message)
 
         put = await spawn_app(self, app, config, scope, app_send)
-        queue = put.__self__  # type: ignore[attr-defined]
+        found = getattr(put, "__self__", None)
+        if not isinstance(found, asyncio.Queue):
+            return put  # not the hypercorn this was written for: leave it as it is
+        queue = found
 
         async def app_put(message: Any) -> None:
             if not answered:
