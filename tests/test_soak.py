@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.timeout(300)
 def test_a_minute_of_viewer_load_holds(pytestconfig: pytest.Config, tmp_path: Path) -> None:
     find_orthanc()
-    cache = pytestconfig.cache.mkdir("bench") if pytestconfig.cache else tmp_path / "cache"
+    cached = getattr(pytestconfig, "cache", None)  # absent with -p no:cacheprovider
+    cache = cached.mkdir("bench") if cached else tmp_path / "cache"
     figures = tmp_path / "soak.json"
     command = [sys.executable, str(ROOT / "bench" / "soak.py"), "--minutes", "1"]
     command += ["--clients", "8", "--interval", "5", "--cache", str(cache), "--json", str(figures)]
