@@ -32,7 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import in_workdir  # noqa: E402
+from run import report_in_workdir  # noqa: E402
 from soak import JSON, ROOT_DIR, Load, Stack, _held, _setup  # noqa: E402
 
 PROBE_EVERY = 0.05
@@ -146,11 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=ROOT_DIR / "bench" / ".cache")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     args = parser.parse_args(argv)
-    lines = in_workdir("shanoir-bench-faults-", args.keep, lambda s, w: run(args, s, w))
-    if lines is None:
-        return 130
-    print("\n".join(lines))
-    return 0
+    return report_in_workdir("shanoir-bench-faults-", args.keep, lambda s, w: run(args, s, w))
 
 
 if __name__ == "__main__":

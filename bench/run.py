@@ -548,6 +548,18 @@ def in_workdir(
     return result
 
 
+def report_in_workdir(
+    prefix: str, keep: bool, work: Callable[[contextlib.ExitStack, Path], list[str]]
+) -> int:
+    """:func:`in_workdir`, then the report's lines printed: a bench script's exit status (130
+    when interrupted)."""
+    lines = in_workdir(prefix, keep, work)
+    if lines is None:
+        return 130
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__,

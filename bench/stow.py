@@ -44,7 +44,7 @@ from run import (  # noqa: E402
     _environ,
     _orthanc_version,
     _public_uids,
-    in_workdir,
+    report_in_workdir,
 )
 from shanoir_dicomweb_proxy import Settings  # noqa: E402
 from shanoir_dicomweb_proxy._auth import dev_token  # noqa: E402
@@ -381,11 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mb <= 0 or args.rounds < 1:
         parser.error("--mb must be > 0 and --rounds >= 1")
 
-    lines = in_workdir("shanoir-bench-stow-", args.keep, lambda s, w: run(args, s, w))
-    if lines is None:
-        return 130
-    print("\n".join(lines))
-    return 0
+    return report_in_workdir("shanoir-bench-stow-", args.keep, lambda s, w: run(args, s, w))
 
 
 if __name__ == "__main__":

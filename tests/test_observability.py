@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from joserfc import jwt
-from joserfc.jwk import KeySet, RSAKey
+from joserfc.jwk import KeySet
 from prometheus_client import values
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -35,6 +35,7 @@ from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, SampleSet
 
 from .support.archive import SERIES_ROOT, STUDY_ROOT
 from .support.asgi import build, call
+from .support.keys import rsa_key_file
 from .support.settings import CORE_SETTINGS, ProxyFactory
 
 HEX_ID = re.compile(r"[0-9a-f]{32}")
@@ -85,10 +86,8 @@ async def test_request_id_kept_only_when_a_short_token(supplied: str | None, kep
 
 
 def _rsa_keys(folder: Path) -> tuple[KeySet, Path]:
-    keys = KeySet([RSAKey.generate_key(2048, parameters={"kid": "k"}, private=True)])
     path = folder / "jwks.json"
-    path.write_text(json.dumps(keys.as_dict(private=True)))
-    return keys, path
+    return rsa_key_file(path), path
 
 
 def _token(keys: KeySet, kid: str = "k", **overrides: Any) -> str:

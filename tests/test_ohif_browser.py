@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from .support.browser import (
     ohif_dist,
 )
 from .support.idp import OIDC_PATH, USERS, IdentityProvider
+from .support.keys import link_key_file
 from .support.loopback_http import running
 from .support.settings import CORE_SETTINGS
 
@@ -89,13 +89,6 @@ def app_config(proxy: ProxyServer, idp: IdentityProvider) -> dict[str, Any]:
     }
 
 
-def _link_keys(folder: Path) -> Path:
-    path = folder / "link-keys.json"
-    secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
-    path.write_text(json.dumps({"keys": [{"kty": "oct", "kid": "k1", "k": secret}]}))
-    return path
-
-
 @dataclass
 class Site:
     viewer: ViewerSite
@@ -141,7 +134,10 @@ def site(
                 "access": {"backend": "sqlite"},
                 "store": {"path": str(store)},
                 "cors": {"allow_origins": [viewer.origin]},
-                "links": {"enabled": True, "keys_file": str(_link_keys(folder))},
+                "links": {
+                    "enabled": True,
+                    "keys_file": str(link_key_file(folder / "link-keys.json")),
+                },
             }
             with ProxyServer(folder / "proxy", settings) as proxy:
                 viewer.configure(app_config(proxy, idp))

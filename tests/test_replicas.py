@@ -6,7 +6,6 @@ The proxy keeps nothing but caches: this is what scaling out (docs/scaling.md) r
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,12 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
-from joserfc.jwk import RSAKey
 
 from shanoir_dicomweb_proxy import Settings
 from shanoir_dicomweb_proxy._auth import dev_token
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer
 
+from .support.keys import rsa_key_file
 from .support.loopback_http import WholePlatform, serving
 from .support.settings import ProxyFactory
 
@@ -43,8 +42,7 @@ def replicas(
 ) -> Iterator[tuple[ProxyServer, ProxyServer, str]]:
     folder = tmp_path_factory.mktemp("replicas")
     keys = folder / "keys.json"
-    key = RSAKey.generate_key(2048, parameters={"kid": "k"}, private=True)
-    keys.write_text(json.dumps({"keys": [key.as_dict(private=True)]}))
+    rsa_key_file(keys)
     with serving(platform) as server:
         sections: dict[str, Any] = {
             "auth": {"enabled": True, "jwks_file": str(keys)},

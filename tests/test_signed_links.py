@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -15,7 +14,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from joserfc.jwk import RSAKey
 
 from shanoir_dicomweb_proxy import Settings
 from shanoir_dicomweb_proxy._auth import dev_token
@@ -24,15 +22,11 @@ from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, SampleSet
 
 from .support.archive import SERIES_ROOT, STUDY_ROOT
 from .support.dicomweb import DICOM, OCTET, XML
+from .support.keys import link_key_file, oct_key, rsa_key_file
 from .support.relay import RecordingRelay
 from .support.settings import ProxyFactory
 
 MAX_TTL = 600
-
-
-def _oct(kid: str) -> dict[str, str]:
-    raw = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
-    return {"kty": "oct", "kid": kid, "k": raw}
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +42,9 @@ def world(
     store = folder / "store.sqlite3"
     shutil.copy(store_path, store)
     jwks = folder / "jwks.json"
-    signer = RSAKey.generate_key(2048, parameters={"kid": "k"}, private=True)
-    jwks.write_text(json.dumps({"keys": [signer.as_dict(private=True)]}))
-    old = _oct("old")
-    link_keys = folder / "links.json"
-    link_keys.write_text(json.dumps({"keys": [old]}))
+    rsa_key_file(jwks)
+    old = oct_key("old")
+    link_keys = link_key_file(folder / "links.json", old)
     images = {study.uid for study in samples.small_studies}  # studies of several image series
     with SqliteStore(store) as opened:
         exams = sorted(e.exam_id for e in opened.entries() if e.study_uid in images)
@@ -218,9 +210,9 @@ def test_tampered_expired_and_withdrawn_links_are_refused(world: dict[str, Any])
     link = _link(world, "alice", study=study).json()["url"]
     folder, sections = world["folder"], world["sections"]
     rotated, withdrawn = folder / "rotated.json", folder / "withdrawn.json"
-    new = _oct("new")
-    rotated.write_text(json.dumps({"keys": [new, world["old"]]}))
-    withdrawn.write_text(json.dumps({"keys": [new]}))
+    new = oct_key("new")
+    link_key_file(rotated, new, world["old"])
+    link_key_file(withdrawn, new)
     suffix = link.split("/links/", 1)[1]
     for keys, status in ((rotated, 200), (withdrawn, 401)):
         links = {**sections["links"], "keys_file": str(keys)}
