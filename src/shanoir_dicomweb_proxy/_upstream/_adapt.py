@@ -21,6 +21,7 @@ for; the proxy asks for what every PACS serves and gives the client what it aske
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, replace
 from typing import Final
@@ -73,7 +74,7 @@ class Adaptation:
 
 def adapt(request: DicomWebRequest, accept: bytes | None, range_: bytes | None) -> Adaptation:
     """How ``request``, with the client's ``Accept`` and ``Range`` headers, goes upstream."""
-    if any(key == "accept" for key, _ in request.query):
+    if request.resource not in _ADAPTED or any(key == "accept" for key, _ in request.query):
         return Adaptation(request)  # an accept= parameter is the upstream's to judge
     if request.resource is Resource.THUMBNAIL:
         query = request.query
@@ -119,6 +120,20 @@ _RENDERED_TYPES: Final = frozenset(
 )
 
 
+#: The resources this module may change; searches, metadata and uploads go as they came.
+_ADAPTED: Final = frozenset(
+    {
+        Resource.THUMBNAIL,
+        Resource.RENDERED,
+        Resource.RETRIEVE,
+        Resource.FRAMES,
+        Resource.BULKDATA,
+    }
+)
+
+
+# Clients send a handful of distinct Accept values: each is parsed once, not per request.
+@functools.lru_cache(maxsize=128)
 def _rendered_accept(accept: bytes | None) -> bytes | None:
     """The one type to ask a rendered resource in: the client's first (by quality) that a PACS
     renders, ``image/jpeg`` for a wildcard; None (the client's own header) when it names
@@ -144,6 +159,7 @@ def _quality(media: MediaType) -> float:
         return 0.0
 
 
+@functools.lru_cache(maxsize=128)
 def _first_range(accept: bytes | None) -> MediaType | None:
     """The client's preferred media range (the first of the highest quality)."""
     if not accept:
