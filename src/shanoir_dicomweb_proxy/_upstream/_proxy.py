@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from typing import IO
 
 import anyio
-import httpx
 import orjson
 
 from .._dicom import UID_IN_TEXT
@@ -25,7 +24,7 @@ from .._scope import get_dicomweb_request, get_record
 from .._spool import SPOOL_IN_MEMORY, read_spool, spool_body
 from .._types import Receive, Scope, Send
 from ._adapt import Reframe, adapt
-from ._client import Upstream, upstream_error
+from ._client import Upstream, UpstreamAnswer
 
 __all__ = ["UpstreamProxy"]
 
@@ -141,51 +140,46 @@ class UpstreamProxy:
         method = "GET" if request.method == "HEAD" else request.method
         started = time.perf_counter() if record is not None else 0.0
         try:
-            response = await self.upstream.send(method, target, headers=headers, content=content)
+            answer = await self.upstream.forward(method, target, headers=headers, content=content)
             try:
-                await self._respond(request, response, send)
+                await self._respond(request, answer, send)
             finally:
                 with anyio.CancelScope(shield=True):
-                    await response.aclose()
+                    await answer.aclose()
         finally:
             if record is not None:
                 record.upstream_seconds += time.perf_counter() - started
 
-    async def _respond(
-        self, request: DicomWebRequest, response: httpx.Response, send: Send
-    ) -> None:
-        status = response.status_code
+    async def _respond(self, request: DicomWebRequest, answer: UpstreamAnswer, send: Send) -> None:
+        status = answer.status
         if status >= 500:
             raise UpstreamError(f"the upstream failed with status {status}")
         if status in (401, 403, 407):
             raise UpstreamError("the upstream refused the proxy's own credentials")
         if status >= 400:
-            body = await _read_capped(response, STOW_ANSWER_MAX)
-            answer = _stow_answer(response, body) if request.resource is Resource.STORE else None
-            if answer is not None:
+            body = await _read_capped(answer, STOW_ANSWER_MAX)
+            refusal = _stow_answer(answer, body) if request.resource is Resource.STORE else None
+            if refusal is not None:
                 # A refused upload's answer names each instance and why (PS3.18 §10.5.3):
                 # the client gets it, in public form once the layers above have seen it.
-                headers = [(b"content-type", answer), (b"content-length", str(len(body)).encode())]
+                headers = [(b"content-type", refusal), (b"content-length", str(len(body)).encode())]
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
                 return
             message = _upstream_message(body[:65536])
             raise UpstreamRejected(message or f"the upstream answered {status}", status=status)
-        headers = response_headers_for_client(response.headers.raw)
+        headers = response_headers_for_client(answer.headers)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         if request.method == "HEAD":
             await send({"type": "http.response.body", "body": b""})
             return
-        boundary = _multipart_boundary(response)
+        boundary = _multipart_boundary(answer)
         keep = len(boundary) + 8 if boundary is not None else 0
         tail = b""
-        try:
-            async for chunk in response.aiter_raw():
-                if boundary is not None:
-                    tail = (tail + chunk[-keep:])[-keep:]
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.HTTPError as exc:
-            raise upstream_error(exc) from exc
+        async for chunk in answer.chunks():
+            if boundary is not None:
+                tail = (tail + chunk[-keep:])[-keep:]
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
         if boundary is not None and b"--" + boundary + b"--" not in tail:
             # Orthanc ends study and series retrieves at EOF, so a connection lost in the
             # middle looks like a clean end: only the closing delimiter tells them apart.
@@ -199,12 +193,12 @@ STOW_ANSWER_MAX = 16 * 1024 * 1024
 _STOW_SEQUENCES = ("00081198", "00081199", "0008119A")
 
 
-def _stow_answer(response: httpx.Response, body: bytes) -> bytes | None:
+def _stow_answer(answer: UpstreamAnswer, body: bytes) -> bytes | None:
     """The content type of a refused upload's PS3.18 answer, or None when ``body`` is not one
     (whole). Orthanc sends its DICOM JSON answers without a Content-Type."""
     if not body or len(body) >= STOW_ANSWER_MAX:
         return None
-    content_type: str | None = response.headers.get("content-type")
+    content_type = answer.header(b"content-type")
     media = parse_media_type(content_type).type if content_type else None
     if media == "application/dicom+xml" and content_type is not None:
         return content_type.encode("latin-1")
@@ -219,20 +213,20 @@ def _stow_answer(response: httpx.Response, body: bytes) -> bytes | None:
     return None
 
 
-async def _read_capped(response: httpx.Response, cap: int) -> bytes:
+async def _read_capped(answer: UpstreamAnswer, cap: int) -> bytes:
     data = b""
     try:
-        async for chunk in response.aiter_raw():
+        async for chunk in answer.chunks():
             data += chunk
             if len(data) >= cap:
                 break
-    except httpx.HTTPError:
+    except ProxyError:
         pass
     return data[:cap]
 
 
-def _multipart_boundary(response: httpx.Response) -> bytes | None:
-    content_type = response.headers.get("content-type")
+def _multipart_boundary(answer: UpstreamAnswer) -> bytes | None:
+    content_type = answer.header(b"content-type")
     if content_type is None:
         return None
     media = parse_media_type(content_type)

@@ -16,7 +16,7 @@ import aiohttp
 import httpx
 import yarl
 
-__all__ = ["AiohttpTransport"]
+__all__ = ["AiohttpTransport", "ResponseStream"]
 
 _READ_SIZE = 1024 * 1024
 
@@ -40,7 +40,9 @@ def _translated() -> Iterator[None]:
         raise httpx.NetworkError(str(exc)) from exc
 
 
-class _ResponseStream(httpx.AsyncByteStream):
+class ResponseStream(httpx.AsyncByteStream):
+    """An aiohttp response's body, read as it arrives; httpx's errors."""
+
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
 
@@ -104,28 +106,42 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             )
         return self._session
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        session = self._get_session()
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
-        data: bytes | AsyncIterator[bytes] | None = None
-        if isinstance(request.stream, httpx.AsyncByteStream):
-            if "content-length" in request.headers or "transfer-encoding" in request.headers:
-                data = request.stream.__aiter__()
-        headers = [(k, v) for k, v in headers if k.lower() != "transfer-encoding"]
+    async def open(
+        self,
+        method: str,
+        url: yarl.URL,
+        headers: list[tuple[str, str]],
+        data: AsyncIterator[bytes] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send a request; the response with its body unread. Raises httpx's errors."""
         with _translated():
-            response = await session.request(
-                request.method,
-                yarl.URL(str(request.url), encoded=True),
+            return await self._get_session().request(
+                method,
+                url,
                 headers=headers,
                 data=data,
                 allow_redirects=False,
                 compress=False,
                 chunked=None,
             )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in request.headers.raw
+            if k.lower() != b"transfer-encoding"
+        ]
+        data: AsyncIterator[bytes] | None = None
+        if isinstance(request.stream, httpx.AsyncByteStream):
+            if "content-length" in request.headers or "transfer-encoding" in request.headers:
+                data = request.stream.__aiter__()
+        response = await self.open(
+            request.method, yarl.URL(str(request.url), encoded=True), headers, data
+        )
         return httpx.Response(
             status_code=response.status,
             headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],
-            stream=_ResponseStream(response),
+            stream=ResponseStream(response),
             extensions={"http_version": b"HTTP/1.1"},
         )
 
