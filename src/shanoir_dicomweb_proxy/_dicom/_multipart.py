@@ -1,16 +1,14 @@
 """Streaming ``multipart/related`` (RFC 2387, PS3.18 §8.7.3.5): parse and re-emit parts.
 
-Parsing uses python-multipart's boundary scanner (about 2.8 GB/s here), which is generic
-enough for ``multipart/related`` although it was written for forms. Each part goes through a
-:class:`PartRewriter` of its own, which may change its body, stream it, or drop the part.
+Parsing finds each delimiter with ``bytes.find``: a part costs a few calls whatever its
+size, and its data are slices of the input. Each part goes through a :class:`PartRewriter` of
+its own, which may change its body, stream it, or drop the part.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
-
-from python_multipart.multipart import MultipartParser
 
 from .._errors import MalformedBody
 
@@ -129,48 +127,108 @@ class PartEvents:
     """A multipart body parsed as it arrives into events, in order: ``("begin", b"")``,
     ``("header", b"name:value")`` per header, ``("headers", b"")``, ``("data", chunk)`` (slices
     of the input, no copy), ``("end", b"")`` per part, and ``("final", b"")`` at the closing
-    delimiter."""
+    delimiter.
+
+    The scan is ``bytes.find`` for the delimiter, so a part costs a few calls whatever its
+    size; the preamble and the epilogue are skipped (RFC 2046 §5.1.1).
+    """
+
+    __slots__ = ("_delimiter", "_state", "_held")
 
     def __init__(self, boundary: bytes) -> None:
-        self._events: list[tuple[str, Chunk]] = []
-        self._field = b""
-        self._value = b""
-        self._parser = MultipartParser(
-            boundary,
-            {
-                "on_part_begin": lambda: self._events.append(("begin", b"")),
-                "on_header_field": self._on_header_field,
-                "on_header_value": self._on_header_value,
-                "on_header_end": self._on_header_end,
-                "on_headers_finished": lambda: self._events.append(("headers", b"")),
-                "on_part_data": self._on_part_data,
-                "on_part_end": lambda: self._events.append(("end", b"")),
-                "on_end": lambda: self._events.append(("final", b"")),
-            },
-            max_header_count=64,
-        )
-
-    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._field += data[start:end]
-
-    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._value += data[start:end]
-
-    def _on_header_end(self) -> None:
-        self._events.append(("header", self._field + b":" + self._value))
-        self._field = self._value = b""
-
-    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
-        self._events.append(("data", memoryview(data)[start:end]))
+        self._delimiter = b"\r\n--" + boundary
+        self._state = _START
+        # Input not decided yet: a part's head, or bytes that may start a delimiter.
+        self._held = b""
 
     def feed(self, chunk: bytes) -> list[tuple[str, Chunk]]:
         """Parse ``chunk``; the events it completed."""
-        try:
-            self._parser.write(chunk)
-        except Exception as exc:  # python-multipart raises its own MultipartParseError
-            raise MalformedBody("a malformed multipart body") from exc
-        events, self._events = self._events, []
+        events: list[tuple[str, Chunk]] = []
+        data = self._held + chunk if self._held else chunk
+        self._held = b""
+        view = memoryview(data)
+        at = 0
+        while at < len(data):
+            state = self._state
+            if state == _START:  # the first delimiter may open the body, without its CRLF
+                opening = self._delimiter[2:]
+                if data.startswith(opening, at):
+                    self._state = _DELIMITER
+                    at += len(opening)
+                elif len(data) - at < len(opening) and opening.startswith(data[at:]):
+                    self._held = data[at:]
+                    break
+                else:
+                    self._state = _PREAMBLE
+            elif state == _BODY or state == _PREAMBLE:
+                found = data.find(self._delimiter, at)
+                if found < 0:
+                    keep = _partial_delimiter(data, at, self._delimiter)
+                    if state == _BODY and len(data) - keep > at:
+                        events.append(("data", view[at : len(data) - keep]))
+                    self._held = data[len(data) - keep :]
+                    break
+                if state == _BODY:
+                    if found > at:
+                        events.append(("data", view[at:found]))
+                    events.append(("end", b""))
+                self._state = _DELIMITER
+                at = found + len(self._delimiter)
+            elif state == _DELIMITER:
+                if data.startswith(b"--", at):
+                    events.append(("final", b""))
+                    self._state = _EPILOGUE
+                    break
+                line_end = data.find(b"\r\n", at)
+                if line_end < 0:
+                    rest = data[at:]  # "-" or transport padding: wait for the rest
+                    if rest != b"-" and (len(rest) > _MAX_PADDING or rest.strip(b" \t\r")):
+                        raise MalformedBody("a malformed multipart body")
+                    self._held = rest
+                    break
+                if data[at:line_end].strip(b" \t"):  # transport padding only, then CRLF
+                    raise MalformedBody("a malformed multipart body")
+                events.append(("begin", b""))
+                self._state = _HEAD
+                at = line_end + 2
+            elif state == _HEAD:
+                if data.startswith(b"\r\n", at):
+                    head_end, body_start = at, at + 2  # a part without headers
+                else:
+                    head_end = data.find(b"\r\n\r\n", at)
+                    body_start = head_end + 4
+                if head_end < 0:
+                    if len(data) - at > _MAX_HEAD:
+                        raise MalformedBody("a multipart part's headers are too long")
+                    self._held = data[at:]
+                    break
+                lines = data[at:head_end].split(b"\r\n") if head_end > at else []
+                if len(lines) > _MAX_HEADERS or any(b":" not in line for line in lines):
+                    raise MalformedBody("a malformed multipart body")
+                events += [("header", line) for line in lines]
+                events.append(("headers", b""))
+                self._state = _BODY
+                at = body_start
+            else:  # the epilogue, ignored
+                break
         return events
+
+
+_START, _PREAMBLE, _DELIMITER, _HEAD, _BODY, _EPILOGUE = range(6)
+_MAX_HEAD = 64 * 1024
+_MAX_HEADERS = 64
+_MAX_PADDING = 256
+
+
+def _partial_delimiter(data: bytes, start: int, delimiter: bytes) -> int:
+    """How many bytes at the end of ``data[start:]`` may begin ``delimiter``."""
+    first = max(start, len(data) - len(delimiter) + 1)
+    at = data.find(b"\r", first)
+    while at >= 0:
+        if delimiter.startswith(data[at:]):
+            return len(data) - at
+        at = data.find(b"\r", at + 1)
+    return 0
 
 
 def header_pair(data: Chunk) -> tuple[bytes, bytes]:
