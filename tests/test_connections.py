@@ -2,8 +2,9 @@
 
 Hypercorn 0.18 kept a connection that its client closed between two requests until the
 keep-alive timeout (75 s): its descriptor held, the socket in CLOSE_WAIT. Here the proxy runs as
-users run it (``serve``, one worker and several), and every connection a client closes, after a
-search, a probe or a hang-up in the middle of a retrieve, must be gone within a second.
+users run it (``serve``, on either engine, one worker and several), and every connection a
+client closes, after a search, a probe or a hang-up in the middle of a retrieve, must be gone
+within a second.
 """
 
 from __future__ import annotations
@@ -24,13 +25,22 @@ from .support.sockets import TcpSocket, open_descriptors, server_connections, se
 DICOM = 'multipart/related; type="application/dicom"'
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
+@pytest.fixture(
+    scope="module",
+    params=[("hypercorn", 1), ("hypercorn", 2), ("uvicorn", 1), ("uvicorn", 2)],
+    ids=["hypercorn-1-worker", "hypercorn-2-workers", "uvicorn-1-worker", "uvicorn-2-workers"],
+)
 def served(
     request: pytest.FixtureRequest, orthanc: OrthancServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ProxyServer]:
-    settings = {**CORE_SETTINGS, "upstream": {"url": orthanc.dicomweb_url}}
+    engine, workers = request.param
+    settings = {
+        **CORE_SETTINGS,
+        "server": {"engine": engine},
+        "upstream": {"url": orthanc.dicomweb_url},
+    }
     workdir: Path = tmp_path_factory.mktemp("connections")
-    with ProxyServer(workdir, settings, workers=request.param) as proxy:
+    with ProxyServer(workdir, settings, workers=workers) as proxy:
         yield proxy
 
 

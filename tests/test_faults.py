@@ -165,8 +165,9 @@ def test_spool_disk_full_fails_the_upload_whole(
 
 _EARLY_ANSWER = """
 import asyncio, sys
+import uvicorn
 from hypercorn.asyncio import serve
-from shanoir_dicomweb_proxy._cli import _fix_hypercorn, _hypercorn_config
+from shanoir_dicomweb_proxy._engines import fix_hypercorn, hypercorn_config, uvicorn_options
 from shanoir_dicomweb_proxy import Settings
 
 async def app(scope, receive, send):
@@ -179,20 +180,27 @@ async def app(scope, receive, send):
     await send({"type": "http.response.body", "body": b"no"})
 
 settings = Settings.from_toml(sys.argv[1])
-_fix_hypercorn()  # as serve does
-asyncio.run(serve(app, _hypercorn_config(settings, 1)))
+if settings.server.engine == "uvicorn":  # as serve does
+    options = {**uvicorn_options(settings), "lifespan": "off"}
+    uvicorn.Server(uvicorn.Config(app, **options)).run()
+else:
+    fix_hypercorn()
+    asyncio.run(serve(app, hypercorn_config(settings, 1)))
 """
 
 
-def test_an_upload_answered_early_frees_its_connection(tmp_path: Path, samples: SampleSet) -> None:
+@pytest.mark.parametrize("engine", ["hypercorn", "uvicorn"])
+def test_an_upload_answered_early_frees_its_connection(
+    tmp_path: Path, samples: SampleSet, engine: str
+) -> None:
     # An app that answers before reading the whole body (413, a refused token, a failed
     # spool) while the body keeps coming: hypercorn 0.18 held such a connection forever, the
     # rest of the body queued for an app that had returned. Served as `serve` serves.
     port = free_port()
     config = tmp_path / "proxy.toml"
     config.write_text(
-        f'[server]\nbind = "127.0.0.1:{port}"\n[upstream]\nurl = "http://x"\n'
-        '[auth]\nenabled = false\n[mapping]\nbackend = "identity"\n'
+        f'[server]\nbind = "127.0.0.1:{port}"\nengine = "{engine}"\n'
+        '[upstream]\nurl = "http://x"\n[auth]\nenabled = false\n[mapping]\nbackend = "identity"\n'
     )
     script = tmp_path / "early.py"
     script.write_text(_EARLY_ANSWER)

@@ -7,13 +7,11 @@ import asyncio
 import dataclasses
 import errno
 import json
-import logging
 import os
-import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from ._access import ACTIONS, Action
 from ._app import DicomWebProxy, create_app
 from ._auth import dev_token
 from ._config import Settings
+from ._engines import run_server
 from ._errors import ConfigError, ProxyError
 from ._identifiers import UidFormatter
 from ._observability import configure_logging
@@ -31,8 +30,6 @@ from ._version import __version__
 
 __all__ = ["main"]
 
-_CONFIG_ENV = "SHANOIR_DICOMWEB_PROXY_CONFIG"
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -42,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the proxy under hypercorn")
+    serve = commands.add_parser(
+        "serve", help="run the proxy under hypercorn (or uvicorn: [server] engine)"
+    )
     serve.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML settings")
     serve.add_argument("--bind", metavar="HOST:PORT", help="override [server] bind")
     serve.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes")
@@ -152,24 +151,6 @@ def _setup_logging(settings: Settings) -> None:
     configure_logging(settings)
 
 
-def _hypercorn_config(settings: Settings, workers: int) -> object:
-    from hypercorn.config import Config
-
-    config = Config()
-    config.bind = [settings.server.bind]
-    config.workers = workers
-    # Hypercorn's error log goes through the root handler, in [logging] format; its access
-    # log stays off: the proxy's own (shanoir_dicomweb_proxy.requests) replaces it.
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.loglevel = settings.logging.level.upper()
-    # Study retrieves can take minutes on a slow link; the upstream read timeout bounds them.
-    config.keep_alive_timeout = 75
-    # On SIGTERM (or SIGINT) hypercorn stops listening, lets requests in flight finish for this
-    # long, then cuts what is left and runs the lifespan's shutdown.
-    config.graceful_timeout = settings.server.shutdown_grace
-    return config
-
-
 def _serve(settings: Settings, path: str, *, bind: str | None, workers: int) -> int:
     if workers < 1:
         raise ConfigError("--workers: expected a positive integer")
@@ -182,23 +163,12 @@ def _serve(settings: Settings, path: str, *, bind: str | None, workers: int) -> 
         return _cannot_listen(server.bind, listen.detail)
     _setup_logging(settings)
     app = create_app(settings)  # validates before anything listens
-    config = _hypercorn_config(settings, workers)
-    _fix_hypercorn()
     try:
-        if workers == 1:
-            from hypercorn.asyncio import serve
-
-            asyncio.run(serve(app, config))  # type: ignore[arg-type]
-            return 0
-        from hypercorn.run import run
-
-        os.environ[_CONFIG_ENV] = os.path.abspath(path)
-        config.application_path = f"{__name__}:_worker_app()"  # type: ignore[attr-defined]
-        return int(run(config))  # type: ignore[arg-type]
+        return run_server(app, settings, path, workers)
     except OSError as exc:
         if exc.filename is not None or exc.errno not in _BIND_ERRORS:
             raise
-        # Taken between the probe and hypercorn's own bind.
+        # Taken between the probe and the server's own bind.
         return _cannot_listen(server.bind, listen_failure(exc, server.host))
 
 
@@ -217,78 +187,6 @@ def _bound(settings: Settings, bind: str) -> Settings:
 def _cannot_listen(bind: str, why: str) -> int:
     print(f"error: cannot listen on {bind}: {why}", file=sys.stderr)
     return 2
-
-
-def _worker_app() -> DicomWebProxy:
-    """The app of one hypercorn worker process (``serve --workers N``)."""
-    # The main process turns SIGTERM into hypercorn's shutdown event, which lets requests in
-    # flight finish; it then sends its workers SIGTERM too, which would cut them off at once.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    settings = Settings.from_toml(os.environ[_CONFIG_ENV])
-    _setup_logging(settings)
-    _fix_hypercorn()
-    return create_app(settings)
-
-
-def _fix_hypercorn() -> None:
-    """Two fixes to hypercorn 0.18's asyncio server, each of which held connections forever
-    or for the whole keep-alive timeout (issue 19); applied once per process."""
-    from hypercorn.asyncio.task_group import TaskGroup
-    from hypercorn.asyncio.tcp_server import TCPServer
-
-    if getattr(TCPServer, "_shanoir_fixed", False):
-        return
-    TCPServer._shanoir_fixed = True  # type: ignore[attr-defined]
-    read_data = TCPServer._read_data
-    spawn_app = TaskGroup.spawn_app
-
-    async def _read_data(self: TCPServer) -> None:
-        # A connection its client closed between two requests stayed open (CLOSE_WAIT) until
-        # keep_alive_timeout: its task group waits for the keep-alive timer, which nothing
-        # stopped once the client's end of file was read.
-        await read_data(self)
-        await self.idle_task.stop()
-
-    async def _spawn_app(
-        self: TaskGroup, app: Any, config: Any, scope: Any, send: Any
-    ) -> Callable[[Any], Awaitable[None]]:
-        # An app that answers before reading the whole request body (a refused or failed
-        # upload) left the body's queue full: the server then waited forever to put the rest
-        # there, and the disconnect that ends the exchange, so the connection never closed.
-        # Once the response is complete, what the app did not read is dropped.
-        queue: asyncio.Queue[Any] | None = None
-        answered = False
-
-        def drain() -> None:
-            while queue is not None and not queue.empty():
-                queue.get_nowait()  # also frees a put already waiting
-
-        async def app_send(message: Any) -> None:
-            nonlocal answered
-            if message is None or (
-                message["type"] == "http.response.body" and not message.get("more_body", False)
-            ):
-                answered = True
-                drain()
-            await send(message)
-
-        put = await spawn_app(self, app, config, scope, app_send)
-        found = getattr(put, "__self__", None)
-        if not isinstance(found, asyncio.Queue):
-            return put  # not the hypercorn this was written for: leave it as it is
-        queue = found
-
-        async def app_put(message: Any) -> None:
-            if not answered:
-                await put(message)
-            elif message["type"] == "http.disconnect":
-                drain()  # room for it, for an app still reading
-                queue.put_nowait(message)
-
-        return app_put
-
-    TCPServer._read_data = _read_data  # type: ignore[method-assign]
-    TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
 
 
 def _check(path: str) -> int:

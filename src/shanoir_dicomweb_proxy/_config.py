@@ -196,6 +196,8 @@ class _Section:
 _S = TypeVar("_S", bound=_Section)
 
 Transport = Literal["httpx", "aiohttp"]
+Engine = Literal["hypercorn", "uvicorn"]
+EventLoop = Literal["auto", "asyncio", "uvloop"]
 UpstreamAuthType = Literal["none", "basic", "bearer", "client_credentials"]
 MappingBackend = Literal["sqlite", "static", "http", "shanoir", "identity"]
 AccessBackend = Literal["sqlite", "static", "http", "shanoir", "allow_all"]
@@ -233,6 +235,13 @@ class ServerSettings(_Section):
     ready_timeout: float = 2.0
     #: Seconds in-flight requests may take to finish after SIGTERM before they are cut.
     shutdown_grace: float = 30.0
+    #: The HTTP server `serve` runs: `"hypercorn"` (HTTP/1.1 and h2c) or `"uvicorn"` (HTTP/1.1
+    #: only, with the httptools parser: about half the server's work per request;
+    #: [performance](scaling.md#performance)).
+    engine: Engine = "hypercorn"
+    #: The event loop of `serve`: `"auto"` takes uvloop when it is installed (it is a dependency
+    #: on Linux and macOS), else asyncio's own.
+    loop: EventLoop = "auto"
 
     @property
     def host(self) -> str:

@@ -1,0 +1,233 @@
+"""The HTTP servers ``serve`` runs (``[server] engine``): hypercorn, or uvicorn on httptools,
+each on uvloop when installed (``[server] loop``), one worker or several.
+
+Both are set up alike: HTTP/1.1 keep-alive for 75 s, no access log or forwarded-header
+handling of their own (the proxy has its own), a graceful stop on SIGTERM within
+``[server] shutdown_grace``. Each needed a fix to free connections its client was done with
+(issue 19): hypercorn in its internals (:func:`fix_hypercorn`), uvicorn with a protocol of its
+own (:class:`LingeringProtocol`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from ._app import DicomWebProxy, create_app
+from ._config import Settings
+from ._errors import ConfigError
+from ._observability import configure_logging
+
+__all__ = [
+    "LingeringProtocol",
+    "fix_hypercorn",
+    "hypercorn_config",
+    "run_server",
+    "uvicorn_options",
+]
+
+# Where a worker process finds the settings file (``serve --workers N``).
+_CONFIG_ENV = "SHANOIR_DICOMWEB_PROXY_CONFIG"
+
+
+def run_server(app: DicomWebProxy, settings: Settings, path: str, workers: int) -> int:
+    """Serve ``app`` (built from the file at ``path``) until SIGTERM or SIGINT; the exit status.
+
+    With several workers each process builds its own app from ``path``."""
+    server = settings.server
+    if server.engine == "uvicorn":
+        options = uvicorn_options(settings)
+        if workers == 1:
+            uvicorn.Server(uvicorn.Config(app, **options)).run()
+            return 0
+        os.environ[_CONFIG_ENV] = os.path.abspath(path)
+        uvicorn.run(f"{__name__}:_uvicorn_worker_app", factory=True, workers=workers, **options)
+        return 0
+    config = hypercorn_config(settings, workers)
+    fix_hypercorn()
+    if workers == 1:
+        from hypercorn.asyncio import serve
+
+        with asyncio.Runner(loop_factory=_loop_factory(server.loop)) as runner:
+            runner.run(serve(app, config))  # type: ignore[arg-type]
+        return 0
+    from hypercorn.run import run
+
+    os.environ[_CONFIG_ENV] = os.path.abspath(path)
+    config.application_path = f"{__name__}:_hypercorn_worker_app()"  # type: ignore[attr-defined]
+    uvloop = _loop_factory(server.loop) is not None
+    config.worker_class = "uvloop" if uvloop else "asyncio"  # type: ignore[attr-defined]
+    return int(run(config))  # type: ignore[arg-type]
+
+
+def hypercorn_config(settings: Settings, workers: int) -> object:
+    """hypercorn's settings for ``serve``."""
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [settings.server.bind]
+    config.workers = workers
+    # Hypercorn's error log goes through the root handler, in [logging] format; its access
+    # log stays off: the proxy's own (shanoir_dicomweb_proxy.requests) replaces it.
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.loglevel = settings.logging.level.upper()
+    # Study retrieves can take minutes on a slow link; the upstream read timeout bounds them.
+    config.keep_alive_timeout = 75
+    # On SIGTERM (or SIGINT) hypercorn stops listening, lets requests in flight finish for this
+    # long, then cuts what is left and runs the lifespan's shutdown.
+    config.graceful_timeout = settings.server.shutdown_grace
+    return config
+
+
+def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop for ``[server] loop`` "uvloop", or "auto" when it is installed; else None
+    (asyncio's own)."""
+    if loop == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if loop == "uvloop":
+            raise ConfigError("[server] loop: uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's settings for ``serve``: HTTP/1.1 on httptools, as hypercorn is set up."""
+    server = settings.server
+    return {
+        "host": server.host,
+        "port": server.port,
+        "loop": "uvloop" if _loop_factory(server.loop) else "asyncio",
+        "http": f"{__name__}:LingeringProtocol",
+        "lifespan": "on",
+        # The proxy's own access log and forwarded-header rules ([server] forwarded_allow_ips)
+        # replace uvicorn's; its log goes through the root handler, in [logging] format.
+        "access_log": False,
+        "log_config": None,
+        "proxy_headers": False,
+        "server_header": False,
+        "timeout_keep_alive": 75,
+        "timeout_graceful_shutdown": server.shutdown_grace,
+    }
+
+
+def _hypercorn_worker_app() -> DicomWebProxy:
+    """The app of one hypercorn worker process (``serve --workers N``)."""
+    # The main process turns SIGTERM into hypercorn's shutdown event, which lets requests in
+    # flight finish; it then sends its workers SIGTERM too, which would cut them off at once.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    settings = Settings.from_toml(os.environ[_CONFIG_ENV])
+    configure_logging(settings)
+    fix_hypercorn()
+    return create_app(settings)
+
+
+#: How long a connection whose upload was answered early may go on sending before it is cut.
+_LINGER_SECONDS = 30.0
+
+
+class LingeringProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol on httptools, except for a connection whose request body was
+    answered before it was read (413, a refused token, a failed upload).
+
+    uvicorn keeps such a connection open to read and drop the rest of the body: gigabytes, for
+    a refused upload. Here its write side is shut at once, so that the client sees the end of
+    the answer, and it is closed when the client stops, or after ``_LINGER_SECONDS`` (as
+    nginx's lingering close).
+    """
+
+    _lingering = False
+
+    def on_response_complete(self) -> None:
+        cycle = self.cycle
+        if cycle is None or not cycle.more_body or self.transport.is_closing():
+            super().on_response_complete()
+            return
+        self._lingering = True
+        self.server_state.total_requests += 1
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.flow.resume_reading()
+        self.loop.call_later(_LINGER_SECONDS, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._lingering:
+            super().data_received(data)
+
+
+def _uvicorn_worker_app() -> DicomWebProxy:
+    """The app of one uvicorn worker process (``serve --workers N``, ``engine = "uvicorn"``):
+    uvicorn's workers stop gracefully on SIGTERM themselves."""
+    settings = Settings.from_toml(os.environ[_CONFIG_ENV])
+    configure_logging(settings)
+    return create_app(settings)
+
+
+def fix_hypercorn() -> None:
+    """Two fixes to hypercorn 0.18's asyncio server, each of which held connections forever
+    or for the whole keep-alive timeout (issue 19); applied once per process."""
+    from hypercorn.asyncio.task_group import TaskGroup
+    from hypercorn.asyncio.tcp_server import TCPServer
+
+    if getattr(TCPServer, "_shanoir_fixed", False):
+        return
+    TCPServer._shanoir_fixed = True  # type: ignore[attr-defined]
+    read_data = TCPServer._read_data
+    spawn_app = TaskGroup.spawn_app
+
+    async def _read_data(self: TCPServer) -> None:
+        # A connection its client closed between two requests stayed open (CLOSE_WAIT) until
+        # keep_alive_timeout: its task group waits for the keep-alive timer, which nothing
+        # stopped once the client's end of file was read.
+        await read_data(self)
+        await self.idle_task.stop()
+
+    async def _spawn_app(
+        self: TaskGroup, app: Any, config: Any, scope: Any, send: Any
+    ) -> Callable[[Any], Awaitable[None]]:
+        # An app that answers before reading the whole request body (a refused or failed
+        # upload) left the body's queue full: the server then waited forever to put the rest
+        # there, and the disconnect that ends the exchange, so the connection never closed.
+        # Once the response is complete, what the app did not read is dropped.
+        queue: asyncio.Queue[Any] | None = None
+        answered = False
+
+        def drain() -> None:
+            while queue is not None and not queue.empty():
+                queue.get_nowait()  # also frees a put already waiting
+
+        async def app_send(message: Any) -> None:
+            nonlocal answered
+            if message is None or (
+                message["type"] == "http.response.body" and not message.get("more_body", False)
+            ):
+                answered = True
+                drain()
+            await send(message)
+
+        put = await spawn_app(self, app, config, scope, app_send)
+        found = getattr(put, "__self__", None)
+        if not isinstance(found, asyncio.Queue):
+            return put  # not the hypercorn this was written for: leave it as it is
+        queue = found
+
+        async def app_put(message: Any) -> None:
+            if not answered:
+                await put(message)
+            elif message["type"] == "http.disconnect":
+                drain()  # room for it, for an app still reading
+                queue.put_nowait(message)
+
+        return app_put
+
+    TCPServer._read_data = _read_data  # type: ignore[method-assign]
+    TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
