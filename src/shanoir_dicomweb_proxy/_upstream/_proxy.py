@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -91,21 +93,52 @@ class UpstreamProxy:
         spool: IO[bytes] | None = None,
     ) -> None:
         """Forward while watching the client: a disconnect cancels the upstream request."""
+        if length is None:
+            await self._forward_unless_gone(scope, request, receive, send)
+            return
         async with anyio.create_task_group() as tg:
-            content: AsyncIterator[bytes] | None = None
+            content: AsyncIterator[bytes]
             if spool is not None:
                 content = read_spool(spool)
                 tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
-            elif length is not None:
+            else:
                 sender, body = anyio.create_memory_object_stream[bytes](0)
                 content = _iterate(body)
                 tg.start_soon(_pump_body, receive, sender, tg.cancel_scope)
-            else:
-                tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
             try:
                 await self._forward(scope, request, content, length, send)
             finally:
                 tg.cancel_scope.cancel()
+
+    async def _forward_unless_gone(
+        self, scope: Scope, request: DicomWebRequest, receive: Receive, send: Send
+    ) -> None:
+        """:meth:`_forward` a request without a body, cancelled if the client hangs up.
+
+        The common case, so one plain task watches instead of a task group: a third of the
+        cost of this layer for a small frame.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            with contextlib.suppress(Exception):  # the server's failure is not the client's
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                gone = True
+                task.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        try:
+            await self._forward(scope, request, None, None, send)
+        except asyncio.CancelledError:
+            if gone and task.uncancel() == 0:
+                return  # the client hung up: nobody to answer
+            raise
+        finally:
+            watcher.cancel()
 
     async def _forward(
         self,
