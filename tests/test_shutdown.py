@@ -29,10 +29,12 @@ def slow() -> Iterator[FaultServer]:
     server.stop()
 
 
-def _proxy(tmp_path: Path, slow: FaultServer, grace: float, workers: int = 1) -> ProxyServer:
+def _proxy(
+    tmp_path: Path, slow: FaultServer, grace: float, workers: int = 1, engine: str = "hypercorn"
+) -> ProxyServer:
     settings = {
         **CORE_SETTINGS,
-        "server": {"shutdown_grace": grace},
+        "server": {"shutdown_grace": grace, "engine": engine},
         "upstream": {"url": slow.url},
     }
     return ProxyServer(tmp_path / "proxy", settings, workers=workers)
@@ -83,11 +85,12 @@ def _wait_exit(proxy: ProxyServer, within: float) -> int | None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ["hypercorn", "uvicorn"])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_lets_a_stream_in_flight_finish(
-    tmp_path: Path, slow: FaultServer, workers: int
+    tmp_path: Path, slow: FaultServer, workers: int, engine: str
 ) -> None:
-    proxy = _proxy(tmp_path, slow, grace=20, workers=workers)
+    proxy = _proxy(tmp_path, slow, grace=20, workers=workers, engine=engine)
     proxy.start()
     try:
         download = _Download(proxy.dicomweb_url)
@@ -105,8 +108,11 @@ def test_sigterm_lets_a_stream_in_flight_finish(
         proxy.stop()
 
 
-def test_streams_past_the_grace_period_are_cut(tmp_path: Path, slow: FaultServer) -> None:
-    proxy = _proxy(tmp_path, slow, grace=0.5)
+@pytest.mark.parametrize("engine", ["hypercorn", "uvicorn"])
+def test_streams_past_the_grace_period_are_cut(
+    tmp_path: Path, slow: FaultServer, engine: str
+) -> None:
+    proxy = _proxy(tmp_path, slow, grace=0.5, engine=engine)
     proxy.start()
     try:
         download = _Download(proxy.dicomweb_url)

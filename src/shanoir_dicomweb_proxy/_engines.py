@@ -19,6 +19,7 @@ from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import Multiprocess
 
 from ._app import DicomWebProxy, create_app
 from ._config import Settings
@@ -45,10 +46,16 @@ def run_server(app: DicomWebProxy, settings: Settings, path: str, workers: int) 
     if server.engine == "uvicorn":
         options = uvicorn_options(settings)
         if workers == 1:
+            # uvicorn raises the signal that stopped it again once it is done, to end with the
+            # status of the default handler (killed by SIGTERM): ours makes it a clean 0.
+            for stop in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(stop, lambda *_: None)
             uvicorn.Server(uvicorn.Config(app, **options)).run()
             return 0
         os.environ[_CONFIG_ENV] = os.path.abspath(path)
-        uvicorn.run(f"{__name__}:_uvicorn_worker_app", factory=True, workers=workers, **options)
+        factory = f"{__name__}:_uvicorn_worker_app"
+        setup = uvicorn.Config(factory, factory=True, workers=workers, **options)
+        _Supervisor(setup, sockets=[setup.bind_socket()]).run()
         return 0
     config = hypercorn_config(settings, workers)
     fix_hypercorn()
@@ -133,6 +140,17 @@ def _hypercorn_worker_app() -> DicomWebProxy:
 
 #: How long a connection whose upload was answered early may go on sending before it is cut.
 _LINGER_SECONDS = 30.0
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor of worker processes, which kept its copy of the listening socket
+    open while its workers finished their requests after SIGTERM: new connections were
+    accepted there and never answered. It closes it first, so they are refused."""
+
+    def terminate_all(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        super().terminate_all()
 
 
 class LingeringProtocol(HttpToolsProtocol):
