@@ -43,6 +43,7 @@ class ProxyVariant:
     patches: Mapping[str, str] = field(default_factory=dict)
     note: str = ""
     mapped: bool = False  # identifiers translated through the embedded store
+    engine: str = "hypercorn"  # [server] engine
 
 
 PROXY_VARIANTS: dict[str, ProxyVariant] = {
@@ -68,6 +69,16 @@ PROXY_VARIANTS: dict[str, ProxyVariant] = {
             note="aiohttp, public UIDs translated through the embedded SQLite store",
             mapped=True,
         ),
+        ProxyVariant(
+            "uvicorn", "aiohttp", note="aiohttp, [server] engine = uvicorn", engine="uvicorn"
+        ),
+        ProxyVariant(
+            "uvicorn-mapped",
+            "aiohttp",
+            note="uvicorn, public UIDs translated through the embedded SQLite store",
+            mapped=True,
+            engine="uvicorn",
+        ),
     )
 }
 
@@ -88,6 +99,7 @@ def start_proxy(
     A mapped variant needs ``store``, a store synced from the upstream.
     """
     settings: dict[str, Any] = {
+        "server": {"engine": variant.engine},
         "auth": {"enabled": False},
         "mapping": {"backend": "identity"},
         "access": {"backend": "allow_all"},

@@ -69,6 +69,18 @@ RSS_TARGET_MIB = 32
 
 
 @dataclass(frozen=True)
+class Goal:
+    """A workload's target (issue 17): ``identity`` and ``mapped`` are the least ratio of the
+    proxy's figure to ``versus``'s (throughput, or latency reference/proxy); ``added_ms`` the
+    most latency the proxy may add to ``versus``'s median."""
+
+    versus: str  # "nginx" | "direct"
+    identity: float = 0.0
+    mapped: float = 0.0
+    added_ms: float | None = None
+
+
+@dataclass(frozen=True)
 class Workload:
     name: str
     kind: str  # "bulk" | "requests" | "memory"
@@ -76,7 +88,8 @@ class Workload:
     accept: str
     paths: tuple[str, ...]
     concurrency: int = 1
-    target: str = ""  # "bulk" | "latency" | "" (figures only)
+    target: str = ""  # "bulk" | "latency" | "" (figures only): how figures compare
+    goal: Goal | None = None  # issue 17's target, PASS or MISS in the report
     keepalive: bool = False  # bulk: back-to-back retrieves on one client connection
 
 
@@ -200,6 +213,7 @@ def workloads(data: BenchData) -> list[Workload]:
             (series_path,),
             1,
             "bulk",
+            goal=Goal("nginx", 0.95, 0.85),
         ),
         Workload(
             "series-c4",
@@ -209,6 +223,7 @@ def workloads(data: BenchData) -> list[Workload]:
             (series_path,),
             4,
             "bulk",
+            goal=Goal("nginx", 0.95, 0.85),
         ),
         Workload(
             "large-c1",
@@ -220,6 +235,7 @@ def workloads(data: BenchData) -> list[Workload]:
             1,
             "bulk",
             keepalive=True,
+            goal=Goal("nginx", 0.95, 0.95),
         ),
         Workload(
             "frames-c8",
@@ -228,6 +244,7 @@ def workloads(data: BenchData) -> list[Workload]:
             FRAMES,
             frames,
             8,
+            goal=Goal("nginx", 0.9, 0.9),
         ),
         Workload(
             "frames-small-c8",
@@ -236,8 +253,18 @@ def workloads(data: BenchData) -> list[Workload]:
             FRAMES,
             small_frames,
             8,
+            goal=Goal("nginx", 0.9, 0.9),
         ),
-        Workload("qido-c1", "requests", "QIDO " + qido[0] + ", c=1", JSON, qido, 1, "latency"),
+        Workload(
+            "qido-c1",
+            "requests",
+            "QIDO " + qido[0] + ", c=1",
+            JSON,
+            qido,
+            1,
+            "latency",
+            goal=Goal("direct", added_ms=0.5),
+        ),
         Workload("qido-c4", "requests", "QIDO, same query, c=4", JSON, qido, 4, "latency"),
         Workload(
             "metadata-c1",
@@ -247,6 +274,7 @@ def workloads(data: BenchData) -> list[Workload]:
             (series_path + "/metadata",),
             1,
             "latency",
+            goal=Goal("direct", 0.95, 0.95),
         ),
     ]
     assert tuple(w.name for w in out) == WORKLOAD_NAMES
@@ -437,7 +465,8 @@ class Bench:
             meters={t.name: t.meters for t in targets},
         )
         for target in targets:
-            self.report.bulk(workload, target.name, target.kind, rounds[target.name])
+            mapped = bool(target.public)
+            self.report.bulk(workload, target.name, target.kind, rounds[target.name], mapped)
         self.results[workload.name] = {k: [asdict(r) for r in v] for k, v in rounds.items()}
 
     def requests(self, workload: Workload, targets: list[Target]) -> None:
@@ -457,7 +486,8 @@ class Bench:
                 self.report.note(
                     f"{workload.name} {target.name}: {stats[target.name].errors} errors"
                 )
-            self.report.requests(workload, target.name, target.kind, stats[target.name])
+            mapped = bool(target.public)
+            self.report.requests(workload, target.name, target.kind, stats[target.name], mapped)
         self.results[workload.name] = {name: asdict(value) for name, value in stats.items()}
 
     def memory(self, workload: Workload, proxies: list[Target]) -> None:
