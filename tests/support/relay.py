@@ -58,3 +58,5 @@ class RecordingRelay:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+            # Each socket is the source of one pipe: that pipe closes it once done reading.
+            source.close()
