@@ -12,6 +12,7 @@ instance or series belong to the path's study?), and only for a 404.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -50,8 +51,9 @@ from .support.relay import RecordingRelay
 from .support.settings import CORE_SETTINGS
 
 OPENAPI = Path(__file__).parents[1] / "docs" / "openapi.yaml"
-#: Cases per operation and generation mode: with the explicit examples, about 800 requests.
-EXAMPLES = 12
+#: Cases per operation and generation mode: with the explicit examples, about 800 requests
+#: (``FUZZ_EXAMPLES=100`` for a longer run by hand).
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "12"))
 CHECKS = [
     status_code_conformance,
     content_type_conformance,
@@ -184,6 +186,35 @@ _AIMED = {
     "denied study": ("study",),
 }
 _WADO_URI = {"study": "studyUID", "series": "seriesUID", "instance": "objectUID"}
+_KNOWN_ACCEPTS = st.sampled_from(
+    [
+        "",
+        "*/*",
+        "application/dicom+json",
+        "application/json",
+        'multipart/related; type="application/dicom+xml"',
+        "application/dicom+xml",
+        'multipart/related; type="application/dicom"; transfer-syntax=*',
+        "application/dicom",
+        "application/zip",
+        'multipart/related; type="application/octet-stream"',
+        "multipart/related; type=*/*",
+        "application/octet-stream",
+        "image/jpeg",
+        "image/png",
+        "text/html,application/xhtml+xml,image/avif,image/webp,*/*;q=0.8",
+        "image/*",
+        "video/mp4",
+    ]
+)
+# What a header can carry (requests refuses leading or trailing whitespace).
+_ANY_ACCEPT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=80)
+#: OpenAPI leaves ``Accept`` out of the parameters, so it is drawn here: in one case of four,
+#: one of the types PS3.18 names or what viewers and browsers send; in one of four, anything
+#: printable; otherwise none (``*/*``).
+_ACCEPTS = st.integers(0, 3).flatmap(
+    lambda n: (_KNOWN_ACCEPTS, _ANY_ACCEPT.map(str.strip), st.just(""), st.just(""))[n]
+)
 
 
 def _aim(case: schemathesis.Case, aim: str, target: Target) -> None:
@@ -214,15 +245,15 @@ def _refused_by_proxy(response: schemathesis.Response) -> str | None:
 
 def _runner(
     target: Target, tally: Tally, session: requests.Session
-) -> Callable[[schemathesis.Case, str], None]:
+) -> Callable[[schemathesis.Case, str, str], None]:
     auth = {"Authorization": f"Bearer {target.token}"}
     base_url = target.proxy.url
 
-    def run(case: schemathesis.Case, aim: str) -> None:
+    def run(case: schemathesis.Case, aim: str, accept: str) -> None:
         _aim(case, aim, target)
-        headers = (
-            {**auth, "Content-Type": _STOW} if case.media_type == "multipart/related" else auth
-        )
+        headers = {**auth, "Accept": accept} if accept else dict(auth)
+        if case.media_type == "multipart/related":
+            headers["Content-Type"] = _STOW
         label = f"{case.operation.method.upper()} {case.operation.path}"
         before = len(target.relay.sent)
         response = case.call(base_url=base_url, session=session, headers=headers, timeout=60)
@@ -262,9 +293,9 @@ def _fuzz(strategy: st.SearchStrategy[schemathesis.Case], run: Callable[..., Non
         phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
         suppress_health_check=list(hypothesis.HealthCheck),
     )
-    @hypothesis.given(strategy, st.sampled_from(_AIMS))
-    def fuzz(case: schemathesis.Case, aim: str) -> None:
-        run(case, aim)
+    @hypothesis.given(strategy, st.sampled_from(_AIMS), _ACCEPTS)
+    def fuzz(case: schemathesis.Case, aim: str, accept: str) -> None:
+        run(case, aim, accept)
 
     fuzz()
 
