@@ -300,6 +300,7 @@ def _fuzz(strategy: st.SearchStrategy[schemathesis.Case], run: Callable[..., Non
     fuzz()
 
 
+@pytest.mark.slow
 def test_fuzzing_finds_no_5xx_no_traceback_no_drift_and_no_refusal_upstream(
     target: Target,
 ) -> None:
