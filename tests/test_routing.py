@@ -246,6 +246,25 @@ def test_wado_uri_refuses_what_it_cannot_do(query: bytes) -> None:
         _wado(query)
 
 
+@pytest.mark.parametrize(
+    "viewport", ["99999,99999", "65536,4", "8193,8", "0,0", "-5,3", "x,1", "512"]
+)
+@pytest.mark.parametrize("resource", ["rendered", "thumbnail", "frames/1/rendered"])
+def test_a_rendered_image_larger_than_8192_pixels_a_side_is_refused(
+    viewport: str, resource: str
+) -> None:
+    """Orthanc 1.10 drops the connection on a side over 65,500 pixels and dies on
+    viewport=99999,99999 (found by tests/test_fuzz.py): the proxy answers 400 first."""
+    path = f"/dicomweb/studies/{S}/series/{SE}/instances/{SOP}/{resource}"
+    with pytest.raises(BadRequest, match="viewport"):
+        route(path, query=f"viewport={viewport}".encode())
+    for fine in (b"viewport=8192,8192", b"viewport=32%2C64", b"viewport=64,64,0,0,-64,64"):
+        assert route(path, query=fine).query[0][0] == "viewport"
+    with pytest.raises(BadRequest):
+        _wado(WADO + b"&rows=8193")
+    assert _wado(WADO + b"&rows=8192").request.query == (("viewport", "8192,8192"),)
+
+
 def test_wado_uri_content_types() -> None:
     with pytest.raises(NotAcceptable):
         _wado(WADO + b"&contentType=text/html")

@@ -38,6 +38,11 @@ _NUMBERS = re.compile(r"[0-9]+(?:,[0-9]+)*")
 _SLASHES = re.compile(r"/{2,}")
 #: The largest ``limit`` or ``offset`` passed on (PACS parse them as 32-bit integers).
 PAGING_MAX = 2**31 - 1
+#: The largest width or height of a rendered image passed on (``viewport``, WADO-URI ``rows``
+#: and ``columns``): an 8K display's, and then some. Orthanc 1.10 drops the connection for a
+#: side over JPEG's 65,500 pixels and dies outright on ``viewport=99999,99999``: no request
+#: may take the PACS down.
+RENDERED_MAX = 8192
 # A BulkDataURI path below an instance: Orthanc's ``bulk/7fe00010`` or ``bulk/00540016/0/...``,
 # dcm4chee's ``bulkdata/7FE00010``. Tags are 8 hex digits, item indices decimal.
 _BULK_SEGMENT = re.compile(r"[0-9A-Fa-f]{8}|[0-9]{1,9}")
@@ -184,8 +189,25 @@ def parse_route(scope: Scope, *, base_path: str) -> Route:
         raise MethodNotAllowed(f"{method} is not allowed on this resource", allow=allowed)
     query = _parse_query(scope.get("query_string", b""))
     if query:
+        if request.resource in (Resource.RENDERED, Resource.THUMBNAIL):
+            for key, value in query:
+                if key == "viewport":
+                    _viewport(value)
         request = replace(request, query=query)
     return Route(request, allowed)
+
+
+def _viewport(value: str) -> None:
+    """PS3.18's ``vw,vh[,sx,sy,sw,sh]``: the size of the image answered comes first."""
+    width, _, rest = value.partition(",")
+    height = rest.partition(",")[0]
+    for size in (width, height):
+        if not (
+            size.isascii() and size.isdigit() and len(size) <= 4 and 0 < int(size) <= RENDERED_MAX
+        ):
+            raise BadRequest(
+                f"viewport starts with a width and a height from 1 to {RENDERED_MAX} pixels"
+            )
 
 
 #: WADO-URI content types served, as the WADO-RS resource that gives them.
@@ -236,7 +258,8 @@ def _wado_uri(method: str, query: tuple[tuple[str, str], ...]) -> tuple[DicomWeb
         rendered.append(
             (
                 "viewport",
-                f"{_number('columns', columns or rows)},{_number('rows', rows or columns)}",
+                f"{_number('columns', columns or rows, top=RENDERED_MAX)},"
+                f"{_number('rows', rows or columns, top=RENDERED_MAX)}",
             )
         )
     center, width = params.get("windowCenter"), params.get("windowWidth")

@@ -39,7 +39,11 @@ class RecordingRelay:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target)
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:  # the target is down: the client sees its connection closed
+                client.close()
+                continue
             threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
 
@@ -58,3 +62,5 @@ class RecordingRelay:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+            # Each socket is the source of one pipe: that pipe closes it once done reading.
+            source.close()
