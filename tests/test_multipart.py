@@ -52,7 +52,7 @@ _headers = st.lists(
     st.tuples(
         st.sampled_from([b"Content-Type", b"Content-Location", b"Content-Length", b"X-A"]),
         st.binary(min_size=1, max_size=20).filter(lambda v: b"\r" not in v and b"\n" not in v),
-    ).map(lambda p: (p[0], p[1].strip(b" \t") or b"v")),
+    ).map(lambda p: (p[0], p[1].strip() or b"v")),  # header_pair strips the value
     max_size=3,
 )
 

@@ -5,9 +5,10 @@ This module is the only place that decides which header goes where.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeGuard
 
 from ._errors import BadRequest
@@ -132,11 +133,14 @@ def response_headers_for_client(headers: Sequence[tuple[bytes, bytes]]) -> Heade
 
 
 class MediaType:
-    """A parsed ``Content-Type`` or ``Accept`` element: ``type/subtype`` plus parameters."""
+    """A parsed ``Content-Type`` or ``Accept`` element: ``type/subtype`` plus parameters.
+
+    Parsed values are cached and shared: never change one.
+    """
 
     __slots__ = ("type", "params")
 
-    def __init__(self, type: str, params: dict[str, str]) -> None:
+    def __init__(self, type: str, params: Mapping[str, str]) -> None:
         self.type = type
         self.params = params
 
@@ -152,8 +156,10 @@ class MediaType:
 _PARAM = re.compile(r'\s*;\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;,]*)')
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_media_type(value: str) -> MediaType:
-    """Parse one media type with its parameters.
+    """Parse one media type with its parameters (cached: a request's Accept, and the upstream's
+    Content-Type that several layers read, are parsed once).
 
     Quoted and unquoted parameter values are both accepted: PS3.18 §8.7.3.5 quotes
     ``type="application/dicom"``, yet many clients send it unquoted (``type=application/dicom``),
@@ -169,10 +175,11 @@ def parse_media_type(value: str) -> MediaType:
     return MediaType(head.strip().lower(), params)
 
 
-def split_accept(value: str) -> list[MediaType]:
-    """Split an ``Accept`` header into media ranges, honouring quoted commas."""
+@functools.lru_cache(maxsize=256)
+def split_accept(value: str) -> tuple[MediaType, ...]:
+    """Split an ``Accept`` header into media ranges, honouring quoted commas (cached)."""
     if '"' not in value:  # the common case, on every request: no quoted parameter
-        return [parse_media_type(part) for part in value.split(",") if part.strip()]
+        return tuple(parse_media_type(part) for part in value.split(",") if part.strip())
     parts: list[str] = []
     current: list[str] = []
     quoted = False
@@ -185,7 +192,7 @@ def split_accept(value: str) -> list[MediaType]:
         else:
             current.append(char)
     parts.append("".join(current))
-    return [parse_media_type(part) for part in parts if part.strip()]
+    return tuple(parse_media_type(part) for part in parts if part.strip())
 
 
 _JSON_RANGES = frozenset({"application/dicom+json", "application/json", "application/*", "*/*"})
