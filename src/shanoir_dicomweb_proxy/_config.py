@@ -360,15 +360,16 @@ class UpstreamSettings(_Section):
     pool_timeout: float = 10.0
     #: Connections to the PACS at most, per worker process.
     max_connections: int = 64
-    #: Idle connections kept for reuse, per worker process (`transport = "httpx"`; aiohttp keeps any
-    #: idle connection up to `max_connections`).
+    #: Idle connections kept for reuse, per worker process (`transport = "httpx"`, and the GETs of
+    #: `"aiohttp"`; its other requests keep any idle connection up to `max_connections`).
     max_keepalive_connections: int = 16
     #: Seconds an idle connection is kept for reuse. Orthanc closes idle connections after 1 s:
     #: reusing one just as it closes fails the request, so stay below that.
     keepalive_expiry: float = 0.5
-    #: How bytes move to and from the PACS: `"aiohttp"` (reads up to 1 MiB at a time) or `"httpx"`
-    #: (httpx's own transport); on the project's machines aiohttp moved ~1.8× the bytes and ~2× the
-    #: small requests (`bench/`).
+    #: How bytes move to and from the PACS: `"aiohttp"` (reads up to 1 MiB at a time; forwarded
+    #: GETs, most requests, go through the proxy's own HTTP/1.1 client on httptools, at a quarter
+    #: of aiohttp's CPU per request) or `"httpx"` (httpx's own transport); on the project's
+    #: machines aiohttp moved ~1.8× the bytes and ~2× the small requests (`bench/`).
     transport: Transport = "aiohttp"
     #: How the proxy authenticates to the PACS. Clients' `Authorization` headers never go upstream.
     auth: UpstreamAuthSettings = field(default_factory=UpstreamAuthSettings)

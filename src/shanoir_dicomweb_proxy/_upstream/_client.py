@@ -19,6 +19,7 @@ from .._config import UpstreamSettings
 from .._errors import ProxyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from .._oauth import ClientCredentials
 from ._transport import AiohttpTransport, ResponseStream
+from ._wire import WirePool
 
 __all__ = ["Upstream", "UpstreamAnswer", "upstream_error"]
 
@@ -54,6 +55,8 @@ class Upstream:
         # aiohttp transport and the Authorization header to add, when the proxy's own
         # credentials are a constant header (none, basic, bearer).
         self._direct: tuple[AiohttpTransport, list[tuple[str, str]]] | None = None
+        # And for requests without a body, the proxy's own HTTP/1.1 client (_wire.py).
+        self._wire: tuple[WirePool, list[tuple[bytes, bytes]]] | None = None
 
     def _build_client(self) -> httpx.AsyncClient:
         s = self.settings
@@ -73,6 +76,16 @@ class Upstream:
             credentials = _constant_authorization(s)
             if credentials is not None:
                 self._direct = (transport, credentials)
+                pool = WirePool(
+                    s.url,
+                    max_connections=s.max_connections,
+                    max_keepalive=s.max_keepalive_connections,
+                    keepalive_expiry=s.keepalive_expiry,
+                    connect_timeout=s.connect_timeout,
+                    read_timeout=s.read_timeout,
+                    pool_timeout=s.pool_timeout,
+                )
+                self._wire = (pool, [(k.encode(), v.encode()) for k, v in credentials])
         auth: httpx.Auth | None = None
         if s.auth.type == "basic":
             auth = httpx.BasicAuth(s.auth.username, s.auth.password)
@@ -109,6 +122,9 @@ class Upstream:
         return self._client
 
     async def aclose(self) -> None:
+        if self._wire is not None:
+            self._wire[0].close()
+            self._wire = None
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
@@ -144,7 +160,8 @@ class Upstream:
 
         On the aiohttp transport it skips httpx's request and response objects (URL parsing,
         header merging, cookie extraction): about a third of the proxy's own work on a small
-        request.
+        request. A GET goes through the proxy's own HTTP/1.1 client (:class:`WirePool`), which
+        costs a quarter of aiohttp's CPU per request.
         """
         _ = self.client  # builds the transport, and the shortcut, on first use
         if self._direct is None:
@@ -153,6 +170,11 @@ class Upstream:
                 response.status_code, response.headers.raw, response.aiter_raw, response.aclose
             )
         transport, credentials = self._direct
+        if self._wire is not None and method == "GET" and content is None:
+            pool, own = self._wire
+            sent = [*headers, *own]
+            reply = await _retrying(method, content, lambda: pool.request(method, target, sent))
+            return UpstreamAnswer(reply.status, reply.headers, reply.chunks, reply.aclose)
         fields = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
         fields += credentials
         url = yarl.URL(self.url + target, encoded=True)
