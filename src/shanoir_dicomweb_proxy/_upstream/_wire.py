@@ -137,10 +137,10 @@ class _Connection(asyncio.Protocol):
     async def chunks(self) -> AsyncIterator[bytes]:
         while True:
             if self.body:
-                chunk = self.body.popleft() if len(self.body) == 1 else b"".join(self.body)
-                self.body.clear()
-                self.buffered = 0
-                if self.paused and self.transport is not None and not self.closed:
+                chunk = self.body.popleft()  # not joined: a copy of 512 KiB costs ~130 µs here
+                self.buffered -= len(chunk)
+                if self.paused and self.buffered < _LOW_WATER and not self.closed:
+                    assert self.transport is not None
                     self.paused = False
                     self.transport.resume_reading()
                     self._arm()
