@@ -16,11 +16,22 @@ import orjson
 import pytest
 
 from shanoir_dicomweb_proxy import DicomWebProxy, Principal, Settings, Upstream
-from shanoir_dicomweb_proxy._access import ALL, FILTER_PAGE, INJECT_MAX, Action, AuditLog, Visible
+from shanoir_dicomweb_proxy._access import (
+    ALL,
+    FILTER_PAGE,
+    INJECT_MAX,
+    AccessMiddleware,
+    Action,
+    AuditLog,
+    Visible,
+)
 from shanoir_dicomweb_proxy._backends import StaticIdentifierMap
 from shanoir_dicomweb_proxy._errors import ProxyError
-from shanoir_dicomweb_proxy._scope import set_principal
+from shanoir_dicomweb_proxy._identifiers import UidFormatter
+from shanoir_dicomweb_proxy._routing import RoutingMiddleware
+from shanoir_dicomweb_proxy._scope import get_dicomweb_request, get_upstream_rows, set_principal
 from shanoir_dicomweb_proxy._store import ImportRow
+from shanoir_dicomweb_proxy._types import ASGIApp
 
 from .support.asgi import CORE, Answer, call
 
@@ -102,7 +113,7 @@ def _principal(subject: str, *, admin: bool = False) -> Principal:
 class _As:
     """The app with a principal already in the scope, as AuthMiddleware leaves it."""
 
-    def __init__(self, app: DicomWebProxy, principal: Principal | None) -> None:
+    def __init__(self, app: ASGIApp, principal: Principal | None) -> None:
         self.app, self.principal = app, principal
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -344,3 +355,46 @@ def test_an_audit_log_others_may_read_is_warned_of(
     log.start()
     log.close()
     assert f"the audit log {path} may be read by every user (mode 644)" in caplog.text
+
+
+class _Below:
+    """The layers below access as far as it can tell, minus the rewrite layer's own cut of
+    invisible rows: every study row of :class:`_Pacs`, with public UIDs, counted as the rewrite
+    layer counts upstream rows. What access lets through of another examination shows here."""
+
+    def __init__(self) -> None:
+        self.pacs = _Pacs()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        request = get_dicomweb_request(scope)
+        query = dict(request.query)
+        offset, limit = int(query.get("offset", 0)), int(query.get("limit", 0))
+        exams = self.pacs.order[offset : offset + limit if limit else None]
+        rows = get_upstream_rows(scope)
+        if rows is not None:
+            rows[0] += len(exams)
+        body = orjson.dumps([{"0020000D": {"vr": "UI", "Value": [_public(e)]}} for e in exams])
+        headers = [(b"content-type", b"application/dicom+json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def test_a_filtered_search_drops_invisible_rows_by_itself() -> None:
+    """The filtered search is itself a filter: the rows of examinations the caller may not see
+    are dropped there even when nothing below cuts them (in the whole stack the rewrite layer
+    cuts them too, which alone would leave short pages and a Warning that lies)."""
+    below = _Below()
+    access = AccessMiddleware(below, policy=_Policy(GRANTS), formatter=UidFormatter(ROOT, "1.4.2"))
+    app = _As(RoutingMiddleware(access, base_path="/dicomweb"), _principal("bob"))
+    expected = [e for e in below.pacs.order if e <= 1000]  # bob's 1000 > INJECT_MAX: filtered
+    pages: list[int] = []
+    for offset in range(0, len(expected) + 100, 100):
+        answer = await call(app, "GET", b"/dicomweb/studies", f"limit=100&offset={offset}".encode())
+        assert answer.status == 200
+        page = _exams(answer)
+        assert page == expected[offset : offset + 100], offset
+        assert (b"warning" in answer.headers) == (offset + 100 < len(expected)), offset
+        pages += page
+    assert pages == expected
+    whole = await call(app, "GET", b"/dicomweb/studies")
+    assert _exams(whole) == expected and b"warning" not in whole.headers
