@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -103,15 +104,41 @@ async def _get(app: Any, token: str | None = None, query: bytes = b"", **headers
     return await call(app, "GET", b"/dicomweb/studies", query, headers=raw)
 
 
-def _refused(answer: Answer, error: str | None = "invalid_token") -> None:
+_NOT_VALID = "the access token is not valid"
+_DETAILS = {
+    "missing": "an access token is required",
+    "expired": "the access token expired",
+}
+
+
+async def _refused(
+    app: Any, answer: Answer, reason: str, *, error: str = "invalid_token", detail: str = ""
+) -> None:
+    """``answer`` is a 401 with its exact challenge and problem body, refused for ``reason``:
+    the word the proxy counts in its metrics (``token_failures``), which tells an expired token
+    from a forged one where the client is told only that the token is not valid."""
+    detail = detail or _DETAILS.get(reason, _NOT_VALID)
     assert answer.status == 401
     challenge = answer.headers[b"www-authenticate"].decode()
-    assert challenge.startswith('Bearer realm="dicomweb"')
-    if error is None:
-        assert "error=" not in challenge
+    if reason == "missing":
+        assert challenge == 'Bearer realm="dicomweb"'
+        code = "missing_token"
     else:
-        assert f'error="{error}"' in challenge
-    assert json.loads(answer.body)["status"] == 401
+        assert challenge == (
+            f'Bearer realm="dicomweb", error="{error}", error_description="{detail}"'
+        )
+        code = "invalid_token"
+    assert json.loads(answer.body) == {"status": 401, "code": code, "detail": detail}
+    assert await _failures(app) == {reason: 1}
+
+
+async def _failures(app: Any) -> dict[str, float]:
+    """Refused tokens by reason, as ``/metrics`` shows them."""
+    metrics = (await call(app, "GET", b"/metrics")).body.decode()
+    found = re.findall(
+        r'^dicomweb_proxy_token_failures_total\{reason="(\w+)"\} (\S+)$', metrics, re.M
+    )
+    return {reason: float(value) for reason, value in found}
 
 
 async def test_valid_token_reaches_upstream_without_its_authorization(
@@ -133,14 +160,16 @@ async def test_ec_key_and_at_jwt_type(keys: KeySet, jwks_file: Path) -> None:
 
 async def test_missing_token(jwks_file: Path) -> None:
     upstream = Upstream()
-    answer = await _get(build(upstream, auth=_auth(jwks_file)))
-    _refused(answer, error=None)
+    app = build(upstream, auth=_auth(jwks_file))
+    await _refused(app, await _get(app), "missing")
     assert upstream.requests == []
 
 
 async def test_not_a_bearer_scheme(jwks_file: Path) -> None:
     app = build(Upstream(), auth=_auth(jwks_file))
-    _refused(await _get(app, authorization="Basic YWxpY2U6cHc="), error="invalid_request")
+    answer = await _get(app, authorization="Basic YWxpY2U6cHc=")
+    detail = "the Authorization header is not a bearer token"
+    await _refused(app, answer, "malformed", error="invalid_request", detail=detail)
 
 
 def _b64(data: dict[str, Any]) -> str:
@@ -149,7 +178,8 @@ def _b64(data: dict[str, Any]) -> str:
 
 async def test_alg_none(jwks_file: Path) -> None:
     token = _b64({"alg": "none", "typ": "JWT", "kid": "rsa-1"}) + "." + _b64(_claims()) + "."
-    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, token), "algorithm")
 
 
 async def test_hs256_signed_with_the_public_key(keys: KeySet, jwks_file: Path) -> None:
@@ -159,26 +189,28 @@ async def test_hs256_signed_with_the_public_key(keys: KeySet, jwks_file: Path) -
     signing_input = _b64({"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}) + "." + _b64(_claims())
     mac = hmac.new(public_pem, signing_input.encode(), hashlib.sha256).digest()
     token = signing_input + "." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
-    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, token), "algorithm")
 
 
 async def test_key_never_published(jwks_file: Path) -> None:
     rogue = RSAKey.generate_key(2048, parameters={"kid": "rsa-1"}, private=True)
     token = jwt.encode({"alg": "RS256", "typ": "JWT", "kid": "rsa-1"}, _claims(), rogue)
-    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, token), "bad_signature")
 
 
 async def test_tampered_payload(keys: KeySet, jwks_file: Path) -> None:
     head, _, signature = _sign(keys, _claims()).split(".")
     forged = _b64(_claims(realm_access={"roles": ["ROLE_ADMIN"]}))
-    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), f"{head}.{forged}.{signature}"))
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, f"{head}.{forged}.{signature}"), "bad_signature")
 
 
 async def test_expired(keys: KeySet, jwks_file: Path) -> None:
     token = _sign(keys, _claims(exp=int(time.time()) - 120))
-    answer = await _get(build(Upstream(), auth=_auth(jwks_file)), token)
-    _refused(answer)
-    assert "expired" in answer.headers[b"www-authenticate"].decode()
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, token), "expired")
 
 
 async def test_expired_within_leeway_is_accepted(keys: KeySet, jwks_file: Path) -> None:
@@ -188,17 +220,20 @@ async def test_expired_within_leeway_is_accepted(keys: KeySet, jwks_file: Path) 
 
 async def test_not_yet_valid(keys: KeySet, jwks_file: Path) -> None:
     token = _sign(keys, _claims(nbf=int(time.time()) + 600))
-    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, token), "invalid_claims")
 
 
 async def test_wrong_issuer(keys: KeySet, jwks_file: Path) -> None:
     token = _sign(keys, _claims(iss="https://idp.test/realms/other"))
-    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, token), "wrong_issuer")
 
 
 async def test_wrong_audience(keys: KeySet, jwks_file: Path) -> None:
     token = _sign(keys, _claims(aud="account", azp=AUDIENCE))
-    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, token), "wrong_audience")
 
 
 async def test_audience_may_match_azp_when_configured(keys: KeySet, jwks_file: Path) -> None:
@@ -210,23 +245,27 @@ async def test_audience_may_match_azp_when_configured(keys: KeySet, jwks_file: P
 
 async def test_missing_kid_with_several_keys(keys: KeySet, jwks_file: Path) -> None:
     token = _sign(keys, _claims(), kid=None)
-    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, token), "unknown_key")
 
 
 @pytest.mark.parametrize("typ", ["ID", "Refresh", None])
 async def test_wrong_token_type(keys: KeySet, jwks_file: Path, typ: str | None) -> None:
     # An ID or refresh token from the same issuer is not an access token.
     token = _sign(keys, _claims(), typ=typ)
-    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, token), "token_type")
 
 
 async def test_missing_subject(keys: KeySet, jwks_file: Path) -> None:
     token = _sign(keys, _claims(sub=None))
-    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, token), "invalid_claims")
 
 
 async def test_opaque_token_without_introspection(jwks_file: Path) -> None:
-    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), "opaque-token-value"))
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, "opaque-token-value"), "malformed")
 
 
 async def test_principal(keys: KeySet, jwks_file: Path) -> None:
@@ -254,13 +293,14 @@ async def test_cached_principal_expires_with_the_token(keys: KeySet, jwks_file: 
     token = _sign(keys, _claims(exp=exp))
     assert (await _get(app, token)).status == 200
     await asyncio.sleep(exp - time.time() + 0.2)
-    _refused(await _get(app, token))
+    await _refused(app, await _get(app, token), "expired")
 
 
 async def test_query_token_only_when_allowed(keys: KeySet, jwks_file: Path) -> None:
     token = _sign(keys, _claims())
     query = f"PatientID=X*&access_token={token}".encode()
-    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), query=query), error=None)
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, query=query), "missing")
     upstream = Upstream()
     app = build(upstream, auth=_auth(jwks_file, allow_query_token=True))
     assert (await _get(app, query=query)).status == 200
@@ -275,7 +315,8 @@ async def test_query_token_only_when_allowed(keys: KeySet, jwks_file: Path) -> N
 
 async def test_cookie_token_only_when_allowed(keys: KeySet, jwks_file: Path) -> None:
     cookie = f"other=1; access_token={_sign(keys, _claims())}"
-    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), cookie=cookie), error=None)
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, cookie=cookie), "missing")
     upstream = Upstream()
     app = build(upstream, auth=_auth(jwks_file, allow_cookie_token=True))
     assert (await _get(app, cookie=cookie)).status == 200
@@ -300,7 +341,8 @@ async def test_dev_token_is_accepted(jwks_file: Path) -> None:
 
 async def test_issued_in_the_future(keys: KeySet, jwks_file: Path) -> None:
     token = _sign(keys, _claims(iat=int(time.time()) + 600))
-    _refused(await _get(build(Upstream(), auth=_auth(jwks_file)), token))
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, token), "invalid_claims")
 
 
 @pytest.mark.parametrize("kind", ["ID", "Refresh", "Logout"])
@@ -308,7 +350,7 @@ async def test_keycloak_id_and_refresh_tokens(keys: KeySet, jwks_file: Path, kin
     # Same key, same header type as an access token: only the payload's typ tells them apart.
     token = _sign(keys, _claims(typ=kind))
     app = build(Upstream(), auth=_auth(jwks_file, audience_matches_azp=True))
-    _refused(await _get(app, token))
+    await _refused(app, await _get(app, token), "token_type")
     assert (await _get(app, _sign(keys, _claims(typ="Bearer")))).status == 200
 
 
@@ -352,11 +394,11 @@ def introspection() -> Iterator[_Introspection]:
 
 
 @pytest.mark.parametrize(
-    ("claim", "refused"),
+    ("claim", "reason"),
     [
-        ({"exp": int(time.time()) - 600}, "the access token expired"),
-        ({"iss": "https://other.example.org/realms/x"}, None),
-        ({"aud": ["account"]}, None),
+        ({"exp": int(time.time()) - 600}, "expired"),
+        ({"iss": "https://other.example.org/realms/x"}, "wrong_issuer"),
+        ({"aud": ["account"]}, "wrong_audience"),
     ],
     ids=["expired", "wrong-issuer", "wrong-audience"],
 )
@@ -364,7 +406,7 @@ async def test_introspected_claims_are_checked(
     jwks_file: Path,
     introspection: _Introspection,
     claim: dict[str, Any],
-    refused: str | None,
+    reason: str,
 ) -> None:
     # The same answer but for one claim passes: each refusal is that claim's check.
     settings = {"url": introspection.url, "client_id": "proxy", "client_secret": "s"}
@@ -372,7 +414,4 @@ async def test_introspected_claims_are_checked(
     introspection.answer = {"active": True, **_claims()}
     assert (await _get(app, "opaque-token-1")).status == 200
     introspection.answer = {"active": True, **_claims(**claim)}
-    answer = await _get(app, "opaque-token-2")
-    _refused(answer)
-    if refused is not None:
-        assert json.loads(answer.body)["detail"] == refused
+    await _refused(app, await _get(app, "opaque-token-2"), reason)
