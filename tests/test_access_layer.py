@@ -161,6 +161,14 @@ async def test_paths_are_decided_before_the_upstream(tmp_path: Path) -> None:
     assert denied.status == missing.status == real.status == 404
     assert denied.body == missing.body == real.body
     assert len(pacs.requests) == 1  # only the granted one reached the PACS
+    # The same answer as for a study that does not exist, to a caller who may see everything.
+    nowhere = await _get(app, _principal("everyone"), f"/dicomweb/studies/{_public(99999)}")
+    assert denied.body == nowhere.body
+    assert orjson.loads(nowhere.body) == {
+        "status": 404,
+        "code": "not_found",
+        "detail": "no such study",
+    }
     admin = await _get(app, _principal("admin", admin=True), f"/dicomweb/studies/{_public(4)}")
     assert admin.status == 200
 
@@ -171,6 +179,11 @@ async def test_deny_status_403_is_the_same_for_missing(tmp_path: Path) -> None:
     denied = await _get(app, alice, f"/dicomweb/studies/{_public(4)}/metadata")
     missing = await _get(app, alice, f"/dicomweb/studies/{_public(99999)}/metadata")
     assert denied.status == missing.status == 403 and denied.body == missing.body
+    assert orjson.loads(denied.body) == {
+        "status": 403,
+        "code": "forbidden",
+        "detail": "no such study",
+    }
 
 
 async def test_small_visible_set_is_injected(tmp_path: Path) -> None:
@@ -369,24 +382,30 @@ class _Below:
         request = get_dicomweb_request(scope)
         query = dict(request.query)
         offset, limit = int(query.get("offset", 0)), int(query.get("limit", 0))
-        exams = self.pacs.order[offset : offset + limit if limit else None]
-        rows = get_upstream_rows(scope)
-        if rows is not None:
-            rows[0] += len(exams)
-        body = orjson.dumps([{"0020000D": {"vr": "UI", "Value": [_public(e)]}} for e in exams])
+        rows = [{"0020000D": {"vr": "UI", "Value": [_public(e)]}} for e in self.pacs.order]
+        rows.insert(7, {"00100020": {"vr": "LO", "Value": ["a row of no study"]}})
+        rows = rows[offset : offset + limit if limit else None]
+        counted = get_upstream_rows(scope)
+        if counted is not None:
+            counted[0] += len(rows)
+        body = orjson.dumps(rows)
         headers = [(b"content-type", b"application/dicom+json")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 
-async def test_a_filtered_search_drops_invisible_rows_by_itself() -> None:
+@pytest.mark.parametrize("who", ["bob", "dora"])  # dora sees the first and the last rows
+async def test_a_filtered_search_drops_invisible_rows_by_itself(who: str) -> None:
     """The filtered search is itself a filter: the rows of examinations the caller may not see
     are dropped there even when nothing below cuts them (in the whole stack the rewrite layer
-    cuts them too, which alone would leave short pages and a Warning that lies)."""
+    cuts them too, which alone would leave short pages and a Warning that lies). A row that
+    names no study is no examination's: never shown."""
     below = _Below()
-    access = AccessMiddleware(below, policy=_Policy(GRANTS), formatter=UidFormatter(ROOT, "1.4.2"))
-    app = _As(RoutingMiddleware(access, base_path="/dicomweb"), _principal("bob"))
-    expected = [e for e in below.pacs.order if e <= 1000]  # bob's 1000 > INJECT_MAX: filtered
+    grants = {**GRANTS, "dora": set(range(201, EXAMS + 1))}
+    access = AccessMiddleware(below, policy=_Policy(grants), formatter=UidFormatter(ROOT, "1.4.2"))
+    app = _As(RoutingMiddleware(access, base_path="/dicomweb"), _principal(who))
+    expected = [e for e in below.pacs.order if e in grants[who]]  # > INJECT_MAX: filtered
+    assert len(expected) > INJECT_MAX
     pages: list[int] = []
     for offset in range(0, len(expected) + 100, 100):
         answer = await call(app, "GET", b"/dicomweb/studies", f"limit=100&offset={offset}".encode())
