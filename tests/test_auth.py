@@ -17,10 +17,11 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import httpx
 import pytest
-from joserfc import jwt
+from joserfc import jws, jwt
 from joserfc.jwk import ECKey, KeySet, RSAKey
 
 from shanoir_dicomweb_proxy import Settings
@@ -200,6 +201,20 @@ async def test_key_never_published(jwks_file: Path) -> None:
     await _refused(app, await _get(app, token), "bad_signature")
 
 
+async def test_key_id_never_published(keys: KeySet, jwks_file: Path) -> None:
+    rogue = RSAKey.generate_key(2048, parameters={"kid": "rsa-9"}, private=True)
+    token = jwt.encode({"alg": "RS256", "typ": "JWT", "kid": "rsa-9"}, _claims(), rogue)
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, token), "unknown_key")
+
+
+async def test_signed_payload_that_is_no_claims(keys: KeySet, jwks_file: Path) -> None:
+    head = {"alg": "RS256", "typ": "JWT", "kid": "rsa-1"}
+    token = jws.serialize_compact(head, b"not JSON", keys.get_by_kid("rsa-1"))
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, token), "malformed")
+
+
 async def test_tampered_payload(keys: KeySet, jwks_file: Path) -> None:
     head, _, signature = _sign(keys, _claims()).split(".")
     forged = _b64(_claims(realm_access={"roles": ["ROLE_ADMIN"]}))
@@ -355,14 +370,17 @@ async def test_keycloak_id_and_refresh_tokens(keys: KeySet, jwks_file: Path, kin
 
 
 class _Introspection(ThreadingHTTPServer):
-    """An RFC 7662 endpoint on the loopback interface that answers ``answer`` to every token."""
+    """An RFC 7662 endpoint on the loopback interface that answers ``answer`` (with
+    ``status``) to every token, and records each request: its form, and its headers."""
 
     daemon_threads = True
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _IntrospectionHandler)
-        self.answer: dict[str, Any] = {}
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self.answer: Any = {}
+        self.status = 200
+        self.requests: list[tuple[dict[str, str], dict[str, str]]] = []
+        threading.Thread(target=self.serve_forever, args=(0.01,), daemon=True).start()
 
     @property
     def url(self) -> str:
@@ -373,9 +391,11 @@ class _IntrospectionHandler(BaseHTTPRequestHandler):
     server: _Introspection
 
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("content-length", 0)))
+        form = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        self.server.requests.append((dict(parse_qsl(form)), headers))
         body = json.dumps(self.server.answer).encode()
-        self.send_response(200)
+        self.send_response(self.server.status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
         self.end_headers()
@@ -415,3 +435,76 @@ async def test_introspected_claims_are_checked(
     assert (await _get(app, "opaque-token-1")).status == 200
     introspection.answer = {"active": True, **_claims(**claim)}
     await _refused(app, await _get(app, "opaque-token-2"), reason)
+
+
+def _introspecting(jwks_file: Path, introspection: _Introspection, **extra: Any) -> Any:
+    settings = {"url": introspection.url, "client_id": "proxy", "client_secret": "s3cret"}
+    return build(Upstream(), auth=_auth(jwks_file, introspection={**settings, **extra}))
+
+
+async def test_introspection_is_asked_as_rfc_7662_says(
+    jwks_file: Path, introspection: _Introspection
+) -> None:
+    """The form names the token and its type, the proxy authenticates as its own client, and
+    an answer without ``iss`` (optional in RFC 7662) or within the leeway is accepted."""
+    app = _introspecting(jwks_file, introspection)
+    introspection.answer = {"active": True, **_claims(iss=None, exp=int(time.time()) - 10)}
+    assert (await _get(app, "opaque-token-1")).status == 200
+    ((form, headers),) = introspection.requests
+    assert form == {"token": "opaque-token-1", "token_type_hint": "access_token"}
+    assert headers["authorization"] == "Basic " + base64.b64encode(b"proxy:s3cret").decode()
+    assert headers["accept"] == "application/json"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"active": False, "sub": "alice", "aud": AUDIENCE},
+        {"active": "true", "sub": "alice", "aud": AUDIENCE},
+        {"active": True, "aud": AUDIENCE},
+        [],
+        {"sub": "alice", "aud": AUDIENCE},
+    ],
+    ids=["inactive", "active-not-a-boolean", "no-subject", "not-an-object", "no-active"],
+)
+async def test_inactive_introspected_tokens_are_refused_and_remembered(
+    jwks_file: Path, introspection: _Introspection, answer: Any
+) -> None:
+    app = _introspecting(jwks_file, introspection)
+    introspection.answer = answer
+    await _refused(app, await _get(app, "opaque-token-1"), "inactive")
+    # Refused again without asking the endpoint, even once it would say otherwise.
+    introspection.answer = {"active": True, **_claims()}
+    answer_again = await _get(app, "opaque-token-1")
+    assert answer_again.status == 401 and len(introspection.requests) == 1
+    assert (await _failures(app)) == {"inactive": 2}
+
+
+async def test_introspection_down_is_503(jwks_file: Path, introspection: _Introspection) -> None:
+    app = _introspecting(jwks_file, introspection)
+    introspection.status = 500
+    answer = await _get(app, "opaque-token-1")
+    assert answer.status == 503
+    assert json.loads(answer.body) == {
+        "status": 503,
+        "code": "auth_unavailable",
+        "detail": "the identity provider cannot be reached to check tokens",
+    }
+
+
+@pytest.mark.parametrize("exp", [30, 3600, None], ids=["exp-first", "ttl-first", "no-exp"])
+async def test_introspected_principals_live_until_exp_or_cache_ttl(
+    jwks_file: Path, introspection: _Introspection, exp: int | None
+) -> None:
+    app = _introspecting(jwks_file, introspection, cache_ttl=120)
+    validator = app.validator
+    assert validator is not None
+    now = time.time()
+    expires = None if exp is None else int(now) + exp
+    introspection.answer = {"active": True, **_claims(exp=expires)}
+    principal = await validator.validate("opaque-token-1")
+    expected = min(expires, now + 120) if expires is not None else now + 120
+    assert principal.expires_at is not None
+    assert abs(principal.expires_at - expected) < 2
+    assert await validator.validate("opaque-token-1") is principal  # cached
+    assert len(introspection.requests) == 1
