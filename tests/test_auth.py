@@ -278,6 +278,13 @@ async def test_missing_subject(keys: KeySet, jwks_file: Path) -> None:
     await _refused(app, await _get(app, token), "invalid_claims")
 
 
+async def test_missing_expiry(keys: KeySet, jwks_file: Path) -> None:
+    # A token with no exp would be valid forever.
+    token = _sign(keys, _claims(exp=None))
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, token), "invalid_claims")
+
+
 async def test_opaque_token_without_introspection(jwks_file: Path) -> None:
     app = build(Upstream(), auth=_auth(jwks_file))
     await _refused(app, await _get(app, "opaque-token-value"), "malformed")
