@@ -6,7 +6,6 @@ proxy's check (DESIGN §4: "the proxy never trusts the PACS for that")."""
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +20,7 @@ from shanoir_dicomweb_proxy._auth import dev_token
 from shanoir_dicomweb_proxy._store import SqliteStore
 from shanoir_dicomweb_proxy.testing import OrthancServer
 
-from .support.archive import SERIES_ROOT, STUDY_ROOT
+from .support.archive import SEG_SERIES, SERIES_ROOT, STUDY_ROOT
 from .support.dicomweb import DICOM
 from .support.keys import rsa_key_file
 from .support.loopback_http import running
@@ -78,16 +77,27 @@ def site(
     store_path: Path,
     proxy_factory: ProxyFactory,
 ) -> Iterator[dict[str, Any]]:
-    """Alice may read examinations A and B, not C; the proxy's upstream is lenient."""
+    """Alice may read examinations A and B (the SEG's), not C nor D; the SEG's series and one
+    of D's are left out of the map (``unmapped_series = "expose"``); the proxy's upstream is
+    lenient."""
     folder = tmp_path_factory.mktemp("foreign-series")
     store = folder / "store.sqlite3"
-    shutil.copy(store_path, store)
+    with SqliteStore(store_path) as full:
+        synced = [e for e in full.entries() if e.acquisitions]
+    study_of = {s.series_uid: e.study_uid for e in synced for s in e.acquisitions}
+    seg = study_of[SEG_SERIES]
+    several = [e for e in synced if len(e.acquisitions) > 1 and e.study_uid != seg]
+    d_unmapped = several[2].acquisitions[-1].series_uid
+    unmapped = {SEG_SERIES, d_unmapped}
     with SqliteStore(store) as opened:
-        entries = [e for e in opened.entries() if e.acquisitions]
-        a, b, c = entries[:3]
+        for entry in synced:
+            series = [x.series_uid for x in entry.acquisitions if x.series_uid not in unmapped]
+            opened.register(entry.study_uid, series)
+        by_study = {e.study_uid: e for e in opened.entries()}
+        a, c, d = (by_study[e.study_uid] for e in several[:3])
+        b = by_study[seg]
         for exam in (a, b):
             opened.grant("alice", exam.exam_id, "read")
-    study_of = {s.series_uid: e.study_uid for e in entries for s in e.acquisitions}
     orthanc = archive.dicomweb_url.rsplit("/dicom-web", 1)[0]
     instances = {  # the first instance of each examination's first series
         e.exam_id: httpx.get(
@@ -102,7 +112,12 @@ def site(
         proxy = proxy_factory(
             pacs.dicomweb_url,
             auth={"enabled": True, "jwks_file": str(keys), "audience": ["dicomweb-proxy"]},
-            mapping={"backend": "sqlite", "study_root": STUDY_ROOT, "series_root": SERIES_ROOT},
+            mapping={
+                "backend": "sqlite",
+                "study_root": STUDY_ROOT,
+                "series_root": SERIES_ROOT,
+                "unmapped_series": "expose",
+            },
             access={"backend": "sqlite"},
             store={"path": str(store)},
         )
@@ -110,7 +125,15 @@ def site(
         token = dev_token(settings, "alice", {"userId": "alice"}, ttl=600)
         headers = {"Authorization": f"Bearer {token}"}
         with httpx.Client(base_url=proxy.dicomweb_url, headers=headers, timeout=60) as alice:
-            yield {"pacs": pacs, "alice": alice, "a": a, "b": b, "c": c, "instances": instances}
+            yield {
+                "pacs": pacs,
+                "alice": alice,
+                "a": a,
+                "b": b,
+                "c": c,
+                "instances": instances,
+                "unmapped": {"b": SEG_SERIES, "d": d_unmapped},
+            }
 
 
 def _public_series(entry: Any) -> str:
@@ -166,3 +189,30 @@ def test_a_foreign_series_under_a_readable_study_is_refused_before_the_upstream(
         assert response.content == missing.content
     with pacs.lock:
         assert pacs.paths == []  # nothing was asked of the upstream, not even a check
+
+
+@pytest.mark.parametrize("owner", ["b", "d"])  # readable by alice, and not
+def test_an_unmapped_series_of_another_study_is_refused_after_asking_where_it_is(
+    site: dict[str, Any], owner: str
+) -> None:
+    """A series the map does not know stands for itself: the upstream is asked which study
+    holds it (a search), and the series is refused under any other study's path; the resource
+    itself is never asked for."""
+    alice, pacs = site["alice"], site["pacs"]
+    mine = f"{STUDY_ROOT}.{site['a'].exam_id}"
+    series = site["unmapped"][owner]
+    # Under its own study (when readable), the unmapped series is served.
+    seg_study = f"{STUDY_ROOT}.{site['b'].exam_id}"
+    assert alice.get(f"/studies/{seg_study}/series/{SEG_SERIES}/metadata").status_code == 200
+    with pacs.lock:
+        pacs.paths.clear()
+    for suffix, accept in _routes("0")[:3]:
+        path = f"/studies/{mine}/series/{series}{suffix}"
+        response = alice.get(path, headers={"Accept": accept})
+        assert response.status_code == 404, (path, response.status_code, response.text[:200])
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json() == _REFUSED, path
+    with pacs.lock:
+        assert pacs.paths and all(p.startswith("/dicom-web/series?") for p in pacs.paths), (
+            pacs.paths
+        )
