@@ -18,11 +18,14 @@ from urllib.parse import parse_qsl
 import httpx
 import orjson
 import pytest
+from joserfc import jws
+from joserfc.jwk import OctKey
 
 from shanoir_dicomweb_proxy import DicomWebProxy, Principal, Settings, Upstream
 from shanoir_dicomweb_proxy._access import Action, Visible
 from shanoir_dicomweb_proxy._auth import dev_token
 from shanoir_dicomweb_proxy._backends import StaticIdentifierMap
+from shanoir_dicomweb_proxy._errors import ConfigError
 from shanoir_dicomweb_proxy._signed_links import LinkKeys
 from shanoir_dicomweb_proxy._store import ImportRow
 
@@ -119,6 +122,7 @@ def site(tmp_path: Path) -> dict[str, Any]:
             "keys_file": str(link_key_file(tmp_path / "links.json", old)),
         },
         "upstream": {"url": "http://pacs.invalid/dicom-web"},
+        "logging": {"audit_log": str(tmp_path / "audit.jsonl")},
     }
     settings = Settings.from_dict(data)
     pacs = _Pacs()
@@ -151,6 +155,9 @@ async def _link(site: dict[str, Any], user: str, **body: Any) -> str:
     """The path of a new link (``/dicomweb/links/{token}``)."""
     made = await _make(site, user, **body)
     assert made.status == 201, made.body
+    # The link's URL is the credential: no cache may keep it.
+    assert made.headers[b"content-type"] == b"application/json"
+    assert made.headers[b"cache-control"] == b"no-store"
     url: str = orjson.loads(made.body)["url"]
     assert url.startswith("http://proxy.test:8080/dicomweb/links/")
     return url.removeprefix("http://proxy.test:8080")
@@ -170,28 +177,47 @@ def _shown(answer: Answer, tag: str = "0020000D") -> list[str]:
 
 
 async def test_a_link_reads_its_examination_only(site: dict[str, Any]) -> None:
-    made = await _make(site, "alice", study=_study(1), ttl=120)
-    assert made.status == 201
-    assert 119 <= orjson.loads(made.body)["expires"] - time.time() <= 121
-    link = orjson.loads(made.body)["url"].removeprefix("http://proxy.test:8080")
-    assert _shown(await _get(site, f"{link}/studies/{_study(1)}/metadata")) == [_study(1)] * 2
-    assert _shown(await _get(site, f"{link}/studies")) == [_study(1)]
-    asked = len(site["pacs"].requests)
-    # Another examination, even one alice may read, is no study for the link.
-    for path in (f"/studies/{_study(2)}/metadata", f"/studies/{_study(3)}/series"):
-        answer = await _get(site, link + path)
-        assert (answer.status, orjson.loads(answer.body)) == (404, NOT_FOUND), path
-    assert len(site["pacs"].requests) == asked
-    # A read link does not retrieve (retrieve_action = "download").
-    answer = await _get(
-        site, f"{link}/studies/{_study(1)}", 'multipart/related; type="application/dicom"'
-    )
-    assert (answer.status, orjson.loads(answer.body)) == (404, NOT_FOUND)
-    assert len(site["pacs"].requests) == asked
-    # Whoever uses it, with whatever token: the link's grant only.
-    bob = dev_token(site["settings"], "bob", {"userId": "bob"}, ttl=600)
-    answer = await _get(site, f"{link}/studies/{_study(3)}/metadata", authorization=f"Bearer {bob}")
-    assert answer.status == 404
+    async with site["app"]:  # the audit log is written by a thread it starts
+        made = await _make(site, "alice", study=_study(1), ttl=120)
+        assert made.status == 201
+        expires = orjson.loads(made.body)["expires"]
+        assert 119 <= expires - time.time() <= 121
+        link = orjson.loads(made.body)["url"].removeprefix("http://proxy.test:8080")
+        assert _shown(await _get(site, f"{link}/studies/{_study(1)}/metadata")) == [_study(1)] * 2
+        # Any read method, any representation the client asks for.
+        head = await call(site["app"], "HEAD", f"{link}/studies/{_study(1)}/metadata".encode())
+        assert (head.status, head.body) == (200, b"")
+        await _get(site, f"{link}/studies/{_study(1)}/metadata", "application/dicom+xml")
+        assert site["pacs"].requests[-1].headers["accept"] == "application/dicom+xml"
+        assert _shown(await _get(site, f"{link}/studies")) == [_study(1)]
+        asked = len(site["pacs"].requests)
+        # Another examination, even one alice may read, is no study for the link.
+        for path in (f"/studies/{_study(2)}/metadata", f"/studies/{_study(3)}/series"):
+            answer = await _get(site, link + path)
+            assert (answer.status, orjson.loads(answer.body)) == (404, NOT_FOUND), path
+        assert len(site["pacs"].requests) == asked
+        # A read link does not retrieve (retrieve_action = "download").
+        answer = await _get(
+            site, f"{link}/studies/{_study(1)}", 'multipart/related; type="application/dicom"'
+        )
+        assert (answer.status, orjson.loads(answer.body)) == (404, NOT_FOUND)
+        assert len(site["pacs"].requests) == asked
+        # Whoever uses it, with whatever token: the link's grant only.
+        bob = dev_token(site["settings"], "bob", {"userId": "bob"}, ttl=600)
+        answer = await _get(
+            site, f"{link}/studies/{_study(3)}/metadata", authorization=f"Bearer {bob}"
+        )
+        assert answer.status == 404
+    audit = orjson.loads((site["tmp"] / "audit.jsonl").read_text().splitlines()[0])
+    assert {k: v for k, v in audit.items() if k != "time"} == {
+        "event": "link",
+        "subject": "alice",
+        "user_id": "alice",
+        "examinations": [1],
+        "series": None,
+        "action": "read",
+        "expires": expires,
+    }
 
 
 async def test_a_download_link_retrieves(site: dict[str, Any]) -> None:
@@ -246,6 +272,8 @@ async def test_links_are_made_only_for_what_the_caller_may_do(site: dict[str, An
     assert orjson.loads(capped.body)["expires"] - time.time() <= MAX_TTL + 1
     default = await _make(site, "alice", study=_study(1))
     assert orjson.loads(default.body)["expires"] - time.time() >= MAX_TTL - 1
+    shortest = await _make(site, "alice", study=_study(1), ttl=1)
+    assert shortest.status == 201
     for body, detail in [
         ({}, "study (and series) must be public UIDs"),
         ({"study": 5}, "study (and series) must be public UIDs"),
@@ -264,8 +292,27 @@ async def test_links_are_made_only_for_what_the_caller_may_do(site: dict[str, An
     wrong = await _get(site, "/dicomweb/links")
     assert wrong.status == 401  # no token: refused before anything else
     token = dev_token(site["settings"], "alice", {"userId": "alice"}, ttl=600)
+    bearer = (b"authorization", f"Bearer {token}".encode())
     wrong = await _get(site, "/dicomweb/links", authorization=f"Bearer {token}")
     assert (wrong.status, wrong.headers[b"allow"]) == (405, b"POST")
+    assert orjson.loads(wrong.body)["detail"] == "links are made with POST"
+    for headers, body, detail in [
+        ([bearer], b"{}", "POST /links takes application/json"),
+        ([bearer, (b"content-type", b"text/plain")], b"{}", "POST /links takes application/json"),
+        ([bearer, (b"content-type", b"application/json")], b"{", "the request body is not JSON"),
+        (
+            [bearer, (b"content-type", b"application/json")],
+            b"[]",
+            'expected {"study": ..., "series": ..., "action": ..., "ttl": ...}',
+        ),
+        (
+            [bearer, (b"content-type", b"application/json")],
+            b" " * 4097,
+            "the request body exceeds 4096 bytes",
+        ),
+    ]:
+        answer = await call(site["app"], "POST", b"/dicomweb/links", headers=headers, body=body)
+        assert (answer.status, orjson.loads(answer.body)["detail"]) == (400, detail), body[:10]
 
 
 def _b64(data: dict[str, Any]) -> str:
@@ -292,6 +339,12 @@ async def test_forged_expired_and_withdrawn_links_are_refused(site: dict[str, An
         (keys.sign({**claims, "series": 11}), invalid),
         (keys.sign({**claims, "exp": float(future)}), invalid),
         (keys.sign({k: v for k, v in claims.items() if k != "iss"}), invalid),
+        (
+            jws.serialize_compact(
+                {"alg": "HS256", "kid": "old"}, b"[1]", OctKey.import_key(site["old"])
+            ),
+            invalid,
+        ),
     ]:
         answer = await _get(site, f"/dicomweb/links/{forged}/studies/{_study(1)}/series")
         assert answer.status == 401, forged
@@ -305,4 +358,37 @@ async def test_forged_expired_and_withdrawn_links_are_refused(site: dict[str, An
     # Only reads; and a token with nothing after it is no route.
     answer = await call(site["app"], "POST", f"{link}/studies/{_study(1)}".encode())
     assert (answer.status, answer.headers[b"allow"]) == (405, b"GET, HEAD, OPTIONS")
-    assert (await _get(site, link)).status == 404
+    assert orjson.loads(answer.body)["detail"] == "a link only reads"
+    answer = await _get(site, link)
+    assert (answer.status, orjson.loads(answer.body)["detail"]) == (404, "not a DICOMweb resource")
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (None, "cannot read a JSON Web Key Set (FileNotFoundError)"),
+        ("{", "cannot read a JSON Web Key Set (JSONDecodeError)"),
+        ('{"keys": []}', 'expected {"keys": [...]} with at least one key'),
+        ("[]", 'expected {"keys": [...]} with at least one key'),
+        (
+            '{"keys": [{"kty": "RSA", "kid": "a", "k": "SECRET"}]}',
+            'key 1 is not an "oct" key with a "kid"',
+        ),
+        ('{"keys": [{"kty": "oct", "k": "SECRET"}]}', 'key 1 is not an "oct" key with a "kid"'),
+        ('{"keys": [{"kty": "oct", "kid": "a", "k": 5}]}', "key 1 cannot be read"),
+        (
+            '{"keys": [{"kty": "oct", "kid": "a", "k": "U0VDUkVUU0VDUkVUU0VDUkVU"}]}',
+            "key 1 is shorter than 32 bytes",
+        ),
+    ],
+)
+def test_a_bad_keys_file_is_named_never_shown(
+    tmp_path: Path, content: str | None, says: str
+) -> None:
+    path = tmp_path / "links.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as refused:
+        LinkKeys.load(str(path))
+    assert str(refused.value) == f"[links] keys_file: {path}: {says}"
+    assert "SECRET" not in str(refused.value) and "U0VDUkVU" not in str(refused.value)
