@@ -278,6 +278,26 @@ async def test_missing_subject(keys: KeySet, jwks_file: Path) -> None:
     await _refused(app, await _get(app, token), "invalid_claims")
 
 
+async def test_missing_issuer(keys: KeySet, jwks_file: Path) -> None:
+    token = _sign(keys, _claims(iss=None))
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, token), "wrong_issuer")
+
+
+async def test_missing_kid_with_one_key(tmp_path: Path) -> None:
+    # With a single key there is no doubt which one signed.
+    one = KeySet([RSAKey.generate_key(2048, parameters={"kid": "only"}, private=True)])
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(one.as_dict(private=True)))
+    token = jwt.encode({"alg": "RS256", "typ": "JWT"}, _claims(), one.keys[0])
+    assert (await _get(build(Upstream(), auth=_auth(path)), token)).status == 200
+
+
+async def test_three_parts_that_are_no_jws(jwks_file: Path) -> None:
+    app = build(Upstream(), auth=_auth(jwks_file))
+    await _refused(app, await _get(app, "x.y.z"), "malformed")
+
+
 async def test_missing_expiry(keys: KeySet, jwks_file: Path) -> None:
     # A token with no exp would be valid forever.
     token = _sign(keys, _claims(exp=None))
@@ -294,10 +314,17 @@ async def test_principal(keys: KeySet, jwks_file: Path) -> None:
     app = build(Upstream(), auth=_auth(jwks_file, client_roles=True, user_claim="userId"))
     validator = app.validator
     assert validator is not None
-    principal = await validator.validate(_sign(keys, _claims()))
+    token = _sign(keys, _claims())
+    principal = await validator.validate(token)
     assert principal.subject == "f3a1-alice"
     assert principal.user_id == "7"
     assert principal.username == "alice"
+    assert principal.token_id == hashlib.sha256(token.encode()).hexdigest()[:16]
+    assert principal.claims["azp"] == "ohif"
+    # A user claim that is absent or not a scalar names no user (grants then go by subject).
+    for claim in (None, {"id": 7}, [7]):
+        other = await validator.validate(_sign(keys, _claims(userId=claim, preferred_username=5)))
+        assert (other.user_id, other.username) == (None, None), claim
     assert principal.roles == {"ROLE_USER", "uploader"}
     assert not principal.is_admin
     admin = await validator.validate(_sign(keys, _claims(realm_access={"roles": ["ROLE_ADMIN"]})))
