@@ -3,8 +3,10 @@ or filtered with exact paging, the audit log, admins, and a policy that is down.
 
 from __future__ import annotations
 
+import email
 import grp
 import os
+import re
 import stat
 from collections.abc import Collection
 from pathlib import Path
@@ -16,11 +18,23 @@ import orjson
 import pytest
 
 from shanoir_dicomweb_proxy import DicomWebProxy, Principal, Settings, Upstream
-from shanoir_dicomweb_proxy._access import ALL, FILTER_PAGE, INJECT_MAX, Action, AuditLog, Visible
+from shanoir_dicomweb_proxy._access import (
+    ALL,
+    FILTER_PAGE,
+    INJECT_MAX,
+    AccessMiddleware,
+    Action,
+    AuditLog,
+    Visible,
+)
 from shanoir_dicomweb_proxy._backends import StaticIdentifierMap
+from shanoir_dicomweb_proxy._dicom import to_xml
 from shanoir_dicomweb_proxy._errors import ProxyError
-from shanoir_dicomweb_proxy._scope import set_principal
+from shanoir_dicomweb_proxy._identifiers import UidFormatter
+from shanoir_dicomweb_proxy._routing import RoutingMiddleware
+from shanoir_dicomweb_proxy._scope import get_dicomweb_request, get_upstream_rows, set_principal
 from shanoir_dicomweb_proxy._store import ImportRow
+from shanoir_dicomweb_proxy._types import ASGIApp
 
 from .support.asgi import CORE, Answer, call
 
@@ -102,7 +116,7 @@ def _principal(subject: str, *, admin: bool = False) -> Principal:
 class _As:
     """The app with a principal already in the scope, as AuthMiddleware leaves it."""
 
-    def __init__(self, app: DicomWebProxy, principal: Principal | None) -> None:
+    def __init__(self, app: ASGIApp, principal: Principal | None) -> None:
         self.app, self.principal = app, principal
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -150,6 +164,14 @@ async def test_paths_are_decided_before_the_upstream(tmp_path: Path) -> None:
     assert denied.status == missing.status == real.status == 404
     assert denied.body == missing.body == real.body
     assert len(pacs.requests) == 1  # only the granted one reached the PACS
+    # The same answer as for a study that does not exist, to a caller who may see everything.
+    nowhere = await _get(app, _principal("everyone"), f"/dicomweb/studies/{_public(99999)}")
+    assert denied.body == nowhere.body
+    assert orjson.loads(nowhere.body) == {
+        "status": 404,
+        "code": "not_found",
+        "detail": "no such study",
+    }
     admin = await _get(app, _principal("admin", admin=True), f"/dicomweb/studies/{_public(4)}")
     assert admin.status == 200
 
@@ -160,6 +182,11 @@ async def test_deny_status_403_is_the_same_for_missing(tmp_path: Path) -> None:
     denied = await _get(app, alice, f"/dicomweb/studies/{_public(4)}/metadata")
     missing = await _get(app, alice, f"/dicomweb/studies/{_public(99999)}/metadata")
     assert denied.status == missing.status == 403 and denied.body == missing.body
+    assert orjson.loads(denied.body) == {
+        "status": 403,
+        "code": "forbidden",
+        "detail": "no such study",
+    }
 
 
 async def test_small_visible_set_is_injected(tmp_path: Path) -> None:
@@ -176,6 +203,65 @@ async def test_small_visible_set_is_injected(tmp_path: Path) -> None:
     nothing = await _get(app, _principal("alice"), "/dicomweb/studies", none)
     assert (nothing.status, nothing.body) == (200, b"[]")
     assert len(pacs.requests) == 2
+    # Several visible studies asked, other keys kept as they were; study keys intersect.
+    asked = f"PatientID=X*&StudyInstanceUID={_public(5)},{_public(4)},{_public(3)}&limit=9"
+    assert sorted(_exams(await _get(app, _principal("alice"), "/dicomweb/studies", asked))) == [
+        3,
+        5,
+    ]
+    assert parse_qsl(pacs.requests[-1].url.query.decode()) == [
+        ("PatientID", "X*"),
+        ("StudyInstanceUID", "2.25.3,2.25.5"),
+        ("limit", "9"),
+    ]
+    apart = f"StudyInstanceUID={_public(3)}&StudyInstanceUID={_public(5)}"
+    nothing = await _get(app, _principal("alice"), "/dicomweb/studies", apart)
+    assert (nothing.status, nothing.body, len(pacs.requests)) == (200, b"[]", 3)
+
+
+async def test_a_visible_set_of_inject_max_is_injected(tmp_path: Path) -> None:
+    pacs = _Pacs()
+    app = _build(pacs, _Policy(GRANTS), tmp_path, inject_max=2)
+    assert sorted(_exams(await _get(app, _principal("alice"), "/dicomweb/studies"))) == [3, 5]
+    (sent,) = pacs.requests
+    assert dict(parse_qsl(sent.url.query.decode()))["StudyInstanceUID"] == "2.25.3,2.25.5"
+
+
+class _ByAction(_Policy):
+    """Grants per (subject, action); records what it is asked."""
+
+    def __init__(self, grants: dict[tuple[str, str], set[int]]) -> None:
+        super().__init__()
+        self.by_action = grants
+        self.asked: list[tuple[str, list[int]]] = []
+
+    async def visible(self, principal: Principal, action: Action) -> Visible:
+        return frozenset(self.by_action.get((principal.subject, action), set()))
+
+    async def allowed(
+        self, principal: Principal, action: Action, exam_ids: Collection[int]
+    ) -> frozenset[int]:
+        self.asked.append((action, sorted(exam_ids)))
+        return frozenset(exam_ids) & await self.visible(principal, action)
+
+
+@pytest.mark.parametrize("retrieve", ["read", "download"])
+async def test_each_request_is_decided_for_its_action(tmp_path: Path, retrieve: str) -> None:
+    policy = _ByAction(
+        {("alice", "read"): {3}, ("alice", "download"): {5}, ("alice", "write"): {7}}
+    )
+    app = _build(_Pacs(), policy, tmp_path, retrieve_action=retrieve)
+    alice = _principal("alice")
+    for exam in (3, 5, 7):
+        await _get(app, alice, f"/dicomweb/studies/{_public(exam)}/metadata")
+        await _get(app, alice, f"/dicomweb/studies/{_public(exam)}")
+        stow = [(b"content-type", b'multipart/related; type="application/dicom"; boundary=b')]
+        path = f"/dicomweb/studies/{_public(exam)}".encode()
+        await call(_As(app, alice), "POST", path, headers=stow, body=b"--b--")
+    asked = [(action, exams) for action, exams in policy.asked if len(exams) == 1]
+    assert asked == [
+        (action, [exam]) for exam in (3, 5, 7) for action in ("read", retrieve, "write")
+    ]
 
 
 @pytest.mark.parametrize("limit", [37, 100, 333])
@@ -237,6 +323,8 @@ async def test_every_decision_is_audited(tmp_path: Path) -> None:
         await _get(app, _principal("alice"), f"/dicomweb/studies/{_public(4)}/metadata")
         await _get(app, _principal("admin", admin=True), f"/dicomweb/studies/{_public(4)}")
         await _get(app, _principal("alice"), "/dicomweb/studies")
+        both = f"StudyInstanceUID={_public(3)},{_public(4)}"
+        await _get(app, _principal("alice"), "/dicomweb/studies", both)
     lines = [orjson.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     summary = [(e["subject"], e["decision"], e["examinations"], e["status"]) for e in lines]
     assert summary == [
@@ -244,6 +332,7 @@ async def test_every_decision_is_audited(tmp_path: Path) -> None:
         ("alice", "deny", [4], 404),
         ("admin", "admin", [4], 200),
         ("alice", "filter", [3, 5], 200),
+        ("alice", "filter", [3], 200),
     ]
     assert lines[0]["route"] == "wado.metadata.study" and lines[0]["bytes"] > 0
     assert lines[2]["action"] == "read" and len(lines[0]["request_id"]) == 32
@@ -344,3 +433,104 @@ def test_an_audit_log_others_may_read_is_warned_of(
     log.start()
     log.close()
     assert f"the audit log {path} may be read by every user (mode 644)" in caplog.text
+
+
+class _Below:
+    """The layers below access as far as it can tell, minus the rewrite layer's own cut of
+    invisible rows: every study row of :class:`_Pacs`, with public UIDs, in DICOM JSON or as
+    DICOM XML parts, counted as the rewrite layer counts upstream rows. What access lets
+    through of another examination shows here."""
+
+    def __init__(self) -> None:
+        self.pacs = _Pacs()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        request = get_dicomweb_request(scope)
+        query = dict(request.query)
+        offset, limit = int(query.get("offset", 0)), int(query.get("limit", 0))
+        rows: list[dict[str, Any]] = [
+            {"0020000D": {"vr": "UI", "Value": [_public(e)]}} for e in self.pacs.order
+        ]
+        rows.insert(7, {"00100020": {"vr": "LO", "Value": ["a row of no study"]}})
+        rows.insert(9, {"0020000D": {"vr": "UI", "Value": [3]}})  # not a UID string
+        rows = rows[offset : offset + limit if limit else None]
+        counted = get_upstream_rows(scope)
+        if counted is not None:
+            counted[0] += len(rows)
+        if b"xml" in dict(scope["headers"]).get(b"accept", b""):
+            parts = b"".join(
+                b"--b\r\nContent-Type: application/dicom+xml\r\n\r\n" + to_xml(r) + b"\r\n"
+                for r in rows
+            )
+            body = parts + b"--b--"
+            media = b'multipart/related; type="application/dicom+xml"; boundary=b'
+        else:
+            body, media = orjson.dumps(rows), b"application/dicom+json"
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", media)]}
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+_XML_STUDY = re.compile(rb'tag="0020000D"[^>]*>\s*<Value number="1">([^<]+)</Value>')
+_WARNING = b'299 shanoir-dicomweb-proxy "There are additional results that can be requested"'
+
+
+def _rows(answer: Answer, xml: bool) -> list[int]:
+    """The examinations of a search answer, checked to be well framed."""
+    assert answer.headers[b"content-length"] == str(len(answer.body)).encode()
+    media = answer.headers[b"content-type"]
+    if not xml:
+        assert media == b"application/dicom+json"
+        return _exams(answer)
+    assert media.startswith(b'multipart/related; type="application/dicom+xml"; boundary=')
+    message = email.message_from_bytes(b"Content-Type: " + media + b"\r\n\r\n" + answer.body)
+    parts = message.get_payload()
+    assert isinstance(parts, list)
+    exams = []
+    for part in parts:
+        assert part.get_content_type() == "application/dicom+xml"
+        (study,) = _XML_STUDY.findall(part.get_payload(decode=True))
+        exams.append(int(study.rsplit(b".", 1)[1]))
+    return exams
+
+
+@pytest.mark.parametrize("xml", [False, True], ids=["json", "xml"])
+@pytest.mark.parametrize("who", ["bob", "dora"])  # dora sees the first and the last rows
+async def test_a_filtered_search_drops_invisible_rows_by_itself(who: str, xml: bool) -> None:
+    """The filtered search is itself a filter: the rows of examinations the caller may not see
+    are dropped there even when nothing below cuts them (in the whole stack the rewrite layer
+    cuts them too, which alone would leave short pages and a Warning that lies). A row that
+    names no study (or not with a string) is no examination's: never shown."""
+    below = _Below()
+    grants = {**GRANTS, "dora": set(range(201, EXAMS + 1)), "eve": {99999}}
+    access = AccessMiddleware(below, policy=_Policy(grants), formatter=UidFormatter(ROOT, "1.4.2"))
+    headers = [(b"accept", b"application/dicom+xml" if xml else b"application/dicom+json")]
+    expected = [e for e in below.pacs.order if e in grants[who]]  # > INJECT_MAX: filtered
+    assert len(expected) > INJECT_MAX
+
+    async def search(user: str, query: str = "") -> Answer:
+        app = _As(RoutingMiddleware(access, base_path="/dicomweb"), _principal(user))
+        return await call(app, "GET", b"/dicomweb/studies", query.encode(), headers=headers)
+
+    pages: list[int] = []
+    for offset in range(0, len(expected) + 100, 100):
+        answer = await search(who, f"limit=100&offset={offset}")
+        if xml and offset >= len(expected):  # an empty XML search is 204
+            assert (answer.status, answer.body) == (204, b"")
+            continue
+        assert answer.status == 200
+        page = _rows(answer, xml)
+        assert page == expected[offset : offset + 100], offset
+        more = offset + 100 < len(expected)
+        assert answer.headers.get(b"warning") == (_WARNING if more else None), offset
+        pages += page
+    assert pages == expected
+    whole = await search(who)
+    assert _rows(whole, xml) == expected and b"warning" not in whole.headers
+    # Nothing visible on any page: an empty search, as the upstream would answer it.
+    access.inject_max = 0
+    nothing = await search("eve")
+    assert (nothing.status, nothing.body) == ((204, b"") if xml else (200, b"[]"))
+    if not xml:
+        assert nothing.headers[b"content-type"] == b"application/dicom+json"

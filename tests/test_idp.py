@@ -122,8 +122,11 @@ def test_bad_password_requests_are_refused(
 ) -> None:
     with pytest.raises(TokenError) as refused:
         idp.password_token(username, password, client_id)
-    assert refused.value.error == error
-    assert refused.value.status_code in (400, 401)
+    # RFC 6749 §5.2: 400, but 401 for a client that failed to authenticate.
+    assert (refused.value.status_code, refused.value.error) == (
+        401 if error == "invalid_client" else 400,
+        error,
+    )
 
 
 def test_bad_client_credentials_are_refused(idp: IdentityProvider) -> None:

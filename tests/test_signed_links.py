@@ -185,8 +185,10 @@ def test_a_link_only_reads_and_makes_no_links(world: dict[str, Any]) -> None:
         headers={"content-type": 'multipart/related; type="application/dicom"; boundary=b'},
     )
     assert stow.status_code == 405
+    assert stow.json()["detail"] == "a link only reads"
     links = httpx.post(url + "/links", json={"study": study})
-    assert links.status_code in (404, 405)
+    assert (links.status_code, links.json()["detail"]) == (405, "a link only reads")
+    assert links.headers["allow"] == stow.headers["allow"] == "GET, HEAD, OPTIONS"
 
 
 def test_tampered_expired_and_withdrawn_links_are_refused(world: dict[str, Any]) -> None:
