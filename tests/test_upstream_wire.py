@@ -4,6 +4,7 @@ loopback: framing, keep-alive, timeouts, errors, backpressure."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
@@ -25,18 +26,8 @@ class Server:
         self.connections = 0
         self.heads: list[bytes] = []
         self.port = 0
-        self._server: asyncio.Server | None = None
 
-    async def __aenter__(self) -> Server:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
             await self.handler(reader, writer)
@@ -57,17 +48,45 @@ class Server:
         self.heads.append(head)
         return head
 
-    def pool(self, **overrides: float) -> WirePool:
-        options: dict[str, float] = {
-            "max_connections": 4,
-            "max_keepalive": 4,
-            "keepalive_expiry": 5.0,
-            "connect_timeout": 2.0,
-            "read_timeout": 2.0,
-            "pool_timeout": 2.0,
-            **overrides,
-        }
-        return WirePool(f"http://127.0.0.1:{self.port}/dicom-web", **options)  # type: ignore[arg-type]
+
+def _pool(port: int, **overrides: float) -> WirePool:
+    options: dict[str, float] = {
+        "max_connections": 4,
+        "max_keepalive": 4,
+        "keepalive_expiry": 5.0,
+        "connect_timeout": 2.0,
+        "read_timeout": 2.0,
+        "pool_timeout": 2.0,
+        **overrides,
+    }
+    return WirePool(f"http://127.0.0.1:{port}/dicom-web", **options)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    handler: Handler | None = None, *, answers: tuple[bytes, ...] = (), **pool: float
+) -> AsyncIterator[tuple[Server, WirePool]]:
+    """A :class:`Server` listening, and a pool of connections to it (``pool``: its options)."""
+    server = Server(handler, answers=answers)
+    listening = await asyncio.start_server(server.serve, "127.0.0.1", 0)
+    server.port = listening.sockets[0].getsockname()[1]
+    connections = _pool(server.port, **pool)
+    try:
+        yield server, connections
+    finally:
+        connections.close()
+        listening.close()
+
+
+def _once(answer: bytes) -> Handler:
+    """A handler that answers one request with ``answer``, then closes the connection."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+
+    return handle
 
 
 async def _body(response: WireResponse) -> bytes:
@@ -80,116 +99,74 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nh
 
 
 async def test_request_line_host_and_headers() -> None:
-    server = await Server(answers=(OK,)).__aenter__()
-    pool = server.pool()
-    response = await pool.request("GET", "/studies?limit=1", [(b"x-request-id", b"abc")])
-    assert response.status == 200
-    assert (b"Content-Type", b"text/plain") in response.headers
-    assert await _body(response) == b"hello"
+    async with serving(answers=(OK,)) as (server, pool):
+        response = await pool.request("GET", "/studies?limit=1", [(b"x-request-id", b"abc")])
+        assert response.status == 200
+        assert (b"Content-Type", b"text/plain") in response.headers
+        assert await _body(response) == b"hello"
     head = server.heads[0]
     assert head.startswith(b"GET /dicom-web/studies?limit=1 HTTP/1.1\r\n")
     assert f"Host: 127.0.0.1:{server.port}\r\n".encode() in head
     assert b"x-request-id: abc\r\n" in head and b"accept: */*\r\n" in head
-    pool.close()
-    await server.__aexit__()
 
 
 async def test_a_connection_read_to_its_end_is_reused() -> None:
-    server = await Server(answers=(OK, OK, OK)).__aenter__()
-    pool = server.pool()
-    for _ in range(3):
-        assert await _body(await pool.request("GET", "/a", [])) == b"hello"
+    async with serving(answers=(OK, OK, OK)) as (server, pool):
+        for _ in range(3):
+            assert await _body(await pool.request("GET", "/a", [])) == b"hello"
     assert server.connections == 1
-    pool.close()
-    await server.__aexit__()
 
 
 async def test_a_half_read_answer_closes_its_connection() -> None:
     big = b"HTTP/1.1 200 OK\r\nContent-Length: 3000000\r\n\r\n" + b"x" * 3_000_000
-    server = await Server(answers=(big, OK)).__aenter__()
-    pool = server.pool()
-    response = await pool.request("GET", "/a", [])
-    chunks = response.chunks()
-    assert await anext(chunks)
-    await response.aclose()
-    assert await _body(await pool.request("GET", "/a", [])) == b"hello"
+    async with serving(answers=(big, OK)) as (server, pool):
+        response = await pool.request("GET", "/a", [])
+        chunks = response.chunks()
+        assert await anext(chunks)
+        await response.aclose()
+        assert await _body(await pool.request("GET", "/a", [])) == b"hello"
     assert server.connections == 2
-    pool.close()
-    await server.__aexit__()
 
 
 async def test_chunked_and_eof_framed_bodies() -> None:
     chunked = (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
     )
-    server = await Server(answers=(chunked,)).__aenter__()
-    pool = server.pool()
-    assert await _body(await pool.request("GET", "/a", [])) == b"abcde"
-    pool.close()
-    await server.__aexit__()
-
-    async def eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"y" * 100_000)
-        await writer.drain()
-
-    server = await Server(eof).__aenter__()
-    pool = server.pool()
-    assert await _body(await pool.request("GET", "/a", [])) == b"y" * 100_000
-    pool.close()
-    await server.__aexit__()
+    async with serving(answers=(chunked,)) as (_, pool):
+        assert await _body(await pool.request("GET", "/a", [])) == b"abcde"
+    eof = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"y" * 100_000
+    async with serving(_once(eof)) as (_, pool):
+        assert await _body(await pool.request("GET", "/a", [])) == b"y" * 100_000
 
 
 async def test_a_body_shorter_than_announced_fails() -> None:
-    async def short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"z" * 10)
-        await writer.drain()
-
-    server = await Server(short).__aenter__()
-    pool = server.pool()
-    response = await pool.request("GET", "/a", [])
-    with pytest.raises(httpx.RemoteProtocolError, match="mid-body"):
-        await _body(response)
-    pool.close()
-    await server.__aexit__()
+    short = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"z" * 10
+    async with serving(_once(short)) as (_, pool):
+        response = await pool.request("GET", "/a", [])
+        with pytest.raises(httpx.RemoteProtocolError, match="mid-body"):
+            await _body(response)
 
 
 async def test_timeouts_and_refusal() -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()
 
-    server = await Server(silent).__aenter__()
-    pool = server.pool(read_timeout=0.3)
-    started = asyncio.get_running_loop().time()
-    with pytest.raises(httpx.ReadTimeout):
-        await pool.request("GET", "/a", [])
-    assert 0.25 < asyncio.get_running_loop().time() - started < 2
-    await server.__aexit__()
-    port = server.port
-    refused = WirePool(
-        f"http://127.0.0.1:{port}/",
-        max_connections=1,
-        max_keepalive=1,
-        keepalive_expiry=1,
-        connect_timeout=1,
-        read_timeout=1,
-        pool_timeout=0.2,
-    )
-    with pytest.raises(httpx.ConnectError):
-        await refused.request("GET", "/a", [])
+    async with serving(silent, read_timeout=0.3) as (server, pool):
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(httpx.ReadTimeout):
+            await pool.request("GET", "/a", [])
+        assert 0.25 < asyncio.get_running_loop().time() - started < 2
+    with pytest.raises(httpx.ConnectError):  # nothing listens there any more
+        await _pool(server.port).request("GET", "/a", [])
 
 
 async def test_pool_limit_waits_then_times_out() -> None:
-    server = await Server(answers=(OK, OK)).__aenter__()
-    pool = server.pool(max_connections=1, pool_timeout=0.2)
-    held = await pool.request("GET", "/a", [])
-    with pytest.raises(httpx.PoolTimeout):
-        await pool.request("GET", "/a", [])
-    assert await _body(held) == b"hello"
-    assert await _body(await pool.request("GET", "/a", [])) == b"hello"  # the slot came back
-    pool.close()
-    await server.__aexit__()
+    async with serving(answers=(OK, OK), max_connections=1, pool_timeout=0.2) as (_, pool):
+        held = await pool.request("GET", "/a", [])
+        with pytest.raises(httpx.PoolTimeout):
+            await pool.request("GET", "/a", [])
+        assert await _body(held) == b"hello"
+        assert await _body(await pool.request("GET", "/a", [])) == b"hello"  # the slot is back
 
 
 async def test_a_slow_reader_pauses_the_upstream() -> None:
@@ -205,17 +182,14 @@ async def test_a_slow_reader_pauses_the_upstream() -> None:
             await writer.drain()  # blocks once the proxy stops reading
             sent += len(piece)
 
-    server = await Server(flood).__aenter__()
-    pool = server.pool()
-    response = await pool.request("GET", "/a", [])
-    await asyncio.sleep(0.5)  # nobody reads the body meanwhile
-    # Bounded by the pause threshold plus the kernel's socket buffers, far below 64 MiB.
-    assert sent < 16 * 1024 * 1024
-    total = sum([len(chunk) async for chunk in _limited(response.chunks(), 4 * 1024 * 1024)])
-    assert total >= 4 * 1024 * 1024
-    await response.aclose()
-    pool.close()
-    await server.__aexit__()
+    async with serving(flood) as (_, pool):
+        response = await pool.request("GET", "/a", [])
+        await asyncio.sleep(0.5)  # nobody reads the body meanwhile
+        # Bounded by the pause threshold plus the kernel's socket buffers, far below 64 MiB.
+        assert sent < 16 * 1024 * 1024
+        chunks = _limited(response.chunks(), 4 * 1024 * 1024)
+        assert sum([len(chunk) async for chunk in chunks]) >= 4 * 1024 * 1024
+        await response.aclose()
 
 
 async def _limited(chunks: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes]:

@@ -35,12 +35,12 @@ class _Connection(asyncio.Protocol):
     def __init__(self, read_timeout: float) -> None:
         self.read_timeout = read_timeout
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
         self._reset()
 
     def _reset(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)  # a fresh one for each exchange
         self.head: asyncio.Future[None] | None = None
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -125,7 +125,6 @@ class _Connection(asyncio.Protocol):
         """Send ``request``; the future is done when the answer's head is in."""
         assert self.transport is not None
         self._reset()
-        self.parser = httptools.HttpResponseParser(self)
         self.head = asyncio.get_running_loop().create_future()
         if self.closed or self.transport.is_closing():
             self._fail(httpx.RemoteProtocolError("the pooled connection was closed"))
