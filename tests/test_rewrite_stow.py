@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from shanoir_dicomweb_proxy._store import SqliteStore, sync_store
 from shanoir_dicomweb_proxy.testing import OrthancServer, ProxyServer, SampleSet
 from shanoir_dicomweb_proxy.testing._process import resident_memory
 
+from .support.relay import RecordingRelay
 from .support.settings import ProxyFactory
 
 STUDY_ROOT, SERIES_ROOT = "1.4.9.12.34.1.8527", "1.4.9.12.34.2.8527"
@@ -57,6 +59,8 @@ def _multipart(payloads: list[bytes], boundary: str = "b0undary") -> bytes:
 
 
 STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=b0undary'
+#: The tests that run on both proxies: one spools uploads, the other streams them.
+UPLOADING = pytest.mark.parametrize("proxy", ["proxy", "streaming"])
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +68,13 @@ def site(
     tmp_path_factory: pytest.TempPathFactory, samples: SampleSet, proxy_factory: ProxyFactory
 ) -> Iterator[dict[str, Any]]:
     """An Orthanc of its own with studies A, B and C (one series of one image each), synced;
-    alice may write into A and C and only read B; a second proxy limits uploads."""
+    alice may write into A and C and only read B; a second proxy limits uploads, a third
+    streams them ([upstream] stream_uploads) through a relay that records what it sent."""
     folder = tmp_path_factory.mktemp("stow-mapped")
-    with OrthancServer(folder / "orthanc") as orthanc:
+    with (
+        OrthancServer(folder / "orthanc") as orthanc,
+        RecordingRelay(("127.0.0.1", orthanc.port)) as relay,
+    ):
         template = samples.files[0]
         real = {name: (generate_uid(), generate_uid()) for name in "ABC"}
         direct = DICOMwebClient(orthanc.dicomweb_url)
@@ -115,6 +123,14 @@ def site(
                 "logging": {"audit_log": str(folder / "audit-limited.jsonl")},
             },
         )
+        streaming = proxy_factory(
+            relay.url("/dicom-web"),
+            **{
+                **sections,
+                "upstream": {"stream_uploads": True},
+                "logging": {"audit_log": str(folder / "audit-streaming.jsonl")},
+            },
+        )
         settings = Settings.from_toml(proxy.config_path)
         token = dev_token(settings, "alice", {"userId": "alice"}, ttl=3600)
         yield {
@@ -122,11 +138,16 @@ def site(
             "direct": direct,
             "proxy": proxy,
             "limited": limited,
+            "streaming": streaming,
+            "relay": relay,
             "real": real,
             "public": public,
             "headers": {"Authorization": f"Bearer {token}"},
             "template": template,
-            "audit": folder / "audit.jsonl",
+            "audit": {
+                "proxy": folder / "audit.jsonl",
+                "streaming": folder / "audit-streaming.jsonl",
+            },
         }
 
 
@@ -162,12 +183,13 @@ def _seg_like(site: dict[str, Any], study: str, series: str, referenced: str) ->
     return ds
 
 
-def test_saved_with_public_uids_lands_with_real_ones(site: dict[str, Any]) -> None:
+@UPLOADING
+def test_saved_with_public_uids_lands_with_real_ones(site: dict[str, Any], proxy: str) -> None:
     study, series = site["public"]["A"]
     real_study, real_series = site["real"]["A"]
-    client = _client(site)
-    (row,) = client.search_for_series(study)
-    assert row["0020000E"]["Value"] == [series]
+    client = _client(site, proxy)
+    before = {r["0020000E"]["Value"][0] for r in client.search_for_series(study)}
+    assert series in before and all(uid.startswith(f"{SERIES_ROOT}.") for uid in before)
     new_series = generate_uid()
     ds = _seg_like(site, study, new_series, series)
     result = client.store_instances([ds])
@@ -189,18 +211,20 @@ def test_saved_with_public_uids_lands_with_real_ones(site: dict[str, Any]) -> No
     # And it is back through the proxy under its examination, in public UIDs.
     public_series = url.split("/series/")[1].split("/")[0]
     rows = client.search_for_series(study)
-    assert sorted(r["0020000E"]["Value"][0] for r in rows) == sorted([series, public_series])
+    assert public_series not in before
+    assert {r["0020000E"]["Value"][0] for r in rows} == before | {public_series}
     (again,) = client.retrieve_series(study, public_series)
     assert again.StudyInstanceUID == study and again.SeriesInstanceUID == public_series
     assert again.ReferencedSeriesSequence[0].SeriesInstanceUID == series
 
 
-def test_read_only_and_unknown_examinations_are_refused(site: dict[str, Any]) -> None:
+@UPLOADING
+def test_read_only_and_unknown_examinations_are_refused(site: dict[str, Any], proxy: str) -> None:
     read_only, _ = site["public"]["B"]
     ds = _instance(site["template"], read_only, generate_uid())
     unknown = _instance(site["template"], f"{STUDY_ROOT}.99999", generate_uid())
     real = _instance(site["template"], site["real"]["C"][0], generate_uid())  # a real UID
-    response = _post(site, _multipart([_bytes(x) for x in (ds, unknown, real)]))
+    response = _post(site, _multipart([_bytes(x) for x in (ds, unknown, real)]), proxy=proxy)
     assert response.status_code == 409, response.text
     failed = response.json()["00081198"]["Value"]
     assert [f["00081155"]["Value"][0] for f in failed] == [
@@ -211,12 +235,13 @@ def test_read_only_and_unknown_examinations_are_refused(site: dict[str, Any]) ->
     assert not any(_held(site, x.SOPInstanceUID) for x in (ds, unknown, real))
 
 
-def test_mixed_batch_is_202_and_stores_only_the_allowed(site: dict[str, Any]) -> None:
+@UPLOADING
+def test_mixed_batch_is_202_and_stores_only_the_allowed(site: dict[str, Any], proxy: str) -> None:
     mine = _instance(site["template"], site["public"]["C"][0], site["public"]["C"][1])
     theirs = _instance(site["template"], site["public"]["B"][0], site["public"]["B"][1])
     # A public series of another examination under my study is refused too.
     crossed = _instance(site["template"], site["public"]["A"][0], site["public"]["C"][1])
-    response = _post(site, _multipart([_bytes(x) for x in (mine, theirs, crossed)]))
+    response = _post(site, _multipart([_bytes(x) for x in (mine, theirs, crossed)]), proxy=proxy)
     assert response.status_code == 202, response.text
     answer = response.json()
     (stored,) = answer["00081199"]["Value"]
@@ -228,18 +253,21 @@ def test_mixed_batch_is_202_and_stores_only_the_allowed(site: dict[str, Any]) ->
     # Stored into the real series of C, which is still the one public series of C.
     real_study, real_series = site["real"]["C"]
     assert site["direct"].retrieve_instance(real_study, real_series, mine.SOPInstanceUID)
-    lines = [json.loads(x) for x in site["audit"].read_text().splitlines()]
+    lines = [json.loads(x) for x in site["audit"][proxy].read_text().splitlines()]
     by_instance = {line.get("instance"): line for line in lines if line.get("instance")}
     assert by_instance[mine.SOPInstanceUID]["decision"] == "allow"
     assert by_instance[theirs.SOPInstanceUID]["decision"] == "deny"
     assert by_instance[theirs.SOPInstanceUID]["user_id"] == "alice"
 
 
-def test_study_path_refuses_instances_of_another_study(site: dict[str, Any]) -> None:
+@UPLOADING
+def test_study_path_refuses_instances_of_another_study(site: dict[str, Any], proxy: str) -> None:
     study_a, series_a = site["public"]["A"]
     foreign = _instance(site["template"], site["public"]["C"][0], site["public"]["C"][1])
     own = _instance(site["template"], study_a, series_a)
-    response = _post(site, _multipart([_bytes(foreign), _bytes(own)]), f"/studies/{study_a}")
+    response = _post(
+        site, _multipart([_bytes(foreign), _bytes(own)]), f"/studies/{study_a}", proxy=proxy
+    )
     assert response.status_code == 202, response.text
     answer = response.json()
     assert answer["00081190"]["Value"][0].endswith(f"/studies/{study_a}")
@@ -249,7 +277,7 @@ def test_study_path_refuses_instances_of_another_study(site: dict[str, Any]) -> 
     assert not _held(site, foreign.SOPInstanceUID) and _held(site, own.SOPInstanceUID)
     # A study the caller may not write into is refused as a path, before the body is read.
     read_only = site["public"]["B"][0]
-    response = _post(site, _multipart([_bytes(own)]), f"/studies/{read_only}")
+    response = _post(site, _multipart([_bytes(own)]), f"/studies/{read_only}", proxy=proxy)
     assert response.status_code == 404
     assert response.json()["detail"] == "no such study"
 
@@ -296,8 +324,9 @@ def test_oversized_upload_is_413_and_stores_nothing(site: dict[str, Any]) -> Non
         ("no part", "no instance"),
     ],
 )
+@UPLOADING
 def test_malformed_upload_is_400_and_stores_nothing(
-    site: dict[str, Any], case: str, detail: str
+    site: dict[str, Any], case: str, detail: str, proxy: str
 ) -> None:
     good = _instance(site["template"], *site["public"]["A"])
     payload = _bytes(good)
@@ -311,10 +340,97 @@ def test_malformed_upload_is_400_and_stores_nothing(
         body = _multipart([payload, payload[: len(payload) // 2]])
     else:
         body = _multipart([payload])[:-40]
-    response = _post(site, body)
+    response = _post(site, body, proxy=proxy)
     assert response.status_code == 400, response.text
     assert detail in response.json()["detail"]
     assert not _held(site, good.SOPInstanceUID)
+
+
+def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def _relayed_since(site: dict[str, Any], start: int) -> int:
+    return len(site["relay"].sent) - start
+
+
+def test_a_streamed_upload_reaches_the_pacs_as_it_comes_and_a_bad_end_stores_nothing(
+    site: dict[str, Any],
+) -> None:
+    good = [_big(site, 2 * 1024 * 1024) for _ in range(3)]
+    payloads = [_bytes(ds) for ds in good]
+    truncated = payloads[0][: len(payloads[0]) // 2]
+    body = _multipart([*payloads, truncated])
+    bad_part = len(_multipart(payloads)) - len(b"--b0undary--\r\n")
+    start = len(site["relay"].sent)
+
+    def chunks() -> Iterator[bytes]:
+        yield body[:bad_part]
+        # The PACS has the three good instances before the client has sent the bad part.
+        _wait_for(
+            lambda: _relayed_since(site, start) > sum(map(len, payloads)),
+            "the admitted instances did not reach the PACS while the upload went on",
+        )
+        yield body[bad_part:]
+
+    headers = {**site["headers"], "Content-Type": STOW_TYPE, "Content-Length": str(len(body))}
+    url = site["streaming"].dicomweb_url + "/studies"
+    response = httpx.post(url, content=chunks(), headers=headers, timeout=120)
+    assert response.status_code == 400, response.text
+    assert "truncated DICOM" in response.json()["detail"]
+    # Its request was cut off short of its length: Orthanc, which stores the sound parts of a
+    # whole batch, stored nothing.
+    assert not any(_held(site, ds.SOPInstanceUID) for ds in good)
+
+
+def test_a_streamed_upload_the_client_leaves_stores_nothing(site: dict[str, Any]) -> None:
+    good = [_big(site, 2 * 1024 * 1024) for _ in range(2)]
+    payloads = [_bytes(ds) for ds in good]
+    sent = _multipart(payloads)[: -len(b"--b0undary--\r\n")]
+    start = len(site["relay"].sent)
+    proxy: ProxyServer = site["streaming"]
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        head = (
+            f"POST {proxy.base_path}/studies HTTP/1.1\r\n"
+            f"Host: 127.0.0.1\r\nAuthorization: {site['headers']['Authorization']}\r\n"
+            f"Content-Type: {STOW_TYPE}\r\nContent-Length: {len(sent) + 1_000_000}\r\n\r\n"
+        )
+        client.sendall(head.encode() + sent)
+        _wait_for(
+            lambda: _relayed_since(site, start) > sum(map(len, payloads)),
+            "the admitted instances did not reach the PACS while the upload went on",
+        )
+    time.sleep(1.0)  # what the PACS would do with a completed body, it would have done
+    assert not any(_held(site, ds.SOPInstanceUID) for ds in good)
+
+
+def test_a_streamed_upload_whose_uids_outgrow_the_room_kept_is_sent_whole(
+    site: dict[str, Any],
+) -> None:
+    """Thousands of references to a public series: the real UIDs outgrow what the streamed
+    request announced, so it is cut off and the spooled batch goes instead, whole."""
+    study, series = site["public"]["A"]
+    real_study, real_series = site["real"]["A"]
+    references = 3000
+    ds = _instance(site["template"], study, series)
+    items = []
+    for _ in range(references):
+        item = Dataset()
+        item.SeriesInstanceUID = series
+        items.append(item)
+    ds.ReferencedSeriesSequence = Sequence(items)
+    payload = _bytes(ds)
+    growth = (len(real_series) - len(series) - 1) * references
+    assert growth > 64 * 1024 + len(payload) // 256  # more than the room kept
+    response = _post(site, _multipart([payload]), proxy="streaming")
+    assert response.status_code == 200, response.text
+    back = site["direct"].retrieve_instance(real_study, real_series, ds.SOPInstanceUID)
+    assert back.SeriesInstanceUID == real_series
+    assert {item.SeriesInstanceUID for item in back.ReferencedSeriesSequence} == {real_series}
+    assert len(back.ReferencedSeriesSequence) == references
 
 
 def test_unsupported_upload_types_are_415(site: dict[str, Any]) -> None:

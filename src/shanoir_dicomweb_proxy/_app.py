@@ -234,6 +234,7 @@ def _mapped(
         max_upload_bytes=settings.server.max_upload_bytes,
         registrar=backends.registrar,
         store=backends.uploads,
+        stream=settings.upstream.stream_uploads,
     )
     translation = TranslationMiddleware(
         app, translator=translator, membership_ttl=mapping.cache_ttl, **_links(settings)

@@ -371,6 +371,13 @@ class UpstreamSettings(_Section):
     #: of aiohttp's CPU per request) or `"httpx"` (httpx's own transport); on the project's
     #: machines aiohttp moved ~1.8× the bytes and ~2× the small requests (`bench/`).
     transport: Transport = "aiohttp"
+    #: Send the admitted instances of a translated upload (STOW-RS with a `[mapping]` backend other
+    #: than `"identity"`) to the PACS while the upload still arrives, instead of once it has
+    #: arrived whole; only when the client sent a `Content-Length`. Only for a PACS that stores
+    #: nothing of a request whose body ends before its `Content-Length` (Orthanc; not
+    #: dcm4chee-arc-light, which stores each part as it reads it): a malformed, truncated or
+    #: oversized upload is then cut off mid-body ([uploads](uploads.md#streaming-to-the-pacs)).
+    stream_uploads: bool = False
     #: How the proxy authenticates to the PACS. Clients' `Authorization` headers never go upstream.
     auth: UpstreamAuthSettings = field(default_factory=UpstreamAuthSettings)
 

@@ -7,7 +7,9 @@ series UIDs it holds, top level and nested, to the real ones while its pixel dat
 through. Admitted
 instances are spooled (to disk past 1 MiB); refused ones are left out. Only when the whole body
 has been read and every part was a whole DICOM file does the PACS get the spooled batch, with
-a Content-Length: a malformed or truncated upload stores nothing.
+a Content-Length: a malformed or truncated upload stores nothing. With ``stream`` (``[upstream]
+stream_uploads``), the admitted bytes go to the PACS as they come, in a request whose body
+ends only once the upload has been read whole (:class:`_Feed`).
 
 The answer merges the proxy's refusals with what the PACS stored (read from its JSON or XML
 answer, and checked with a search for any instance it does not account for, since Orthanc
@@ -18,12 +20,15 @@ SEG or SR series) is registered under the examination once stored, when the map 
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
+import anyio
+import anyio.abc
 import orjson
 
 from .._dicom import (
@@ -50,7 +55,7 @@ from .._dicom import (
     to_xml,
 )
 from .._errors import BadRequest, MalformedBody, ProxyError, UnsupportedMediaType
-from .._headers import header, parse_media_type, wants_dicom_xml
+from .._headers import content_length, header, parse_media_type, wants_dicom_xml
 from .._identifiers import SeriesRegistrar
 from .._request import DicomWebRequest, Level, Resource, Service
 from .._scope import WriteCheck, get_dicomweb_request, get_instance_audit, get_write_check
@@ -73,6 +78,13 @@ CANNOT_UNDERSTAND: Final = 0xC000  # no SOP Instance, Study or Series Instance U
 
 _VERIFY_BATCH: Final = 100
 _MAX_ANSWER: Final = 16 * 1024 * 1024
+#: Bytes a streamed upload's request announces beyond the upload's own length (plus 1/256 of
+#: it): room for the real UIDs that are longer than the public ones they replace.
+_HEADROOM: Final = 64 * 1024
+
+#: What the PACS did with an upload: the SOP Instance UIDs it stored, and those it did not
+#: with their FailureReason.
+_Outcome = tuple[set[str], dict[str, int]]
 
 
 @dataclass(slots=True)
@@ -115,6 +127,7 @@ class StowMiddleware:
         max_upload_bytes: int | None = None,
         registrar: SeriesRegistrar | None = None,
         store: ASGIApp | None = None,
+        stream: bool = False,
     ) -> None:
         self.app = app
         self.translator = translator
@@ -126,6 +139,9 @@ class StowMiddleware:
         #: the platform reads to find the examination. What was stored is still checked with
         #: the PACS.
         self.store = store
+        #: Send admitted instances to the PACS while the upload arrives (with a Content-Length,
+        #: and not to ``store``): for a PACS that stores nothing of a body cut short.
+        self.stream = stream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = get_dicomweb_request(scope) if scope["type"] == "http" else None
@@ -134,17 +150,18 @@ class StowMiddleware:
             return
         boundary = _upload_boundary(scope)
         upload = _Upload(request.study, get_write_check(scope))
+        length = content_length(scope) if self.stream and self.store is None else None
         with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
-            size = await self._read(receive, boundary, upload, spool)
-            if size is None:
-                return  # the client left: nothing was sent upstream
-            if not upload.instances:
-                raise BadRequest("the upload holds no instance")
-            admitted = [i for i in upload.instances if i.failure is None]
-            stored: set[str] = set()
-            failed: dict[str, int] = {}
-            if admitted:
-                stored, failed = await self._store(scope, receive, request, boundary, spool, size)
+            if length is None:
+                outcome = await self._read_then_store(scope, receive, boundary, upload, spool)
+            else:
+                outcome = await self._read_streaming(
+                    scope, receive, boundary, upload, spool, length
+                )
+            if outcome is None:
+                return  # the client left: the PACS got nothing, or a body cut short
+        stored, failed = outcome
+        admitted = [i for i in upload.instances if i.failure is None]
         await self._settle(scope, receive, admitted, stored, failed)
         audit = get_instance_audit(scope)
         if audit is not None:
@@ -152,15 +169,63 @@ class StowMiddleware:
                 audit(_audit_fields(instance))
         await _answer(scope, send, upload, request.study, self.upstream_url)
 
-    async def _read(
-        self, receive: Receive, boundary: bytes, upload: _Upload, spool: IO[bytes]
-    ) -> int | None:
-        """Parse the upload into ``spool``: its size, or None if the client left."""
+    async def _read_then_store(
+        self, scope: Scope, receive: Receive, boundary: bytes, upload: _Upload, spool: IO[bytes]
+    ) -> _Outcome | None:
+        """Parse the upload into ``spool``, then send the admitted instances upstream: what
+        the PACS says it did, or None if the client left."""
         parts = MultipartRewriter(boundary, lambda headers: self._part(headers, upload))
-        try:
-            return await spool_body(receive, spool, self.max_upload_bytes, parts)
-        except MalformedBody as exc:
-            raise exc.from_client() from exc
+        with _from_client():
+            size = await spool_body(receive, spool, self.max_upload_bytes, parts)
+        if size is None:
+            return None
+        _require_instances(upload)
+        if not any(i.failure is None for i in upload.instances):
+            return set(), {}
+        return await self._store(scope, boundary, size, spooled_receive(spool, receive))
+
+    async def _read_streaming(
+        self,
+        scope: Scope,
+        receive: Receive,
+        boundary: bytes,
+        upload: _Upload,
+        spool: IO[bytes],
+        length: int,
+    ) -> _Outcome | None:
+        """:meth:`_read_then_store`, the admitted bytes going upstream as they come (see
+        :class:`_Feed`). They are spooled all the same, for an upload whose UIDs outgrow the
+        room the request kept for them."""
+        budget = length + _HEADROOM + length // 256
+        parts = MultipartRewriter(boundary, lambda headers: self._part(headers, upload))
+        error: Exception | None = None
+        size: int | None = None
+        async with anyio.create_task_group() as tasks:
+            feed = _Feed(
+                tasks, lambda body: self._store(scope, boundary, budget, body), receive, budget
+            )
+            try:
+                with _from_client():
+                    size = await spool_body(
+                        receive, spool, self.max_upload_bytes, _Teed(parts, feed, upload)
+                    )
+                if size is not None:
+                    _require_instances(upload)
+            except Exception as exc:  # raised below, once the PACS's request is cut off
+                error, size = exc, None
+            if size is None:
+                feed.cut()
+            else:
+                await feed.finish()
+        if error is not None:
+            raise error
+        if size is None:
+            return None
+        if feed.outcome is not None:
+            return feed.outcome
+        if feed.overflowed:
+            return await self._store(scope, boundary, size, spooled_receive(spool, receive))
+        return set(), {}  # nothing admitted, so nothing was sent
 
     def _part(self, headers: PartHeaders, upload: _Upload) -> Part10Rewriter:
         for name, value in headers:
@@ -224,17 +289,10 @@ class StowMiddleware:
             series={uid: series.get(uid, uid) for uid in collector.series},
         )
 
-    async def _store(
-        self,
-        scope: Scope,
-        receive: Receive,
-        request: DicomWebRequest,
-        boundary: bytes,
-        spool: IO[bytes],
-        size: int,
-    ) -> tuple[set[str], dict[str, int]]:
-        """Send the spooled batch upstream: the SOP Instance UIDs it says it stored, and
-        those it says it did not with their FailureReason. An error is left to the caller."""
+    async def _store(self, scope: Scope, boundary: bytes, size: int, body: Receive) -> _Outcome:
+        """Send ``size`` bytes of admitted instances, read from ``body``, upstream: the SOP
+        Instance UIDs the PACS says it stored, and those it says it did not with their
+        FailureReason. An error is left to the caller."""
         content_type = b'multipart/related; type="application/dicom"; boundary=' + boundary
         headers = [
             (k, v)
@@ -248,9 +306,7 @@ class StowMiddleware:
         ]
         answer = _Collected()
         try:
-            await (self.store or self.app)(
-                {**scope, "headers": headers}, spooled_receive(spool, receive), answer.send
-            )
+            await (self.store or self.app)({**scope, "headers": headers}, body, answer.send)
         except ProxyError:
             return set(), {}  # what was stored is found out by a search
         return _outcome(answer.content_type, answer.body)
@@ -308,6 +364,124 @@ class StowMiddleware:
             }
             found |= {i.sop_instance for i in batch if (i.study, i.series, i.sop_instance) in held}
         return found
+
+
+class _Feed:
+    """The PACS's side of a streamed upload.
+
+    The request is opened at the first admitted byte and announces ``budget`` bytes: the
+    upload's own length and room for UIDs that grow. Its body ends, padded with spaces after
+    the closing delimiter (an epilogue, which multipart readers skip), only once the whole
+    upload has been read and found sound (:meth:`finish`). Anything wrong before that cuts
+    the request off short of its length (:meth:`cut`), and the PACS stores nothing. So does
+    output that would fill the budget before the end (:attr:`overflowed`): the spooled copy is
+    sent instead once the upload has been read.
+    """
+
+    def __init__(
+        self,
+        tasks: anyio.abc.TaskGroup,
+        store: Callable[[Receive], Awaitable[_Outcome]],
+        client: Receive,
+        budget: int,
+    ) -> None:
+        self._tasks = tasks
+        self._store = store
+        self._client = client
+        self.budget = budget
+        self.sent = 0
+        self.started = False
+        self.overflowed = False
+        self.outcome: _Outcome | None = None
+        self._cut = False
+        self._ended = False
+        self._scope = anyio.CancelScope()
+        self._done = anyio.Event()
+        # A few chunks in flight at most: memory stays bounded by what the PACS takes.
+        self._sender, self._receiver = anyio.create_memory_object_stream[bytes](4)
+
+    async def put(self, data: bytes) -> None:
+        """Pass ``data`` on; the first call opens the request."""
+        if not data or self._cut:
+            return
+        if self.sent + len(data) >= self.budget:  # the last byte waits for finish()
+            self.overflowed = True
+            self.cut()
+            return
+        if not self.started:
+            self.started = True
+            self._tasks.start_soon(self._run)
+        self.sent += len(data)
+        with contextlib.suppress(anyio.BrokenResourceError):
+            await self._sender.send(data)  # broken: the PACS has answered, or failed, already
+
+    async def finish(self) -> None:
+        """The upload was read whole and sound: complete the body, wait for the answer."""
+        if not self.started or self._cut:
+            return
+        with contextlib.suppress(anyio.BrokenResourceError):
+            await self._sender.send(b" " * (self.budget - self.sent))
+        self._sender.close()
+        await self._done.wait()
+
+    def cut(self) -> None:
+        """End the request short of its length: the PACS stores nothing of it."""
+        self._cut = True
+        self._scope.cancel()
+        self._sender.close()
+
+    async def _run(self) -> None:
+        with self._scope:
+            try:
+                self.outcome = await self._store(self._receive)
+            finally:
+                self._receiver.close()
+                self._done.set()
+
+    async def _receive(self) -> Message:
+        if self._ended:
+            return await self._client()  # the body is complete: the client's disconnect
+        try:
+            chunk = await self._receiver.receive()
+        except anyio.EndOfStream:
+            self._ended = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+
+class _Teed:
+    """The rewriter of a streamed upload: its output also goes to the PACS, from the first
+    admitted instance on."""
+
+    def __init__(self, parts: MultipartRewriter, feed: _Feed, upload: _Upload) -> None:
+        self._parts = parts
+        self._feed = feed
+        self._upload = upload
+
+    async def feed(self, chunk: bytes) -> bytes:
+        return await self._pass(await self._parts.feed(chunk))
+
+    async def close(self) -> bytes:
+        return await self._pass(await self._parts.close())
+
+    async def _pass(self, out: bytes) -> bytes:
+        if self._feed.started or any(i.failure is None for i in self._upload.instances):
+            await self._feed.put(out)
+        return out
+
+
+@contextlib.contextmanager
+def _from_client() -> Iterator[None]:
+    """A malformed body is the client's fault (400), not the PACS's."""
+    try:
+        yield
+    except MalformedBody as exc:
+        raise exc.from_client() from exc
+
+
+def _require_instances(upload: _Upload) -> None:
+    if not upload.instances:
+        raise BadRequest("the upload holds no instance")
 
 
 def _upload_boundary(scope: Scope) -> bytes:
