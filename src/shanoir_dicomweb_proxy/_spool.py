@@ -2,11 +2,15 @@
 
 A body is spooled when the PACS must get it with a Content-Length: a chunked upload (Orthanc
 stores the complete parts of a chunked body that ends early, which would half-store a batch the
-client was told failed), and every upload whose parts the proxy rewrites.
+client was told failed), and every upload whose parts the proxy rewrites (a streamed one too,
+in case its UIDs outgrow the room its request kept: ``_rewrite._stow``). A worker thread writes
+while the body goes on arriving.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import IO, Final
 
@@ -32,34 +36,79 @@ async def spool_body(
     it: the size written, or None if the client left. More than ``limit`` bytes received is
     :class:`PayloadTooLarge`."""
     received = 0
-    size = 0
-    pending = bytearray()
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunk: bytes = message.get("body", b"")
-        received += len(chunk)
-        if limit is not None and received > limit:
-            raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
-        more = message.get("more_body", False)
-        pending += chunk if rewriter is None else await rewriter.feed(chunk)
-        if rewriter is not None and not more:
-            pending += await rewriter.close()
-        if len(pending) >= SPOOL_CHUNK or not more:
-            size += len(pending)
-            try:
-                await anyio.to_thread.run_sync(spool.write, bytes(pending))
-            except OSError as exc:  # the disk of temporary files is full (or failing)
-                raise SpoolUnavailable(
-                    "the upload cannot be held now (no room for temporary files); "
-                    "nothing was stored"
-                ) from exc
-            pending.clear()
-        if not more:
-            break
-    await anyio.to_thread.run_sync(spool.seek, 0)
-    return size
+    async with _Writer(spool) as writer:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk: bytes = message.get("body", b"")
+            received += len(chunk)
+            if limit is not None and received > limit:
+                raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+            more = message.get("more_body", False)
+            if rewriter is not None:
+                chunk = await rewriter.feed(chunk)
+                if not more:
+                    chunk += await rewriter.close()
+            await writer.write(chunk)
+            if not more:
+                return await writer.rewind()
+
+
+class _Writer:
+    """Writes to a spool from a worker thread, :data:`SPOOL_CHUNK` bytes at a time, while the
+    body goes on arriving: the reader waits only when a batch is ready before the last one is
+    written, and the bytes are not copied on the way."""
+
+    def __init__(self, spool: IO[bytes]) -> None:
+        self._spool = spool
+        self._batch: list[bytes] = []
+        self._batched = 0
+        self._size = 0
+        self._writing: asyncio.Future[None] | None = None
+
+    async def __aenter__(self) -> _Writer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        # The spool is closed after this: no thread may still be writing into it. (rewind()
+        # has waited already unless the body failed, and then that failure is the one told.)
+        with anyio.CancelScope(shield=True), contextlib.suppress(SpoolUnavailable):
+            await self._written()
+
+    async def write(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self._batch.append(chunk)
+        self._batched += len(chunk)
+        if self._batched >= SPOOL_CHUNK:
+            await self._flush()
+
+    async def rewind(self) -> int:
+        """Write what is left, rewind the spool: its size."""
+        await self._flush()
+        await self._written()
+        await anyio.to_thread.run_sync(self._spool.seek, 0)
+        return self._size
+
+    async def _flush(self) -> None:
+        await self._written()
+        batch, self._batch = self._batch, []
+        self._size += self._batched
+        self._batched = 0
+        loop = asyncio.get_running_loop()
+        self._writing = loop.run_in_executor(None, self._spool.writelines, batch)
+
+    async def _written(self) -> None:
+        writing, self._writing = self._writing, None
+        if writing is None:
+            return
+        try:
+            await writing
+        except OSError as exc:  # the disk of temporary files is full (or failing)
+            raise SpoolUnavailable(
+                "the upload cannot be held now (no room for temporary files); nothing was stored"
+            ) from exc
 
 
 async def read_spool(spool: IO[bytes]) -> AsyncIterator[bytes]:
