@@ -57,7 +57,8 @@ def main() -> int:
             "store": {"path": str(args.dir / "store.sqlite3")},
             # Grants in the same store: alice (userId 1) may read one examination, below.
             "access": {"backend": "sqlite"},
-            "upstream": {"url": orthanc.dicomweb_url},
+            # Orthanc stores nothing of an upload cut short: translated uploads can stream.
+            "upstream": {"url": orthanc.dicomweb_url, "stream_uploads": True},
         }
         proxy = ProxyServer(args.dir / "proxy", settings, port=args.port)
         proxy.config_path.parent.mkdir(parents=True, exist_ok=True)
