@@ -81,6 +81,7 @@ _MAX_ANSWER: Final = 16 * 1024 * 1024
 #: Bytes a streamed upload's request announces beyond the upload's own length (plus 1/256 of
 #: it): room for the real UIDs that are longer than the public ones they replace.
 _HEADROOM: Final = 64 * 1024
+_PADDING: Final = 1024 * 1024  # bytes of that room sent at a time
 
 #: What the PACS did with an upload: the SOP Instance UIDs it stored, and those it did not
 #: with their FailureReason.
@@ -419,8 +420,12 @@ class _Feed:
         """The upload was read whole and sound: complete the body, wait for the answer."""
         if not self.started or self._cut:
             return
+        padding = b" " * min(self.budget - self.sent, _PADDING)
         with contextlib.suppress(anyio.BrokenResourceError):
-            await self._sender.send(b" " * (self.budget - self.sent))
+            while self.sent < self.budget:
+                piece = padding[: self.budget - self.sent]
+                await self._sender.send(piece)
+                self.sent += len(piece)
         self._sender.close()
         await self._done.wait()
 
@@ -465,7 +470,7 @@ class _Teed:
         return await self._pass(await self._parts.close())
 
     async def _pass(self, out: bytes) -> bytes:
-        if self._feed.started or any(i.failure is None for i in self._upload.instances):
+        if self._feed.started or any(i.failure is None and i.study for i in self._upload.instances):
             await self._feed.put(out)
         return out
 
