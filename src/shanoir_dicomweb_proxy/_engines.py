@@ -163,6 +163,10 @@ def _hypercorn_worker_app() -> DicomWebProxy:
 
 #: How long a connection whose upload was answered early may go on sending before it is cut.
 _LINGER_SECONDS = 30.0
+#: Bytes hypercorn reads from a connection at a time (its own is 64 KiB): an upload then comes
+#: in a quarter of the pieces, each of which costs an h11 event, an ASGI message and a turn of
+#: every layer that reads it.
+_MAX_RECV = 256 * 1024
 
 
 class _Supervisor(Multiprocess):
@@ -216,13 +220,16 @@ def _uvicorn_worker_app() -> DicomWebProxy:
 
 def fix_hypercorn() -> None:
     """Two fixes to hypercorn 0.18's asyncio server, each of which held connections forever
-    or for the whole keep-alive timeout (issue 19); applied once per process."""
+    or for the whole keep-alive timeout (issue 19), and larger reads (:data:`_MAX_RECV`);
+    applied once per process."""
+    from hypercorn.asyncio import tcp_server
     from hypercorn.asyncio.task_group import TaskGroup
     from hypercorn.asyncio.tcp_server import TCPServer
 
     if getattr(TCPServer, "_shanoir_fixed", False):
         return
     TCPServer._shanoir_fixed = True  # type: ignore[attr-defined]
+    tcp_server.MAX_RECV = _MAX_RECV
     read_data = TCPServer._read_data
     spawn_app = TaskGroup.spawn_app
 
