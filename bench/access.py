@@ -602,10 +602,12 @@ class Bench:
         store: Path,
         env: Mapping[str, str] | None = None,
         upstream: Mapping[str, Any] | None = None,
+        server: Mapping[str, Any] | None = None,
     ) -> ProxyServer:
         """``serve -c FILE`` with auth (a local JWKS holding the key dev tokens are signed
         with), the sqlite mapping and the sqlite access policy at its default cache_ttl;
-        ``env`` is added to the proxy's environment, ``upstream`` to its ``[upstream]``."""
+        ``env`` is added to the proxy's environment, ``upstream`` to its ``[upstream]``,
+        ``server`` to its ``[server]``."""
         keys = workdir / "keys.json"
         key = RSAKey.generate_key(2048, parameters={"kid": "bench"}, private=True)
         keys.write_text(json.dumps({"keys": [key.as_dict(private=True)]}))
@@ -616,6 +618,8 @@ class Bench:
             "store": {"path": str(store)},
             "upstream": {"url": orthanc.dicomweb_url, "transport": "aiohttp", **(upstream or {})},
         }
+        if server:
+            settings["server"] = dict(server)
         proxy = ProxyServer(workdir / "proxy", settings, env=env)
         stack.callback(proxy.stop)
         proxy.start()

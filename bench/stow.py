@@ -1,6 +1,6 @@
 """STOW-RS of a large batch through the full stack (auth + access + translation) vs direct.
 
-    python bench/stow.py [--mb 200] [--rounds 3] [--spool] [--keep]
+    python bench/stow.py [--mb 200] [--rounds 3] [--engine uvicorn] [--spool] [--keep]
 
 Issue 6: one ``POST /studies`` of ~200 MB (instances of ~5 MB, uncompressed 16-bit pixel data)
 into an examination the user may write into, through the proxy (public study and series UIDs,
@@ -217,11 +217,11 @@ def upload(client: httpx.Client, target: Target, batch: Batch, label: str, chunk
 
 
 def _setup(
-    stack: contextlib.ExitStack, workdir: Path, log: Bench, *, stream: bool
+    stack: contextlib.ExitStack, workdir: Path, log: Bench, *, stream: bool, engine: str
 ) -> tuple[OrthancServer, ProxyServer, str, str, dict[str, str]]:
     """Fresh Orthanc with one small study, the store synced, the proxy started (as
-    bench/access.py, with ``[upstream] stream_uploads = stream``), ``writer`` granted read
-    and write on the study's examination."""
+    bench/access.py, with ``[upstream] stream_uploads = stream`` and ``[server] engine``),
+    ``writer`` granted read and write on the study's examination."""
     orthanc = OrthancServer(workdir / "orthanc")
     stack.callback(orthanc.stop)
     with _environ(ORTHANC_MALLOC):  # as bench/run.py: Orthanc keeps its heap
@@ -239,7 +239,14 @@ def _setup(
         (entry,) = opened.entries()
         for action in ("read", "write"):
             opened.grant(USER, entry.exam_id, action)
-    proxy = log._proxy(stack, workdir, orthanc, store, upstream={"stream_uploads": stream})
+    proxy = log._proxy(
+        stack,
+        workdir,
+        orthanc,
+        store,
+        upstream={"stream_uploads": stream},
+        server={"engine": engine},
+    )
     config = Settings.from_toml(proxy.config_path)
     token = dev_token(config, USER, {"userId": USER}, ttl=3600)
     real = {"study": study, "series": series}
@@ -254,7 +261,9 @@ def _setup(
 def run(args: argparse.Namespace, stack: contextlib.ExitStack, workdir: Path) -> list[str]:
     log = Bench(argparse.Namespace(client="httpx"))
     load = os.getloadavg()
-    orthanc, proxy, study, series, ids = _setup(stack, workdir, log, stream=not args.spool)
+    orthanc, proxy, study, series, ids = _setup(
+        stack, workdir, log, stream=not args.spool, engine=args.engine
+    )
     orthanc_meter = CpuMeter([orthanc.pid])
     proxy_meters = {"proxy": CpuMeter([proxy.pid]), "orthanc": orthanc_meter}
     targets = [
@@ -323,9 +332,9 @@ def _report(
         f"batch: POST /studies of {batch.count} MR instances of {SIDE}x{SIDE} 16-bit "
         f"(uncompressed), {size / 1e6:.1f} MB of multipart body, fresh SOP Instance UIDs per "
         "round; httpx, one kept-alive connection, Content-Length (last round: chunked)",
-        "proxy: [auth] local JWKS + dev token, [mapping] sqlite, [access] sqlite, aiohttp "
-        f"upstream, stream_uploads = {str(not args.spool).lower()}; public study/series UIDs in, "
-        f"real ones out (idle RSS {idle_rss / 1e6:.0f} MB)",
+        f"proxy: {args.engine}, [auth] local JWKS + dev token, [mapping] sqlite, [access] "
+        f"sqlite, aiohttp upstream, stream_uploads = {str(not args.spool).lower()}; public "
+        f"study/series UIDs in, real ones out (idle RSS {idle_rss / 1e6:.0f} MB)",
         f"CPU outside the bench's processes: {foreign[0] * 100:.0f}% of a core idle (1 s before), "
         f"{foreign[1] * 100:.0f}% during the uploads (mostly the kernel's: loopback TCP, "
         "writeback of Orthanc's files)",
@@ -378,6 +387,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mb", type=float, default=200, help="batch size in MB (default 200)")
     parser.add_argument(
         "--rounds", type=int, default=3, help="measured rounds per target (default 3)"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("hypercorn", "uvicorn"),
+        default="hypercorn",
+        help="[server] engine of the proxy (default hypercorn, serve's own default)",
     )
     parser.add_argument(
         "--spool",
