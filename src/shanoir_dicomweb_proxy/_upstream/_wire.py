@@ -250,6 +250,11 @@ class WireResponse:
     def chunks(self) -> AsyncIterator[bytes]:
         return self._connection.chunks()
 
+    def received(self) -> bool:
+        """Whether the whole body is in and handed over: the chunk just taken was the last."""
+        connection = self._connection
+        return connection.complete and not connection.body and connection.error is None
+
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
