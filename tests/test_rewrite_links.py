@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shanoir_dicomweb_proxy import UpstreamError
-from shanoir_dicomweb_proxy._dicom import BufferedPart, MultipartRewriter
+from shanoir_dicomweb_proxy._dicom import BufferedPart, MultipartRewriter, PassPart
 from shanoir_dicomweb_proxy._rewrite import LinkRewriter
 
 OLD = b"http://pacs:8042/dicom-web/"
@@ -92,3 +92,43 @@ async def test_multipart_dropped_part_leaves_no_trace() -> None:
     rewriter = MultipartRewriter(b"b0undary", lambda _: BufferedPart(drop_second))
     out = await _feed(rewriter, [_multipart([b"one", b"two", b"three"])])
     assert out == _multipart([b"one", b"three"])
+
+
+def _frames(bodies: list[bytes], base: bytes) -> bytes:
+    """A frames answer as Orthanc writes it: each part names its own URL."""
+    out = b""
+    for number, body in enumerate(bodies, 1):
+        out += b"--b0undary\r\nContent-Location: " + base + b"frames/%d\r\n" % number
+        out += b"Content-Type: application/octet-stream\r\n"
+        out += b"Content-Length: %d\r\n\r\n" % len(body) + body + b"\r\n"
+    return out + b"--b0undary--\r\n"
+
+
+def _relinker() -> MultipartRewriter:
+    async def relink(name: bytes, value: bytes) -> bytes:
+        return NEW + value[len(OLD) :] if value.startswith(OLD) else value
+
+    return MultipartRewriter(b"b0undary", lambda _: PassPart(), rewrite_header=relink)
+
+
+@given(
+    bodies=st.lists(
+        st.binary(max_size=300).map(lambda b: b.replace(b"b0undary", b"")), min_size=1, max_size=3
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=1200), max_size=10),
+)
+def test_frames_are_relinked_in_any_chunks(bodies: list[bytes], cuts: list[int]) -> None:
+    data = _frames(bodies, OLD)
+    out = anyio.run(_feed, _relinker(), _chunks(data, cuts))
+    assert out == _frames(bodies, NEW)
+
+
+async def test_a_chunk_inside_a_frame_passes_as_it_is() -> None:
+    frame = bytes(range(256)) * 1200
+    data = _frames([frame], OLD)
+    body_at = data.index(b"\r\n\r\n") + 4
+    chunks = _chunks(data, [body_at + 1000, body_at + 200_000])
+    rewriter = _relinker()
+    outs = [await rewriter.feed(chunk) for chunk in chunks]
+    assert outs[1] is chunks[1]  # all body: not copied
+    assert b"".join(outs) + await rewriter.close() == _frames([frame], NEW)

@@ -139,6 +139,42 @@ async def test_chunked_and_eof_framed_bodies() -> None:
         assert await _body(await pool.request("GET", "/a", [])) == b"y" * 100_000
 
 
+def _in_pieces(head: bytes, *pieces: bytes) -> Handler:
+    """A handler that answers each request with ``head`` then ``pieces``, one write each, a
+    moment apart (so that the body arrives after the head, in several reads)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            for data in (head, *pieces):
+                writer.write(data)
+                await writer.drain()
+                await asyncio.sleep(0.02)
+
+    return handle
+
+
+async def test_a_body_after_its_head_arrives_whole_and_the_connection_is_reused() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n"
+    pieces = (b"a" * 100_000, b"b" * 150_000, b"c" * 50_000)
+    async with serving(_in_pieces(head, *pieces)) as (server, pool):
+        for _ in range(2):
+            response = await pool.request("GET", "/a", [])
+            chunks = [chunk async for chunk in response.chunks()]
+            await response.aclose()
+            assert b"".join(chunks) == b"".join(pieces) and len(chunks) >= 3
+    assert server.connections == 1
+
+
+async def test_bytes_past_the_announced_end_are_dropped_with_their_connection() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    overflow = b"hello" + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nWRONG"
+    async with serving(_in_pieces(head, overflow)) as (server, pool):
+        assert await _body(await pool.request("GET", "/a", [])) == b"hello"
+        assert await _body(await pool.request("GET", "/a", [])) == b"hello"
+    assert server.connections == 2
+
+
 async def test_a_body_shorter_than_announced_fails() -> None:
     short = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"z" * 10
     async with serving(_once(short)) as (_, pool):

@@ -15,7 +15,7 @@ import ctypes
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import uvicorn
@@ -180,6 +180,96 @@ class _Supervisor(Multiprocess):
         super().terminate_all()
 
 
+#: Writes coalesced by :class:`_CoalescingTransport` go out at once past this many bytes.
+_COALESCE_BYTES = 64 * 1024
+
+
+class _CoalescingTransport(asyncio.Transport):
+    """A transport whose writes made in one turn of the event loop go out together, in one
+    system call (``writelines``: a ``writev`` on uvloop, without joining them).
+
+    uvicorn writes an answer's head, each body message and the chunked end apart: three
+    writes for a small frame, each of which runs the loopback's TCP receive path in this
+    process. Small writes wait for the end of the turn (or for ``_COALESCE_BYTES``), so a
+    frame's answer leaves in one write; what is held never exceeds that bound."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._flush_scheduled = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        self._held.append(bytes(data) if not isinstance(data, bytes) else data)
+        self._held_bytes += len(data)
+        if self._held_bytes >= _COALESCE_BYTES:
+            self._flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._held:
+            return
+        held, self._held, self._held_bytes = self._held, [], 0
+        if not self._transport.is_closing():
+            self._transport.writelines(held)
+
+    def get_write_buffer_size(self) -> int:
+        return self._held_bytes + self._transport.get_write_buffer_size()
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def abort(self) -> None:
+        self._held, self._held_bytes = [], 0
+        self._transport.abort()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+
 class LingeringProtocol(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol on httptools, except for a connection whose request body was
     answered before it was read (413, a refused token, a failed upload).
@@ -191,6 +281,9 @@ class LingeringProtocol(HttpToolsProtocol):
     """
 
     _lingering = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(_CoalescingTransport(transport, self.loop))
 
     def on_response_complete(self) -> None:
         cycle = self.cycle

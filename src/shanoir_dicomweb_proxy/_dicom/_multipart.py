@@ -231,6 +231,11 @@ def _partial_delimiter(data: bytes, start: int, delimiter: bytes) -> int:
     return 0
 
 
+def _is_whole(data: Chunk, chunk: bytes) -> bool:
+    """Whether ``data`` (a ``data`` event) is the whole of ``chunk``, not a part or a copy."""
+    return isinstance(data, memoryview) and data.obj is chunk and len(data) == len(chunk)
+
+
 def header_pair(data: Chunk) -> tuple[bytes, bytes]:
     """A ``header`` event's name and value (the value without its leading blanks)."""
     name, _, value = bytes(data).partition(b":")
@@ -264,8 +269,17 @@ class MultipartRewriter:
 
     async def feed(self, chunk: bytes) -> bytes:
         """Parse ``chunk``; return the output it made ready."""
+        events = self._events.feed(chunk)
+        if (
+            len(events) == 1
+            and type(self._part) is PassPart
+            and not self._pending_headers
+            and _is_whole(events[0][1], chunk)
+        ):
+            # Inside a frame's body, a chunk that is all body passes as it is: no copy.
+            return chunk
         out: list[Chunk] = []
-        for kind, data in self._events.feed(chunk):
+        for kind, data in events:
             if kind == "begin":
                 self._headers = []
             elif kind == "header":

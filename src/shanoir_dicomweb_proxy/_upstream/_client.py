@@ -174,7 +174,9 @@ class Upstream:
             pool, own = self._wire
             sent = [*headers, *own]
             reply = await _retrying(method, content, lambda: pool.request(method, target, sent))
-            return UpstreamAnswer(reply.status, reply.headers, reply.chunks, reply.aclose)
+            return UpstreamAnswer(
+                reply.status, reply.headers, reply.chunks, reply.aclose, received=reply.received
+            )
         fields = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
         fields += credentials
         url = yarl.URL(self.url + target, encoded=True)
@@ -187,9 +189,10 @@ class Upstream:
 
 class UpstreamAnswer:
     """The PACS's answer to a forwarded request, its body not read yet: ``status``,
-    ``headers`` as received (raw name and value pairs), then :meth:`chunks` and ``aclose``."""
+    ``headers`` as received (raw name and value pairs), then :meth:`chunks` and ``aclose``.
+    ``received``, when the transport can tell, says whether the chunk just taken was the last."""
 
-    __slots__ = ("status", "headers", "_body", "aclose")
+    __slots__ = ("status", "headers", "_body", "aclose", "_received")
 
     def __init__(
         self,
@@ -197,12 +200,20 @@ class UpstreamAnswer:
         headers: Sequence[tuple[bytes, bytes]],
         body: Callable[[], AsyncIterator[bytes]],
         aclose: Callable[[], Awaitable[None]],
+        *,
+        received: Callable[[], bool] | None = None,
     ) -> None:
         self.status = status
         self.headers = headers
         self._body = body
         #: Ends the exchange: a body read to its end gives the connection back to the pool.
         self.aclose = aclose
+        self._received = received
+
+    def received(self) -> bool:
+        """Whether the whole body is in and was handed over by :meth:`chunks` (False when the
+        transport cannot tell)."""
+        return self._received is not None and self._received()
 
     def header(self, name: bytes) -> str | None:
         """The first value of a header (``name`` lower-case), or None."""
