@@ -3,6 +3,7 @@ real proxy processes and the real Orthanc for what users see (log files, scrapes
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import httpx
 import pytest
@@ -28,6 +29,7 @@ from shanoir_dicomweb_proxy._observability import (
     JsonFormatter,
     ObservabilityMiddleware,
     ObservedRequest,
+    _Handler,
     configure_logging,
 )
 from shanoir_dicomweb_proxy._store import SqliteStore
@@ -203,6 +205,30 @@ def test_configure_logging(root_logging: None) -> None:
     configure_logging(Settings.from_dict(base))
     assert not [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]
     assert root.level == logging.INFO
+
+
+def test_the_log_writer_writes_what_was_queued_at_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    class Stream(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            return super().write(text)
+
+    stream = Stream()
+    target: logging.StreamHandler[TextIO] = logging.StreamHandler(stream)
+    target.setFormatter(logging.Formatter("%(message)s"))
+    handler = _Handler(target)
+    records = [logging.LogRecord("x", 20, "", 0, "line %d", (n,), None) for n in range(50)]
+    records.insert(10, logging.LogRecord("x", 20, "", 0, "line %d", ("not a number",), None))
+    for record in records:
+        handler.emit(record)
+    handler.close()  # writes what is queued
+    assert stream.getvalue().splitlines() == [f"line {n}" for n in range(50)]
+    assert stream.writes <= 2  # one per turn of the writer thread, not one per record
+    assert "Logging error" in capsys.readouterr().err  # the bad record, reported
 
 
 async def test_multiprocess_metrics_are_read_from_the_directory(
