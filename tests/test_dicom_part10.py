@@ -20,7 +20,12 @@ from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
 from shanoir_dicomweb_proxy import UpstreamError
-from shanoir_dicomweb_proxy._dicom import Part10Rewriter, Translation, UidCollector
+from shanoir_dicomweb_proxy._dicom import (
+    MultipartRewriter,
+    Part10Rewriter,
+    Translation,
+    UidCollector,
+)
 
 # -- a small Part 10 encoder -------------------------------------------------------------------
 
@@ -850,6 +855,38 @@ async def test_large_pixel_data_streams() -> None:
     assert digest.digest() == hashlib.sha256(expected).digest()
     assert held <= 64 * 1024 + chunk
     assert peak < 2 * 1024 * 1024
+
+
+async def test_pixel_data_chunks_pass_the_multipart_rewriter_as_they_are() -> None:
+    # A retrieve answer of two instances in 64 KiB chunks: a chunk that holds nothing but pixel
+    # data comes out as the very object that went in (not copied); the rest is rewritten.
+    pixels = bytes(range(256)) * 1024
+
+    def instance(study: str, series: str) -> bytes:
+        nodes: list[Node] = [
+            El(0x00080018, "UI", ui(SOP_INSTANCE)),
+            El(0x0020000D, "UI", ui(study)),
+            El(0x0020000E, "UI", ui(series)),
+            El(0x7FE00010, "OW", pixels),
+        ]
+        return part10(nodes, EXPLICIT_LE)
+
+    def answer(bodies: list[bytes]) -> bytes:
+        head = b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n"
+        return b"".join(head + body + b"\r\n" for body in bodies) + b"--b0undary--\r\n"
+
+    real = [instance(REAL_STUDIES[i], REAL_SERIES[i]) for i in (0, 1)]
+    public = [
+        instance(PUBLIC_STUDIES[REAL_STUDIES[i]], PUBLIC_SERIES[REAL_SERIES[i]]) for i in (0, 1)
+    ]
+    data = answer(real)
+    chunks = [data[at : at + 64 * 1024] for at in range(0, len(data), 64 * 1024)]
+    resolver = Resolver(FORWARD)
+    rewriter = MultipartRewriter(b"b0undary", lambda _: Part10Rewriter(resolver, study_known=False))
+    outs = [await rewriter.feed(chunk) for chunk in chunks]
+    assert b"".join(outs) + await rewriter.close() == answer(public)
+    passed = [index for index, chunk in enumerate(chunks) if outs[index] is chunk]
+    assert passed == [1, 2, 3, 5, 6, 7]  # 0 and 4 hold a part's head, 8 the closing delimiter
 
 
 async def test_small_elements_after_the_first_flush_go_in_batches() -> None:

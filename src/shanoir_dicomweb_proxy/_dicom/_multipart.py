@@ -300,6 +300,8 @@ class MultipartRewriter:
             elif kind == "final":
                 out.append(b"--" + self._boundary + b"--\r\n")
                 self._ended = True
+        if len(out) == 1 and _is_whole(out[0], chunk):
+            return chunk  # a part rewriter streaming its body gave the chunk back: no copy
         return b"".join(out)
 
     async def _emit(self, out: list[Chunk], body: Chunk, *, whole: bool) -> None:
