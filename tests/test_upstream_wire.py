@@ -196,6 +196,37 @@ async def test_timeouts_and_refusal() -> None:
         await _pool(server.port).request("GET", "/a", [])
 
 
+def _trickle(pieces: int, pause: float) -> Handler:
+    """A handler that sends its answer's body a byte at a time, ``pause`` seconds apart, then
+    stays silent without closing."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (pieces + 1))
+        for _ in range(pieces):
+            await asyncio.sleep(pause)
+            writer.write(b"x")
+            await writer.drain()
+        await reader.read()
+
+    return handle
+
+
+async def test_the_read_timeout_runs_from_the_last_byte_received() -> None:
+    # 0.3 s between bytes keeps a 0.5 s timeout away for 1.5 s; silence past it does not.
+    async with serving(_trickle(5, 0.3), read_timeout=0.5) as (_, pool):
+        response = await pool.request("GET", "/a", [])
+        received, last = b"", 0.0
+        loop = asyncio.get_running_loop()
+        with pytest.raises(httpx.ReadTimeout):
+            async for chunk in response.chunks():
+                received += chunk
+                last = loop.time()
+        assert received == b"xxxxx"
+        assert 0.45 < loop.time() - last < 1.0
+        await response.aclose()
+
+
 async def test_pool_limit_waits_then_times_out() -> None:
     async with serving(answers=(OK, OK), max_connections=1, pool_timeout=0.2) as (_, pool):
         held = await pool.request("GET", "/a", [])

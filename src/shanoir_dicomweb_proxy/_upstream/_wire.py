@@ -57,6 +57,7 @@ class _Connection(asyncio.Protocol):
         self.error: Exception | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time by which the upstream must have sent something
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -215,18 +216,30 @@ class _Connection(asyncio.Protocol):
             self.waiter.set_result(None)
 
     def _arm(self) -> None:
-        """(Re)start the read timeout: the upstream must send something within it."""
-        self._disarm()
-        if not self.paused and not self.complete:
-            loop = asyncio.get_running_loop()
-            self.timer = loop.call_later(self.read_timeout, self._timed_out)
+        """(Re)start the read timeout: the upstream must send something within it.
+
+        Called on every read (80-150 per 21 MB series): it only moves the deadline, and the one
+        timer, when it fires before it, waits for the new one. A timer cancelled and made again
+        per read cost 2.7 us against 0.3 on uvloop."""
+        if self.paused or self.complete:
+            self._disarm()
+            return
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + self.read_timeout
+        if self.timer is None:
+            self.timer = loop.call_at(self.deadline, self._check_deadline)
 
     def _disarm(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
 
-    def _timed_out(self) -> None:
+    def _check_deadline(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.deadline:  # the upstream sent something since it was set
+            self.timer = loop.call_at(self.deadline, self._check_deadline)
+            return
+        self.timer = None
         self._fail(httpx.ReadTimeout("the upstream did not answer in time"))
 
     def _abort(self) -> None:
