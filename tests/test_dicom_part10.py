@@ -474,6 +474,56 @@ async def test_one_lookup_per_batch_with_uids() -> None:
     assert pydicom.dcmread(BytesIO(b"".join(out))).StudyInstanceUID == "2.25.1"
 
 
+async def test_one_lookup_per_instance_when_its_header_is_in_hand() -> None:
+    # Given whole, the elements after (0020,000E) go with the first batch: the Frame of
+    # Reference UID is looked up with the study and series, and the output is the same.
+    data = _testdata("CT_small.dcm")
+    suffix = ".20040119072730.12322"
+    study, series = "1.3.6.1.4.1.5962.1.2.1" + suffix, "1.3.6.1.4.1.5962.1.3.1.1" + suffix
+    translation = Translation(studies={study: "2.25.1"}, series={})
+    resolver = Resolver(translation)
+    rewriter = Part10Rewriter(resolver, study_known=False)
+    out = await rewriter.feed(data) + await rewriter.close()
+    assert [(c.studies, c.series) for c in resolver.calls] == [({study}, {series})]
+    assert "1.3.6.1.4.1.5962.1.4.1.1" + suffix in resolver.calls[0].others  # Frame of Ref.
+    in_pieces, _ = await rewrite(data, translation, [512])
+    assert out == in_pieces
+
+
+@pytest.mark.parametrize("known", [True, False])
+async def test_input_ending_inside_a_sequence_after_the_series(known: bool) -> None:
+    # The first batch cannot go on over part of a sequence: it ends at (0020,000E), decided at
+    # once, and the sequence (a series UID inside) goes in the next batch.
+    nested = Sq(0x0040A730, (Item((El(0x0020000E, "UI", ui(REAL_SERIES[1])),)),))
+    study = REAL_STUDIES[0] if known else "1.2.3.4.5.6.7"
+    data = _simple(nested, study=study)
+    cut = data.index(ui(REAL_SERIES[1])) + 4
+    rewriter = Part10Rewriter(Resolver(FORWARD), study_known=False)
+    out = await rewriter.feed(data[:cut])
+    assert rewriter.dropped is not known
+    out += await rewriter.feed(data[cut:]) + await rewriter.close()
+    if known:
+        public = Sq(0x0040A730, (Item((El(0x0020000E, "UI", ui(PUBLIC_SERIES[REAL_SERIES[1]])),)),))
+        study, series = PUBLIC_STUDIES[REAL_STUDIES[0]], PUBLIC_SERIES[REAL_SERIES[0]]
+        assert out == _simple(public, study=study, series=series)
+    else:
+        assert out == b""
+
+
+@pytest.mark.parametrize("known", [True, False])
+async def test_a_malformed_element_after_the_series_comes_after_the_decision(known: bool) -> None:
+    # An unknown VR right after (0020,000E), given in one piece: an instance that is not shown
+    # is dropped as before (the rest ignored); one that is shown is refused.
+    data = _simple(El(0x00200020, "ZZ", b"AB"), study=REAL_STUDIES[0] if known else "1.2.3.4.5.6.7")
+    rewriter = Part10Rewriter(Resolver(FORWARD), study_known=False)
+    if known:
+        with pytest.raises(UpstreamError, match="unknown VR"):
+            await rewriter.feed(data)
+    else:
+        assert await rewriter.feed(data) + await rewriter.close() == b""
+        assert rewriter.dropped
+
+
 # -- 3. unknown studies and series --------------------------------------------------------------
 
 

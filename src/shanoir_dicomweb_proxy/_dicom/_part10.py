@@ -8,10 +8,13 @@ the lengths that enclose them.
 Buffering rule. The preamble, the File Meta group and the top-level elements up to (0020,000E)
 are held, whatever their sizes (at most ``max_buffer``), then translated in one batch: this
 first flush decides whether the instance is shown at all (an unknown study or series drops it
-whole, and nothing of it is ever sent). After it, small top-level elements are held and flushed
-in batches; a large top-level value (``large_value`` bytes or more, or of undefined length, and
-not a sequence: pixel data) flushes the batch before it and then streams through as it arrives.
-Sequences are always held whole, since a UID inside one changes its lengths.
+whole, and nothing of it is ever sent). It is made as soon as (0020,000E) is passed, over the
+elements after it already received too (up to a large value; not part of a sequence, nor a
+malformed element): a header that arrives whole is translated with one lookup. After it, small
+top-level elements are held and flushed in batches; a large top-level value (``large_value``
+bytes or more, or of undefined length, and not a sequence: pixel data) flushes the batch before
+it and then streams through as it arrives. Sequences are always held whole, since a UID inside
+one changes its lengths.
 
 Deflated transfer syntaxes (PS3.5 §A.5: the whole dataset after the File Meta group is one raw
 deflate stream) are inflated as they arrive, in pieces of at most ``_INFLATE_PIECE`` bytes that
@@ -73,7 +76,7 @@ _SPACE_PADDED: Final = frozenset(
 
 # Parser actions (what _scan stopped for).
 _MORE: Final = 0  # needs more input
-_FIRST: Final = 1  # reached the first top-level element after (0020,000E)
+_FIRST: Final = 1  # reached the first top-level element after (0020,000E), for ``admit``
 _BATCH: Final = 2  # the held batch is big enough to go
 _LARGE: Final = 3  # reached a large top-level value, to stream
 
@@ -207,6 +210,17 @@ class _Dataset:
         self._first: dict[int, _Element] = {}  # the first element of each tag, once parsed
         self._indexed = 0  # how many of ``elements`` _first was built from
 
+    def counts(self) -> tuple[int, int, int]:
+        """How many elements, sequences and group lengths it holds (see :meth:`cut`)."""
+        return len(self.elements), len(self.seqs), len(self.group_lengths or ())
+
+    def cut(self, counts: tuple[int, int, int]) -> None:
+        """Forget what was parsed since :meth:`counts` gave ``counts``."""
+        elements, seqs, group_lengths = counts
+        del self.elements[elements:], self.seqs[seqs:]
+        if self.group_lengths is not None:
+            del self.group_lengths[group_lengths:]
+
     def get(self, tag: int) -> list[str] | None:
         if self._indexed != len(self.elements):
             self._first = {element.tag: element for element in reversed(self.elements)}
@@ -335,6 +349,10 @@ class Part10Rewriter:
         self._need = 0  # do not parse again before the input reaches this
         self._stack: list[_Frame] = []
         self._first_done = False
+        self._past_series = False  # a top-level element after (0020,000E) was met
+        # Where that element is, and the first batch's counts there, until the first flush.
+        self._first_at = -1
+        self._first_held = (0, 0, 0)
         self._batch = _Dataset(-1, _UNDEFINED, _EXPLICIT_LITTLE)
         self._value_at = 0  # where the value of a large element found by _scan starts
         self._value_length = 0
@@ -528,11 +546,18 @@ class Part10Rewriter:
             self._compact()
             return
         while True:
-            action = self._scan()
+            try:
+                action = self._scan()
+            except MalformedBody:
+                if self._first_at < 0:
+                    raise
+                # Decided first, as when the rest had not come yet: parsed again if shown.
+                self._cut_back()
+                action = _FIRST
             if action == _MORE:
                 self._compact()
                 return
-            await self._flush(out, first=action == _FIRST)
+            await self._flush(out, first=not self._first_done)
             if self.dropped:
                 self._buf = b""
                 return
@@ -621,7 +646,7 @@ class Part10Rewriter:
         pos = self._pos
         stack = self._stack
         top_encoding = self._encoding
-        first_done = self._first_done
+        past_series = self._past_series
         large = self._large
         while True:
             if stack:
@@ -702,10 +727,16 @@ class Part10Rewriter:
                 is_sequence = vr == "SQ" or (length == _UNDEFINED and vr in ("", "UN"))
             if not stack:
                 # The top-level decisions, before taking the element.
-                if not first_done:
-                    if tag > SERIES_INSTANCE_UID:
+                if not past_series and tag > SERIES_INSTANCE_UID:
+                    past_series = self._past_series = True
+                    if self._admit is not None:  # it sees the elements up to (0020,000E) only
                         self._pos = pos
                         return _FIRST
+                    # The first batch goes on over what is in hand (one lookup per instance,
+                    # not two), or is cut back to here (_cut_back).
+                    self._first_at, self._first_held = pos, dataset.counts()
+                if not past_series:
+                    pass  # held, whatever its size: the first batch decides
                 elif not is_sequence and (length == _UNDEFINED or length >= large):
                     self._pos = pos
                     self._value_at = value_at
@@ -743,7 +774,19 @@ class Part10Rewriter:
                 dataset.group_lengths.append((group, value_at, group_length))
             pos = end
         self._pos = pos
+        if self._first_at >= 0:
+            # The instance is decided as soon as (0020,000E) is passed, whatever comes next:
+            # on what is in hand, but not on part of a sequence.
+            if stack:
+                self._cut_back()
+            return _FIRST
         return _MORE
+
+    def _cut_back(self) -> None:
+        """End the first batch at the first element after (0020,000E) (see _scan)."""
+        self._stack.clear()
+        self._batch.cut(self._first_held)
+        self._pos = self._first_at
 
     # -- output ---------------------------------------------------------------------------
 
@@ -770,6 +813,7 @@ class Part10Rewriter:
             batch.patches(patches)
         if first:
             self._first_done = True
+            self._first_at = -1
         self._batch = _Dataset(-1, _UNDEFINED, self._encoding)
         start, end, off = self._base, self._pos, self._off
         if start == end:
