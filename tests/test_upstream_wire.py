@@ -227,6 +227,23 @@ async def test_the_read_timeout_runs_from_the_last_byte_received() -> None:
         await response.aclose()
 
 
+async def test_a_request_given_up_before_its_head_closes_its_connection_at_once() -> None:
+    closed = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read()  # until the client closes
+        closed.set()
+
+    async with serving(silent, read_timeout=5.0) as (_, pool):
+        request = asyncio.ensure_future(pool.request("GET", "/a", []))
+        await asyncio.sleep(0.2)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await asyncio.wait_for(closed.wait(), 1.0)  # not after the 5 s read timeout
+
+
 async def test_pool_limit_waits_then_times_out() -> None:
     async with serving(answers=(OK, OK), max_connections=1, pool_timeout=0.2) as (_, pool):
         held = await pool.request("GET", "/a", [])

@@ -242,6 +242,12 @@ class _Connection(asyncio.Protocol):
         self.timer = None
         self._fail(httpx.ReadTimeout("the upstream did not answer in time"))
 
+    def abort(self) -> None:
+        """Close the connection at once, whatever its exchange is at: it is never reused."""
+        self.closed = True
+        self._disarm()
+        self._abort()
+
     def _abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
@@ -319,6 +325,7 @@ class WirePool:
                 await self._slots.acquire()
         except TimeoutError:
             raise httpx.PoolTimeout("no free connection to the upstream") from None
+        connection: _Connection | None = None
         try:
             connection = self._pooled() or await self._connect()
             path = (self._prefix + target).encode("latin-1")
@@ -334,6 +341,9 @@ class WirePool:
             await connection.start(b"".join(lines))
         except BaseException:
             self._slots.release()
+            if connection is not None:
+                # Given up before the head (the client hung up): not left to the read timeout.
+                connection.abort()
             raise
         return WireResponse(connection, self)
 
