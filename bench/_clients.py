@@ -1,5 +1,6 @@
 """Load generators: curl for bulk, wrk for request rates, an httpx process when they are missing,
-and a slow raw-socket reader with an RSS sampler for the memory check."""
+a raw-socket client for interleaved latencies at c=1, and a slow raw-socket reader with an RSS
+sampler for the memory check."""
 
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ __all__ = [
     "BulkRound",
     "CpuMeter",
     "ForeignCpu",
+    "PairedStats",
     "RequestStats",
     "RssSampler",
     "Slice",
     "bulk_rounds",
+    "interleaved_latency",
     "percentile",
     "request_rates",
     "slow_read",
@@ -406,6 +409,177 @@ def request_rates(
             cpu = {key: m.seconds() - before[key] for key, m in target_meters.items()}
             out[name].append(Slice(**{**piece.__dict__, "cpu": cpu}))
     return {name: RequestStats.pool(pieces) for name, pieces in out.items()}
+
+
+# -- latency at c=1, interleaved per request -----------------------------------------------
+
+
+class _KeptAlive:
+    """One HTTP/1.1 keep-alive connection on a blocking socket: GET, read the whole answer.
+
+    The instrument of the interleaved latency runs: at c=1 it runs only between requests, never
+    beside the server's work, and costs every target the same. It reads Content-Length, chunked
+    and EOF-framed answers (it reconnects after the last kind).
+    """
+
+    def __init__(self, url: str, headers: Mapping[str, str]) -> None:
+        parts = urlsplit(url)
+        self._address = (parts.hostname or "127.0.0.1", parts.port or 80)
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self._head = f" HTTP/1.1\r\nHost: {parts.netloc}\r\n{head}\r\n".encode("latin-1")
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+
+    def connect(self) -> None:
+        self.close()
+        self._sock = socket.create_connection(self._address, timeout=120)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock, self._buffer = None, b""
+
+    def _fill(self) -> bool:
+        assert self._sock is not None
+        data = self._sock.recv(1 << 20)
+        self._buffer += data
+        return bool(data)
+
+    def _take(self, size: int) -> None:
+        while len(self._buffer) < size:
+            if not self._fill():
+                raise ConnectionError("connection closed in the middle of an answer")
+        self._buffer = self._buffer[size:]
+
+    def _line(self) -> bytes:
+        while (end := self._buffer.find(b"\r\n")) < 0:
+            if not self._fill():
+                raise ConnectionError("connection closed in the middle of an answer")
+        line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+        return line
+
+    def get(self, target: str) -> int:
+        """GET ``target`` (path and query); return the body's size. Status must be 200."""
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        self._sock.sendall(b"GET " + target.encode("latin-1") + self._head)
+        status = self._line()
+        fields: dict[bytes, bytes] = {}
+        while line := self._line():
+            name, _, value = line.partition(b":")
+            fields[name.strip().lower()] = value.strip()
+        if b" 200 " not in status + b" ":
+            raise RuntimeError(f"GET {target}: {status.decode('latin-1', 'replace')}")
+        if b"content-length" in fields:
+            size = int(fields[b"content-length"])
+            self._take(size)
+        elif fields.get(b"transfer-encoding", b"").lower() == b"chunked":
+            size = 0
+            while chunk := int(self._line().split(b";")[0], 16):
+                self._take(chunk + 2)
+                size += chunk
+            while self._line():  # trailers, then the empty line
+                pass
+        else:  # the body ends at EOF
+            while self._fill():
+                pass
+            size = len(self._buffer)
+            self.close()
+        if fields.get(b"connection", b"").lower() == b"close":
+            self.close()
+        return size
+
+
+@dataclass(frozen=True)
+class PairedStats:
+    """An interleaved latency run: every target's stats, and what each adds to a reference.
+
+    ``added`` is, per target, the median over rounds of (its latency - the reference's latency
+    in the same round): the reference's own moment-to-moment variation cancels out of it.
+    """
+
+    stats: Mapping[str, RequestStats]
+    added: Mapping[str, float]  # seconds, median of the paired differences
+    rounds: int
+
+
+def interleaved_latency(
+    targets: Mapping[str, str],
+    headers: Mapping[str, str],
+    *,
+    rounds: int,
+    warmup: int = 5,
+    reconnect_every: int = 25,
+    upstream_idle: float = 1.2,
+    reference: str = "direct",
+    meters: Mapping[str, Mapping[str, CpuMeter]] | None = None,
+) -> PairedStats:
+    """One request per target per round, targets in turn, one kept-alive connection each.
+
+    Orthanc's time for a QIDO moves by 20-30 ms between moments (the run queue of a shared
+    machine) and between its threads (one connection's thread used twice the CPU of the
+    others, for seconds), so targets measured one after another on one connection each (wrk
+    slices) compare moments and threads, not hops. Here every target samples the same moments:
+    the order rotates each round. Every ``reconnect_every`` rounds every connection closes and
+    nothing is sent for ``upstream_idle`` seconds, past Orthanc's 1 s keep-alive: the
+    connections of nginx and the proxy to Orthanc close too, and every target goes on with new
+    Orthanc threads. ``meters`` are read around each request: each target's own CPU.
+    """
+    meters = meters or {}
+    names = list(targets)
+    clients = {name: _KeptAlive(url, headers) for name, url in targets.items()}
+    paths = {}
+    for name, url in targets.items():
+        parts = urlsplit(url)
+        paths[name] = parts.path + (f"?{parts.query}" if parts.query else "")
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    sizes = dict.fromkeys(names, 0)
+    cpu: dict[str, dict[str, float]] = {name: {} for name in names}
+    try:
+        for index in range(warmup + rounds):
+            if index % reconnect_every == 0:
+                for client in clients.values():
+                    client.close()
+                if index:
+                    time.sleep(upstream_idle)
+            shift = index % len(names)
+            for name in names[shift:] + names[:shift]:
+                target_meters = meters.get(name, {})
+                before = {key: m.seconds() for key, m in target_meters.items()}
+                start = time.perf_counter()
+                size = clients[name].get(paths[name])
+                elapsed = time.perf_counter() - start
+                if index < warmup:
+                    continue
+                for key, meter in target_meters.items():
+                    cpu[name][key] = cpu[name].get(key, 0.0) + meter.seconds() - before[key]
+                latencies[name].append(elapsed)
+                sizes[name] += size
+    finally:
+        for client in clients.values():
+            client.close()
+    stats = {
+        name: RequestStats(
+            requests=len(values),
+            seconds=sum(values),
+            p50=percentile(values, 50),
+            p90=percentile(values, 90),
+            p99=percentile(values, 99),
+            errors=0,
+            bytes=sizes[name],
+            cpu=cpu[name],
+        )
+        for name, values in latencies.items()
+    }
+    added = {}
+    if reference in latencies:
+        base = latencies[reference]
+        for name, values in latencies.items():
+            if name != reference:
+                added[name] = percentile([a - b for a, b in zip(values, base, strict=True)], 50)
+    return PairedStats(stats, added, rounds)
 
 
 # -- memory ----------------------------------------------------------------------------------

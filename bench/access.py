@@ -516,7 +516,7 @@ class Bench:
         with SqliteStore(store) as opened:
             exams = [e.exam_id for e in opened.entries()]
         many = sorted({e for e in exams if e % 20 not in MANY_EXCLUDED} | set(few))
-        proxy = self._proxy(stack, workdir, orthanc, store)
+        proxy = self._proxy(stack, workdir, orthanc, store, engine=self.args.engine)
         self._grants(proxy, store, few, many)
 
         config = Settings.from_toml(proxy.config_path)
@@ -603,23 +603,24 @@ class Bench:
         env: Mapping[str, str] | None = None,
         upstream: Mapping[str, Any] | None = None,
         server: Mapping[str, Any] | None = None,
+        engine: str = "hypercorn",
     ) -> ProxyServer:
         """``serve -c FILE`` with auth (a local JWKS holding the key dev tokens are signed
         with), the sqlite mapping and the sqlite access policy at its default cache_ttl;
         ``env`` is added to the proxy's environment, ``upstream`` to its ``[upstream]``,
-        ``server`` to its ``[server]``."""
+        ``server`` to its ``[server]``, whose ``engine`` is ``engine`` unless ``server``
+        names one."""
         keys = workdir / "keys.json"
         key = RSAKey.generate_key(2048, parameters={"kid": "bench"}, private=True)
         keys.write_text(json.dumps({"keys": [key.as_dict(private=True)]}))
         settings: dict[str, Any] = {
+            "server": {"engine": engine, **(server or {})},
             "auth": {"enabled": True, "jwks_file": str(keys), "audience": ["dicomweb-proxy"]},
             "mapping": dict(MAPPING),
             "access": {"backend": "sqlite"},
             "store": {"path": str(store)},
             "upstream": {"url": orthanc.dicomweb_url, "transport": "aiohttp", **(upstream or {})},
         }
-        if server:
-            settings["server"] = dict(server)
         proxy = ProxyServer(workdir / "proxy", settings, env=env)
         stack.callback(proxy.stop)
         proxy.start()
@@ -698,8 +699,8 @@ class Bench:
             f"load: {how[self.client]}; per workload, 1 s of warm-up per target, then at each "
             f"concurrency {self.args.duration} slice(s) per target, interleaved, of 1 s or of "
             f"3 x c requests when longer (at most {SLICE_MAX} s)",
-            "proxy: [auth] local JWKS + dev tokens, [mapping] sqlite, [access] sqlite with the "
-            "default cache_ttl, aiohttp upstream",
+            f"proxy: [server] engine = {self.args.engine}, [auth] local JWKS + dev tokens, "
+            "[mapping] sqlite, [access] sqlite with the default cache_ttl, aiohttp upstream",
         ]
         for target in targets:
             note = f"  ({target.note})" if target.note else ""
@@ -833,6 +834,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="auto",
         choices=["auto", "httpx"],
         help="auto: wrk when installed; httpx: the httpx load generator process",
+    )
+    parser.add_argument(
+        "--engine",
+        default="hypercorn",
+        choices=["hypercorn", "uvicorn"],
+        help="the proxy's [server] engine (default hypercorn, the proxy's default)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     args = parser.parse_args(argv)

@@ -35,6 +35,7 @@ from _clients import (  # noqa: E402
     ForeignCpu,
     RssSampler,
     bulk_rounds,
+    interleaved_latency,
     request_rates,
     slow_read,
     tools,
@@ -83,7 +84,7 @@ class Goal:
 @dataclass(frozen=True)
 class Workload:
     name: str
-    kind: str  # "bulk" | "requests" | "memory"
+    kind: str  # "bulk" | "requests" | "latency" | "memory"
     title: str
     accept: str
     paths: tuple[str, ...]
@@ -102,6 +103,7 @@ class Sizing:
     slices: int  # request-rate runs per target, interleaved across targets
     slice_seconds: int  # length of each (wrk takes whole seconds)
     warmup_seconds: int
+    latency_rounds: int  # c=1 latency: requests per target, interleaved across targets
 
 
 FULL = Sizing(
@@ -112,6 +114,7 @@ FULL = Sizing(
     slices=5,
     slice_seconds=1,
     warmup_seconds=1,
+    latency_rounds=300,
 )
 QUICK = Sizing(
     series_reps=10,
@@ -121,6 +124,7 @@ QUICK = Sizing(
     slices=2,
     slice_seconds=1,
     warmup_seconds=1,
+    latency_rounds=100,
 )
 
 
@@ -257,7 +261,7 @@ def workloads(data: BenchData) -> list[Workload]:
         ),
         Workload(
             "qido-c1",
-            "requests",
+            "latency",
             "QIDO " + qido[0] + ", c=1",
             JSON,
             qido,
@@ -268,7 +272,7 @@ def workloads(data: BenchData) -> list[Workload]:
         Workload("qido-c4", "requests", "QIDO, same query, c=4", JSON, qido, 4, "latency"),
         Workload(
             "metadata-c1",
-            "requests",
+            "latency",
             f"series metadata ({len(frames)} instances), c=1",
             JSON,
             (series_path + "/metadata",),
@@ -390,6 +394,8 @@ class Bench:
             with self._profiling(workload, targets):
                 if workload.kind == "bulk":
                     self.bulk(workload, targets)
+                elif workload.kind == "latency":
+                    self.latency(workload, targets)
                 else:
                     self.requests(workload, targets)
             share = max(0.0, self.foreign.seconds() - foreign) / (time.monotonic() - started)
@@ -489,6 +495,24 @@ class Bench:
             mapped = bool(target.public)
             self.report.requests(workload, target.name, target.kind, stats[target.name], mapped)
         self.results[workload.name] = {name: asdict(value) for name, value in stats.items()}
+
+    def latency(self, workload: Workload, targets: list[Target]) -> None:
+        """c=1 latency, one request per target in turn (see ``interleaved_latency``)."""
+        paired = interleaved_latency(
+            {t.name: t.url(workload.paths[0]) for t in targets},
+            _headers(workload.accept),
+            rounds=self.sizing.latency_rounds,
+            meters={t.name: t.meters for t in targets},
+        )
+        for target in targets:
+            stats = paired.stats[target.name]
+            mapped = bool(target.public)
+            added = paired.added.get(target.name)
+            self.report.requests(workload, target.name, target.kind, stats, mapped, added)
+        self.results[workload.name] = {
+            name: asdict(value) | {"added": paired.added.get(name)}
+            for name, value in paired.stats.items()
+        }
 
     def memory(self, workload: Workload, proxies: list[Target]) -> None:
         self.log(f"{workload.name}: {workload.title}")

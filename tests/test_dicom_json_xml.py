@@ -133,11 +133,41 @@ async def test_single_object_and_empty_bodies() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b'[{"0020000D": {"vr": "UI"', b"[1, 2]", b'[{"a": 1}', b"[{]", b'{"a": '],
+    [
+        b'[{"0020000D": {"vr": "UI"',
+        b"[1, 2]",
+        b'[{"a": 1}',
+        b"[{]",
+        b'{"a": ',
+        b'[{"a": 1}, 2, {"b": 2}]',
+    ],
 )
 async def test_malformed_or_truncated_is_an_error(body: bytes) -> None:
     with pytest.raises(UpstreamError):
         await _rewrite([body])
+
+
+async def test_complete_objects_are_parsed_in_one_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One parse for all the complete objects of a chunk, not two per object (the cost of a
+    metadata answer): a chunk cut inside an object costs one more try for the cut one."""
+    rows = [_row(REAL_STUDY, REAL_SERIES, f"{{text}} {n}", nested=n % 3 == 0) for n in range(20)]
+    data = orjson.dumps(rows, option=orjson.OPT_INDENT_2)
+    whole = await _rewrite([data])
+    parses: list[int] = []
+    loads = orjson.loads
+
+    def counted(value: bytes | bytearray | memoryview | str) -> Any:
+        parses.append(len(value))
+        return loads(value)
+
+    monkeypatch.setattr(orjson, "loads", counted)
+    assert await _rewrite([data]) == whole
+    assert len(parses) == 1
+    parses.clear()
+    cut = data.index(b"{text} 10")
+    assert await _rewrite([data[:cut], data[cut:]]) == whole
+    assert len(parses) <= 3
+    assert len(orjson.loads(whole)) == 20
 
 
 async def test_large_object_in_small_chunks() -> None:
