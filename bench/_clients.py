@@ -5,7 +5,9 @@ sampler for the memory check."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import select
 import shutil
 import socket
 import statistics
@@ -419,7 +421,9 @@ class _KeptAlive:
 
     The instrument of the interleaved latency runs: at c=1 it runs only between requests, never
     beside the server's work, and costs every target the same. It reads Content-Length, chunked
-    and EOF-framed answers (it reconnects after the last kind).
+    and EOF-framed answers (it reconnects after the last kind). A connection the server closed
+    while it was idle (Orthanc after 1 s, when a round takes longer than that) is opened again
+    and counted in ``reopened``.
     """
 
     def __init__(self, url: str, headers: Mapping[str, str]) -> None:
@@ -429,6 +433,7 @@ class _KeptAlive:
         self._head = f" HTTP/1.1\r\nHost: {parts.netloc}\r\n{head}\r\n".encode("latin-1")
         self._sock: socket.socket | None = None
         self._buffer = b""
+        self.reopened = 0
 
     def connect(self) -> None:
         self.close()
@@ -459,13 +464,38 @@ class _KeptAlive:
         line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
         return line
 
-    def get(self, target: str) -> int:
-        """GET ``target`` (path and query); return the body's size. Status must be 200."""
+    def _open(self) -> bool:
+        """Whether the kept-alive connection is still open (nothing to read: no EOF)."""
+        assert self._sock is not None
+        if not select.select([self._sock], [], [], 0)[0]:
+            return True
+        try:
+            return bool(self._sock.recv(1, socket.MSG_PEEK))
+        except OSError:
+            return False
+
+    def _request(self, target: str) -> bytes:
+        """Send the GET, on a new connection if there is none; return the status line."""
         if self._sock is None:
             self.connect()
         assert self._sock is not None
         self._sock.sendall(b"GET " + target.encode("latin-1") + self._head)
-        status = self._line()
+        return self._line()
+
+    def get(self, target: str) -> int:
+        """GET ``target`` (path and query); return the body's size. Status must be 200."""
+        if self._sock is not None and not self._open():
+            self.close()
+            self.reopened += 1
+        reused = self._sock is not None
+        try:
+            status = self._request(target)
+        except ConnectionError:
+            if not reused:
+                raise
+            self.close()  # the server closed it between the check and the request
+            self.reopened += 1
+            status = self._request(target)
         fields: dict[bytes, bytes] = {}
         while line := self._line():
             name, _, value = line.partition(b":")
@@ -502,7 +532,10 @@ class PairedStats:
 
     stats: Mapping[str, RequestStats]
     added: Mapping[str, float]  # seconds, median of the paired differences
-    rounds: int
+    rounds: int  # measured
+    #: per target, measured requests that had to open a new connection because the server
+    #: closed the kept-alive one while it was idle (rounds longer than its keep-alive timeout)
+    reopened: Mapping[str, int] = field(default_factory=dict)
 
 
 def interleaved_latency(
@@ -515,6 +548,8 @@ def interleaved_latency(
     upstream_idle: float = 1.2,
     reference: str = "direct",
     meters: Mapping[str, Mapping[str, CpuMeter]] | None = None,
+    target_headers: Mapping[str, Mapping[str, str]] | None = None,
+    seconds: float | None = None,
 ) -> PairedStats:
     """One request per target per round, targets in turn, one kept-alive connection each.
 
@@ -526,10 +561,17 @@ def interleaved_latency(
     nothing is sent for ``upstream_idle`` seconds, past Orthanc's 1 s keep-alive: the
     connections of nginx and the proxy to Orthanc close too, and every target goes on with new
     Orthanc threads. ``meters`` are read around each request: each target's own CPU.
+    ``target_headers`` are added to ``headers`` on their target's requests (a user's token).
+    With ``seconds``, the run stops before ``rounds`` after the first round that ends that long
+    after the warm-up (pauses included): slow requests get fewer rounds.
     """
     meters = meters or {}
+    target_headers = target_headers or {}
     names = list(targets)
-    clients = {name: _KeptAlive(url, headers) for name, url in targets.items()}
+    clients = {
+        name: _KeptAlive(url, {**headers, **target_headers.get(name, {})})
+        for name, url in targets.items()
+    }
     paths = {}
     for name, url in targets.items():
         parts = urlsplit(url)
@@ -537,13 +579,21 @@ def interleaved_latency(
     latencies: dict[str, list[float]] = {name: [] for name in names}
     sizes = dict.fromkeys(names, 0)
     cpu: dict[str, dict[str, float]] = {name: {} for name in names}
+    deadline = math.inf
     try:
         for index in range(warmup + rounds):
+            if time.monotonic() >= deadline:
+                break
             if index % reconnect_every == 0:
                 for client in clients.values():
                     client.close()
                 if index:
                     time.sleep(upstream_idle)
+            if index == warmup:
+                for client in clients.values():
+                    client.reopened = 0
+                if seconds is not None:
+                    deadline = time.monotonic() + seconds
             shift = index % len(names)
             for name in names[shift:] + names[:shift]:
                 target_meters = meters.get(name, {})
@@ -579,7 +629,8 @@ def interleaved_latency(
         for name, values in latencies.items():
             if name != reference:
                 added[name] = percentile([a - b for a, b in zip(values, base, strict=True)], 50)
-    return PairedStats(stats, added, rounds)
+    reopened = {name: client.reopened for name, client in clients.items()}
+    return PairedStats(stats, added, len(latencies[names[0]]), reopened)
 
 
 # -- memory ----------------------------------------------------------------------------------
