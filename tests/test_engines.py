@@ -1,20 +1,37 @@
-"""The servers ``serve`` runs: what the proxy changes in uvicorn's protocol.
+"""The servers ``serve`` runs: what the proxy changes in uvicorn's protocol and hypercorn's
+connections.
 
 uvicorn writes an answer's head, each body message and the end of a chunked body apart; on
 loopback each write runs the TCP receive path in the proxy's process. The proxy's protocol
 sends the writes of one turn of the event loop together, in one ``writelines``, and must keep
-their order, hold no more than a bound, and lose nothing on close.
+their order, hold no more than a bound, and lose nothing on close. hypercorn's connections
+(``fix_hypercorn``) write the same way, time their keep-alive without a task per request, and
+h11 validates an answer's header fields once instead of three times.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import Iterator
 from typing import Any
 
+import h11
+import h11._headers
+import pytest
 import uvicorn
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.asyncio.worker_context import WorkerContext
 from uvicorn.server import ServerState
 
-from shanoir_dicomweb_proxy._engines import _COALESCE_BYTES, LingeringProtocol
+from shanoir_dicomweb_proxy import Settings
+from shanoir_dicomweb_proxy._engines import (
+    _COALESCE_BYTES,
+    LingeringProtocol,
+    fix_hypercorn,
+    hypercorn_config,
+)
 from shanoir_dicomweb_proxy._types import Receive, Scope, Send
 
 
@@ -106,3 +123,232 @@ async def test_close_sends_what_is_held_and_abort_drops_it() -> None:
     protocol.transport.abort()
     await asyncio.sleep(0)
     assert transport.calls == [] and transport.aborted
+
+
+# --- hypercorn ---------------------------------------------------------------------------------
+
+GET = b"GET /frames/1 HTTP/1.1\r\nHost: proxy\r\n\r\n"
+FRAME_ANSWER_END = b"\r\n\r\n2000\r\n" + b"x" * 8192 + b"\r\n0\r\n\r\n"
+
+
+class FakeSocket:
+    family = socket.AF_INET
+
+    def getpeername(self) -> tuple[str, int]:
+        return ("127.0.0.1", 50000)
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("127.0.0.1", 8080)
+
+
+class HypercornConnection(RecordingTransport):
+    """One client connection of hypercorn's asyncio server (``TCPServer``, as ``serve`` sets it
+    up), on a transport that records its system calls."""
+
+    def __init__(
+        self, app: Any, keep_alive_timeout: float = 75.0, context: WorkerContext | None = None
+    ) -> None:
+        super().__init__()
+        fix_hypercorn()
+        settings = Settings.from_dict(
+            {
+                "upstream": {"url": "http://pacs.invalid"},
+                "auth": {"enabled": False},
+                "mapping": {"backend": "identity"},
+            }
+        )
+        config: Any = hypercorn_config(settings, 1)
+        config.keep_alive_timeout = keep_alive_timeout
+        self.context = context or WorkerContext(None)
+        loop = asyncio.get_running_loop()
+        self.reader = asyncio.StreamReader()
+        self.protocol = asyncio.StreamReaderProtocol(self.reader)
+        self.protocol.connection_made(self)
+        writer = asyncio.StreamWriter(self, self.protocol, self.reader, loop)
+        wrapper = ASGIWrapper(app)
+        self.server = TCPServer(wrapper, loop, config, self.context, {}, self.reader, writer)
+        self.task = loop.create_task(self.server.run())
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"socket": FakeSocket()}.get(name, default)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.protocol
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+    async def request(self, data: bytes = GET) -> bytes:
+        """Send a request; the bytes hypercorn wrote for it."""
+        before = len(self.calls)
+        self.reader.feed_data(data)
+        for _ in range(50):
+            await asyncio.sleep(0)
+            if b"".join(self.calls[before:]).endswith(b"\r\n0\r\n\r\n"):
+                break
+        return b"".join(self.calls[before:])
+
+    async def hang_up(self) -> None:
+        self.reader.feed_eof()
+        await asyncio.wait_for(self.task, 5)
+
+
+async def test_hypercorn_sends_a_small_answer_in_one_system_call() -> None:
+    connection = HypercornConnection(frame_app)
+    answer = await connection.request()
+    assert len(connection.calls) == 1  # head, body and end: three writes before
+    assert answer.startswith(b"HTTP/1.1 200 \r\n") and answer.endswith(FRAME_ANSWER_END)
+    assert b"\r\nserver:" not in answer.lower()  # as uvicorn is set up
+    assert b"\r\ndate: " in answer
+    await connection.hang_up()
+    assert connection.closed
+
+
+@pytest.fixture
+def created_tasks() -> Iterator[list[asyncio.Task[Any]]]:
+    """The tasks the event loop creates meanwhile."""
+    loop = asyncio.get_event_loop_policy().get_event_loop()
+    tasks: list[asyncio.Task[Any]] = []
+    factory = loop.get_task_factory()
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        tasks.append(task)
+        return task
+
+    loop.set_task_factory(counting)
+    yield tasks
+    loop.set_task_factory(factory)
+
+
+async def test_hypercorn_starts_no_task_between_requests(
+    created_tasks: list[asyncio.Task[Any]],
+) -> None:
+    connection = HypercornConnection(frame_app)
+    await connection.request()
+    before = len(created_tasks)
+    for _ in range(20):
+        assert (await connection.request()).endswith(FRAME_ANSWER_END)
+    # One per request, the app's: hypercorn's keep-alive timeout took two more (its idle task
+    # and wait_for's) each time the connection turned idle.
+    assert len(created_tasks) - before == 20
+    await connection.hang_up()
+
+
+async def test_hypercorn_closes_a_connection_idle_for_the_keep_alive_timeout() -> None:
+    connection = HypercornConnection(frame_app, keep_alive_timeout=0.3)
+    await connection.request()
+    await asyncio.sleep(0.2)
+    assert (await connection.request()).endswith(FRAME_ANSWER_END)  # the timeout starts again
+    await asyncio.sleep(0.2)
+    assert not connection.closed
+    await asyncio.sleep(0.3)
+    assert connection.closed
+    await asyncio.wait_for(connection.task, 5)
+
+
+async def test_hypercorn_keeps_a_connection_open_while_it_answers() -> None:
+    release = asyncio.Event()
+
+    async def slow_app(scope: Scope, receive: Receive, send: Send) -> None:
+        await release.wait()
+        await frame_app(scope, receive, send)
+
+    connection = HypercornConnection(slow_app, keep_alive_timeout=0.1)
+    connection.reader.feed_data(GET)
+    await asyncio.sleep(0.3)
+    assert not connection.closed  # a request under way is not idle
+    release.set()
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert b"".join(connection.calls).endswith(FRAME_ANSWER_END)
+    await asyncio.sleep(0.3)
+    assert connection.closed
+    await asyncio.wait_for(connection.task, 5)
+
+
+async def test_hypercorn_closes_idle_connections_at_once_when_it_stops() -> None:
+    worker = WorkerContext(None)
+    first = HypercornConnection(frame_app, context=worker)
+    second = HypercornConnection(frame_app, context=worker)
+    await first.request()
+    await second.request()
+    await worker.terminated.set()  # what hypercorn's worker does on SIGTERM
+    await asyncio.wait_for(asyncio.gather(first.task, second.task), 1)
+    assert first.closed and second.closed
+
+
+def _comma_validations(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    checked: list[bytes] = []
+    validate = getattr(h11._headers, "validate")  # noqa: B009 (not exported)
+
+    def counting(regex: Any, data: bytes, *args: Any) -> Any:
+        checked.append(data)
+        return validate(regex, data, *args)
+
+    monkeypatch.setattr(h11._headers, "validate", counting)
+    return checked
+
+
+def test_h11_validates_the_fields_of_a_chunked_answer_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fix_hypercorn()
+    checked = _comma_validations(monkeypatch)
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(GET)
+    assert isinstance(connection.next_event(), h11.Request)
+    fields = [(b"content-type", b"multipart/related; boundary=b"), (b"x-request-id", b"1f")]
+    head = connection.send(h11.Response(status_code=200, headers=fields))
+    assert head.endswith(
+        b"content-type: multipart/related; boundary=b\r\nx-request-id: 1f\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    # Each name and value once, and the new field: 14 checks before (the fields were checked
+    # again to drop a Content-Length, and again to add Transfer-Encoding).
+    assert checked == [
+        b"content-type",
+        b"multipart/related; boundary=b",
+        b"x-request-id",
+        b"1f",
+        b"Transfer-Encoding",
+        b"chunked",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fields", "name", "values"),
+    [
+        ([(b"Content-Length", b"10"), (b"X-A", b"1")], b"content-length", []),
+        ([(b"content-type", b"a/b"), (b"Connection", b"keep-alive")], b"connection", [b"close"]),
+        ([(b"transfer-encoding", b"chunked"), (b"x", b"y")], b"transfer-encoding", [b"chunked"]),
+        ([(b"x", b"y")], b"transfer-encoding", []),
+        ([], b"connection", [b"close", b"upgrade"]),
+    ],
+)
+def test_h11_framing_fields_are_set_as_h11_sets_them(
+    fields: list[tuple[bytes, bytes]], name: bytes, values: list[bytes]
+) -> None:
+    fix_hypercorn()
+    headers = h11._headers.normalize_and_validate(fields)
+    ours = h11._connection.set_comma_header(headers, name, values)  # type: ignore[attr-defined]
+    theirs = h11._headers.set_comma_header(headers, name, values)
+    assert ours._full_items == theirs._full_items
+
+
+def test_h11_still_refuses_a_bad_framing_field() -> None:
+    fix_hypercorn()
+    headers = h11._headers.normalize_and_validate([(b"x", b"y")])
+    with pytest.raises(h11.LocalProtocolError):
+        h11._connection.set_comma_header(headers, b"transfer-encoding", [b"gzip"])  # type: ignore[attr-defined]

@@ -55,6 +55,14 @@ _PLAIN = re.compile(r"[!#$%&'*+\-./:@^_`|~0-9A-Za-z]{1,256}")
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
+async def _send_after_the_end(message: Message) -> None:
+    raise RuntimeError("ASGI send called after the request was over")
+
+
+async def _receive_after_the_end() -> Message:
+    raise RuntimeError("ASGI receive called after the request was over")
+
+
 class ObservedRequest(RequestRecord):
     """A :class:`RequestRecord` that counts what passes through its ``receive`` and ``send``,
     and writes itself as the access log line (``str``) or its fields (JSON lines)."""
@@ -82,6 +90,16 @@ class ObservedRequest(RequestRecord):
             self.status = message["status"]
             message["headers"] = [*message.get("headers", ()), self._id_header]
         await self._send(message)
+
+    def release(self) -> None:
+        """Let go of the server's ``send`` and ``receive`` once the request is over.
+
+        They belong to the server's object for the request, which holds the scope, which holds
+        this record: a reference cycle per request, which only the garbage collector could
+        free. The collections of that garbage cost more CPU than most layers of the proxy
+        (with hypercorn, 28 objects per request, whose full collections took 50 ms each)."""
+        self._send = _send_after_the_end
+        self._receive = _receive_after_the_end
 
     def fields(self) -> dict[str, Any]:
         """The access log fields, for JSON lines."""
@@ -281,6 +299,7 @@ class ObservabilityMiddleware:
             await self.app(scope, record.receive, record.send)
         finally:
             self._finish(scope, record)
+            record.release()
 
     def _finish(self, scope: Scope, record: ObservedRequest) -> None:
         now = time.perf_counter()
