@@ -521,8 +521,10 @@ class Bench:
         self.args = args
         self.start = time.monotonic()
         self.client = tools(force_httpx=args.client == "httpx")["requests"]
-        self.rounds: int = args.rounds or ROUNDS_PER_SECOND * args.duration
-        self.round_seconds = None if args.rounds else ROUND_SECONDS * args.duration
+        # stow.py and soak.py borrow this class with a bare namespace (client only).
+        rounds, duration = getattr(args, "rounds", None), getattr(args, "duration", 1)
+        self.rounds: int = rounds or ROUNDS_PER_SECOND * duration
+        self.round_seconds = None if rounds else ROUND_SECONDS * duration
         self.load = os.getloadavg()
         self.head: list[str] = []
         self.tables: list[str] = []

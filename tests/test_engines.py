@@ -12,6 +12,7 @@ h11 validates an answer's header fields once instead of three times.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -215,10 +216,10 @@ async def test_hypercorn_sends_a_small_answer_in_one_system_call() -> None:
     assert connection.closed
 
 
-@pytest.fixture
+@contextlib.contextmanager
 def created_tasks() -> Iterator[list[asyncio.Task[Any]]]:
-    """The tasks the event loop creates meanwhile."""
-    loop = asyncio.get_event_loop_policy().get_event_loop()
+    """The tasks the running event loop creates meanwhile."""
+    loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[Any]] = []
     factory = loop.get_task_factory()
 
@@ -228,21 +229,22 @@ def created_tasks() -> Iterator[list[asyncio.Task[Any]]]:
         return task
 
     loop.set_task_factory(counting)
-    yield tasks
-    loop.set_task_factory(factory)
+    try:
+        yield tasks
+    finally:
+        loop.set_task_factory(factory)
 
 
-async def test_hypercorn_starts_no_task_between_requests(
-    created_tasks: list[asyncio.Task[Any]],
-) -> None:
-    connection = HypercornConnection(frame_app)
-    await connection.request()
-    before = len(created_tasks)
-    for _ in range(20):
-        assert (await connection.request()).endswith(FRAME_ANSWER_END)
-    # One per request, the app's: hypercorn's keep-alive timeout took two more (its idle task
-    # and wait_for's) each time the connection turned idle.
-    assert len(created_tasks) - before == 20
+async def test_hypercorn_starts_no_task_between_requests() -> None:
+    with created_tasks() as created:
+        connection = HypercornConnection(frame_app)
+        await connection.request()
+        before = len(created)
+        for _ in range(20):
+            assert (await connection.request()).endswith(FRAME_ANSWER_END)
+        # One per request, the app's: hypercorn's keep-alive timeout took two more (its idle
+        # task and wait_for's) each time the connection turned idle.
+        assert len(created) - before == 20
     await connection.hang_up()
 
 
