@@ -521,10 +521,6 @@ class Bench:
         self.args = args
         self.start = time.monotonic()
         self.client = tools(force_httpx=args.client == "httpx")["requests"]
-        # stow.py and soak.py borrow this class with a bare namespace (client only).
-        rounds, duration = getattr(args, "rounds", None), getattr(args, "duration", 1)
-        self.rounds: int = rounds or ROUNDS_PER_SECOND * duration
-        self.round_seconds = None if rounds else ROUND_SECONDS * duration
         self.load = os.getloadavg()
         self.head: list[str] = []
         self.tables: list[str] = []
@@ -818,6 +814,16 @@ class Bench:
             return ""
         self.verdicts.append((f"{workload} {row.name} c=1: {text}", passed))
         return f"  {'PASS' if passed else 'MISS'} {text}"
+
+    @property
+    def rounds(self) -> int:
+        """c=1 rounds per workload: ``--rounds``, or per ``--duration`` second."""
+        return int(self.args.rounds or ROUNDS_PER_SECOND * self.args.duration)
+
+    @property
+    def round_seconds(self) -> float | None:
+        """How long c=1 rounds may take per workload, unless ``--rounds`` fixed them."""
+        return None if self.args.rounds else ROUND_SECONDS * self.args.duration
 
     def render(self) -> str:
         out = [*self.head, ""]
