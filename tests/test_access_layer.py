@@ -37,6 +37,7 @@ from shanoir_dicomweb_proxy._store import ImportRow
 from shanoir_dicomweb_proxy._types import ASGIApp
 
 from .support.asgi import CORE, Answer, call
+from .support.waiting import wait_for
 
 EXAMS = 1200  # more than FILTER_PAGE and INJECT_MAX: both strategies are exercised
 ROOT = "1.4.1"
@@ -421,6 +422,48 @@ def test_the_audit_log_is_created_for_its_owner_only(tmp_path: Path) -> None:
     assert _mode(shared) == 0o640
     assert shared.stat().st_gid == os.getgid()
     assert [orjson.loads(line) for line in path.read_text().splitlines()] == [{"n": 2}]
+
+
+def test_the_audit_log_writes_a_batch_at_once_and_follows_logrotate(tmp_path: Path) -> None:
+    """A request only queues its line: the writer thread writes what was queued in one system
+    call (not one per line), and reopens the file when logrotate moved it meanwhile."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path))
+    for n in range(200):  # queued before start too: nothing is lost
+        log.write({"n": n})
+    before = _write_calls()
+    log.start()
+    wait_for(lambda: path.exists() and len(path.read_text().splitlines()) == 200, "the lines")
+    assert _write_calls() - before < 20  # not one per line (200)
+    path.rename(tmp_path / "audit.jsonl.1")  # logrotate, while the proxy runs
+    log.write({"n": 200})
+    log.close()
+    assert [orjson.loads(line) for line in path.read_text().splitlines()] == [{"n": 200}]
+    assert _mode(path) == 0o600
+    rotated = (tmp_path / "audit.jsonl.1").read_text().splitlines()
+    assert [orjson.loads(line)["n"] for line in rotated] == list(range(200))
+
+
+def test_an_audit_log_that_cannot_be_written_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "gone" / "audit.jsonl"  # a folder that does not exist
+    log = AuditLog(str(path))
+    log.start()
+    log.write({"n": 1})
+    log.close()
+    assert f"the audit log {path} could not be written, 1 line(s) lost" in caplog.text
+    (tmp_path / "gone").mkdir()
+    log.start()  # started again, and this time it can
+    log.write({"n": 2})
+    log.close()
+    assert [orjson.loads(line) for line in path.read_text().splitlines()] == [{"n": 2}]
+
+
+def _write_calls() -> int:
+    """The write system calls this process made so far (all threads)."""
+    counters = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(counters["syscw"])
 
 
 def test_an_audit_log_others_may_read_is_warned_of(

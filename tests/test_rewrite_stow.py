@@ -9,7 +9,7 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from shanoir_dicomweb_proxy.testing._process import resident_memory
 
 from .support.relay import RecordingRelay
 from .support.settings import ProxyFactory
+from .support.waiting import wait_for
 
 STUDY_ROOT, SERIES_ROOT = "1.4.9.12.34.1.8527", "1.4.9.12.34.2.8527"
 LIMIT = 8 * 1024 * 1024  # [server] max_upload_bytes of the limited proxy
@@ -254,7 +255,10 @@ def test_mixed_batch_is_202_and_stores_only_the_allowed(site: dict[str, Any], pr
     # Stored into the real series of C, which is still the one public series of C.
     real_study, real_series = site["real"]["C"]
     assert site["direct"].retrieve_instance(real_study, real_series, mine.SOPInstanceUID)
-    lines = [json.loads(x) for x in site["audit"][proxy].read_text().splitlines()]
+    audit = site["audit"][proxy]
+    uids = [x.SOPInstanceUID for x in (mine, theirs, crossed)]
+    wait_for(lambda: all(u in audit.read_text() for u in uids), "the batch's audit lines")
+    lines = [json.loads(x) for x in audit.read_text().splitlines()]
     by_instance = {line.get("instance"): line for line in lines if line.get("instance")}
     assert by_instance[mine.SOPInstanceUID]["decision"] == "allow"
     assert by_instance[theirs.SOPInstanceUID]["decision"] == "deny"
@@ -347,13 +351,6 @@ def test_malformed_upload_is_400_and_stores_nothing(
     assert not _held(site, good.SOPInstanceUID)
 
 
-def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
-
 def _relayed_since(site: dict[str, Any], start: int) -> int:
     return len(site["relay"].sent) - start
 
@@ -371,7 +368,7 @@ def test_a_streamed_upload_reaches_the_pacs_as_it_comes_and_a_bad_end_stores_not
     def chunks() -> Iterator[bytes]:
         yield body[:bad_part]
         # The PACS has the three good instances before the client has sent the bad part.
-        _wait_for(
+        wait_for(
             lambda: _relayed_since(site, start) > sum(map(len, payloads)),
             "the admitted instances did not reach the PACS while the upload went on",
         )
@@ -400,7 +397,7 @@ def test_a_streamed_upload_the_client_leaves_stores_nothing(site: dict[str, Any]
             f"Content-Type: {STOW_TYPE}\r\nContent-Length: {len(sent) + 1_000_000}\r\n\r\n"
         )
         client.sendall(head.encode() + sent)
-        _wait_for(
+        wait_for(
             lambda: _relayed_since(site, start) > sum(map(len, payloads)),
             "the admitted instances did not reach the PACS while the upload went on",
         )

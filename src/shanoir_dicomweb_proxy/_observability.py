@@ -9,14 +9,12 @@ codes and fixed words only.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
 import random
 import re
 import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
@@ -30,6 +28,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from ._config import Settings
 from ._headers import header
+from ._logwriter import BatchedWriter
 from ._scope import RequestRecord, find_dicomweb_request, route_path, set_record
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
@@ -396,57 +395,39 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(data, default=str).decode()
 
 
-#: How often the log writer thread writes what was logged meanwhile.
-_LOG_FLUSH_SECONDS = 0.1
-
-
 class _Handler(logging.Handler):
     """The handler :func:`configure_logging` installs (and replaces when called again).
 
-    A record is only queued here; a thread formats and writes what is queued every
-    ``_LOG_FLUSH_SECONDS`` (and at ``close``, which ``logging.shutdown`` calls at exit). So the
-    event loop pays for a record and an append, not for formatting or a write, and a stderr
-    that blocks (a pipe whose reader is slow) never stalls the requests. The thread wakes on a
-    clock, not per record: woken per record it contended for the GIL with the event loop
-    (a queue handler cost 20 % of the proxy's time on small requests).
+    A record is only queued here; a :class:`BatchedWriter` thread formats and writes what is
+    queued (at ``close`` too, which ``logging.shutdown`` calls at exit). So the event loop pays
+    for a record and an append, not for formatting or a write, and a stderr that blocks (a pipe
+    whose reader is slow) never stalls the requests.
     """
 
     def __init__(self, target: logging.StreamHandler[TextIO]) -> None:
         super().__init__()
         self.setFormatter(target.formatter)  # the format records are written in, for show
         self._target = target
-        self._queued: collections.deque[logging.LogRecord] = collections.deque()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
-        self._thread.start()
+        self._writer = BatchedWriter(self._line, self._write, name="log-writer")
 
     def emit(self, record: logging.LogRecord) -> None:
-        self._queued.append(record)
+        self._writer.put(record)
 
-    def _run(self) -> None:
-        while not self._stop.wait(_LOG_FLUSH_SECONDS):
-            self._write()
-        self._write()
-
-    def _write(self) -> None:
-        # One write for what was queued, not one per record (each a system call).
+    def _line(self, record: logging.LogRecord) -> str | None:
         target = self._target
-        lines: list[str] = []
-        while self._queued:
-            record = self._queued.popleft()
-            try:
-                lines.append(target.format(record) + target.terminator)
-            except Exception:  # as logging.Handler.emit does: reported, the rest written
-                target.handleError(record)
+        try:
+            return target.format(record) + target.terminator
+        except Exception:  # as logging.Handler.emit does: reported, the rest written
+            target.handleError(record)
+            return None
+
+    def _write(self, text: str) -> None:
         with contextlib.suppress(OSError, ValueError):  # a stream closed under us
-            if lines:
-                target.stream.write("".join(lines))
-            target.flush()
+            self._target.stream.write(text)
+            self._target.flush()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(5)
+        self._writer.close()
         super().close()
 
 

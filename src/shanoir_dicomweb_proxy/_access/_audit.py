@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import logging
-import logging.handlers
 import os
-import queue
 import stat
 import time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
 from .._headers import header
+from .._logwriter import BatchedWriter
 from .._request import DicomWebRequest
 from .._scope import Principal, get_record
 from .._types import Message, Scope, Send
@@ -75,32 +75,78 @@ class AuditRecord:
 _logger = logging.getLogger("shanoir_dicomweb_proxy.access")
 
 
-class _PrivateFileHandler(logging.handlers.WatchedFileHandler):
-    """A ``WatchedFileHandler`` whose file, when it creates it (at the first line, and after
-    logrotate moved the last one), is its owner's only (0600), or also readable by ``group``
-    (0640), whatever the umask."""
+class _AuditFile:
+    """The audit log's file, opened at the first write and again when logrotate moved it away.
+
+    When the proxy creates it, it is its owner's only (0600), or also readable by ``group``
+    (0640), whatever the umask.
+    """
 
     def __init__(self, path: str, *, group: int | None) -> None:
+        self.path = path
         self.group = group
-        super().__init__(path, encoding="utf-8", delay=True)
+        self._stream: TextIO | None = None
+        self._identity = (0, 0)  # device and inode of the open file
 
-    def _open(self) -> Any:
+    def _open(self) -> TextIO:
         mode = 0o600 if self.group is None else 0o640
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         try:
-            fd = os.open(self.baseFilename, flags | os.O_EXCL, mode)
+            fd = os.open(self.path, flags | os.O_EXCL, mode)
         except FileExistsError:
-            fd = os.open(self.baseFilename, flags, mode)
+            fd = os.open(self.path, flags, mode)
         else:
             os.fchmod(fd, mode)
             if self.group is not None:
                 os.fchown(fd, -1, self.group)
-        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+        opened = os.fstat(fd)
+        self._identity = (opened.st_dev, opened.st_ino)
+        return os.fdopen(fd, "a", encoding="utf-8")
+
+    def _current(self) -> TextIO:
+        if self._stream is not None:
+            try:
+                now = os.stat(self.path)
+            except FileNotFoundError:
+                moved = True
+            else:
+                moved = (now.st_dev, now.st_ino) != self._identity
+            if not moved:
+                return self._stream
+            self.close()
+        self._stream = self._open()
+        return self._stream
+
+    def write(self, text: str) -> None:
+        """Called by the writer thread only, with a batch of lines."""
+        try:
+            stream = self._current()
+            stream.write(text)
+            stream.flush()
+        except OSError as error:  # a full disk: said, and tried again at the next batch
+            _logger.error(
+                "the audit log %s could not be written, %d line(s) lost: %s",
+                self.path,
+                text.count("\n"),
+                error,
+            )
+            self.close()
+
+    def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+def _line(entry: bytes) -> str:
+    return entry.decode() + "\n"
 
 
 class AuditLog:
-    """JSON lines, one per decision, written by a thread of their own: a request only puts its
-    line on a queue. The file is reopened when logrotate moves it (``WatchedFileHandler``).
+    """JSON lines, one per decision, written by a thread of their own: a request only queues its
+    line, and the thread writes what was queued every tenth of a second. The file is reopened
+    when logrotate moves it.
 
     The proxy creates the file 0600, or 0640 with ``group`` (a name or a number) as its group;
     an existing file keeps its mode, with a warning at start when others may read it.
@@ -108,39 +154,28 @@ class AuditLog:
 
     def __init__(self, path: str, *, group: str | None = None) -> None:
         self.path = path
-        self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
         gid = None
         if group:
             gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-        handler = _PrivateFileHandler(path, group=gid)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        self._listener = logging.handlers.QueueListener(self._queue, handler)
-        self._logger = logging.Logger("shanoir_dicomweb_proxy.audit")
-        self._logger.addHandler(logging.handlers.QueueHandler(self._queue))
-        self._logger.propagate = False
-        self._handler = handler
-        self._started = False
+        self._file = _AuditFile(path, group=gid)
+        self._writer = BatchedWriter(_line, self._file.write, name="audit-writer", start=False)
 
     def start(self) -> None:
-        if not self._started:
-            try:
-                mode = stat.S_IMODE(os.stat(self.path).st_mode)
-            except OSError:
-                mode = 0
-            if mode & 0o007:
-                _logger.warning(
-                    "the audit log %s may be read by every user (mode %o): chmod o-rwx it",
-                    self.path,
-                    mode,
-                )
-            self._listener.start()
-            self._started = True
+        try:
+            mode = stat.S_IMODE(os.stat(self.path).st_mode)
+        except OSError:
+            mode = 0
+        if mode & 0o007:
+            _logger.warning(
+                "the audit log %s may be read by every user (mode %o): chmod o-rwx it",
+                self.path,
+                mode,
+            )
+        self._writer.start()
 
     def write(self, entry: Mapping[str, Any]) -> None:
-        self._logger.info(orjson.dumps(entry).decode())
+        self._writer.put(orjson.dumps(entry))
 
     def close(self) -> None:
-        if self._started:
-            self._listener.stop()  # writes what is queued
-            self._started = False
-        self._handler.close()
+        self._writer.close()  # writes what is queued
+        self._file.close()
