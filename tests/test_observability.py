@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 import weakref
@@ -298,6 +299,44 @@ def test_the_log_writer_writes_what_was_queued_at_once(
     assert stream.getvalue().splitlines() == [f"line {n}" for n in range(50)]
     assert stream.writes <= 2  # one per turn of the writer thread, not one per record
     assert "Logging error" in capsys.readouterr().err  # the bad record, reported
+
+
+_WORKER_LOGGING = """
+import json, logging, sys, time
+from shanoir_dicomweb_proxy import Settings
+from shanoir_dicomweb_proxy._observability import configure_logging
+configure_logging(Settings.from_dict(json.loads(sys.argv[2])))
+log = logging.getLogger("worker")
+for n in range(3000):
+    log.info("%s %d %s", sys.argv[1], n, "x" * 300)
+    if n % 300 == 0:
+        time.sleep(0.05)  # batches of many lines, as under load
+logging.shutdown()
+"""
+
+
+def test_workers_sharing_a_slow_stderr_pipe_never_split_a_line() -> None:
+    """Worker processes write to one stderr pipe; when its reader is slow the pipe fills, and
+    a write larger than PIPE_BUF may then be cut by another worker's. Each write holds whole
+    lines and at most PIPE_BUF bytes, so every line arrives whole."""
+    upstream = {"url": "http://pacs.invalid/dicom-web"}
+    settings = json.dumps({**CORE_SETTINGS, "upstream": upstream, "logging": {"format": "json"}})
+    read, write = os.pipe()
+    workers = [
+        subprocess.Popen([sys.executable, "-c", _WORKER_LOGGING, name, settings], stderr=write)
+        for name in ("alpha", "beta")
+    ]
+    os.close(write)
+    received = bytearray()
+    with open(read, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(1024):  # a slow reader: small reads, with pauses
+            received += chunk
+            time.sleep(0.0005)
+    assert [worker.wait(30) for worker in workers] == [0, 0]
+    lines = [json.loads(line)["message"] for line in received.decode().splitlines()]
+    for name in ("alpha", "beta"):
+        numbers = [int(m.split()[1]) for m in lines if m.startswith(f"{name} ")]
+        assert numbers == list(range(3000))
 
 
 async def test_multiprocess_metrics_are_read_from_the_directory(

@@ -4,11 +4,17 @@ The log and the audit log both go through :class:`BatchedWriter`: a request pays
 to a deque, never for formatting or a write. The thread wakes on a clock, not per line: woken
 per line it contended for the GIL with the event loop (logging's ``QueueListener`` cost 12-20 %
 of the proxy's time on small requests).
+
+Worker processes share their stderr (and may share the audit log). A write to a pipe of at most
+``PIPE_BUF`` bytes is never interleaved with another process's; a longer one may be, when the
+pipe is full and its reader slow. So each write holds whole lines and, unless one line alone is
+longer, at most ``PIPE_BUF`` bytes: several lines per system call, none cut in two.
 """
 
 from __future__ import annotations
 
 import collections
+import select
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -18,13 +24,16 @@ __all__ = ["FLUSH_SECONDS", "BatchedWriter"]
 #: How often the writer thread writes what was queued meanwhile.
 FLUSH_SECONDS = 0.1
 
+#: The most a write may hold and still never be interleaved with another process's.
+_ATOMIC_BYTES = select.PIPE_BUF
+
 T = TypeVar("T")
 
 
 class BatchedWriter(Generic[T]):
     """Items put by any thread; every ``FLUSH_SECONDS``, and at :meth:`close`, a thread renders
-    what was queued (``render``: the text of one item, ``None`` to drop it) and hands it to
-    ``write`` in one call.
+    what was queued (``render``: the text of one item, whole lines; ``None`` to drop it) and
+    hands it to ``write`` in pieces of whole items, each at most ``PIPE_BUF`` bytes.
 
     Until :meth:`start`, items are only queued: :meth:`close` still writes them. A closed
     writer may be started again.
@@ -66,10 +75,17 @@ class BatchedWriter(Generic[T]):
         queued, render = self._queued, self._render
         with self._lock:
             parts: list[str] = []
+            size = 0
             while queued:
                 text = render(queued.popleft())
-                if text is not None:
-                    parts.append(text)
+                if text is None:
+                    continue
+                length = len(text) if text.isascii() else len(text.encode())
+                if parts and size + length > _ATOMIC_BYTES:
+                    self._write_text("".join(parts))
+                    parts, size = [], 0
+                parts.append(text)
+                size += length
             if parts:
                 self._write_text("".join(parts))
 
