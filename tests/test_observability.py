@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shanoir_dicomweb_proxy import Settings
 from shanoir_dicomweb_proxy._auth import dev_token
+from shanoir_dicomweb_proxy._logwriter import BatchedWriter
 from shanoir_dicomweb_proxy._observability import (
     JsonFormatter,
     ObservabilityMiddleware,
@@ -44,6 +45,7 @@ from .support.archive import SERIES_ROOT, STUDY_ROOT
 from .support.asgi import build, call
 from .support.keys import rsa_key_file
 from .support.settings import CORE_SETTINGS, ProxyFactory
+from .support.waiting import wait_for
 
 HEX_ID = re.compile(r"[0-9a-f]{32}")
 REPO = Path(__file__).resolve().parent.parent
@@ -299,6 +301,22 @@ def test_the_log_writer_writes_what_was_queued_at_once(
     assert stream.getvalue().splitlines() == [f"line {n}" for n in range(50)]
     assert stream.writes <= 2  # one per turn of the writer thread, not one per record
     assert "Logging error" in capsys.readouterr().err  # the bad record, reported
+
+
+def test_a_batch_that_fails_does_not_stop_the_writer(caplog: pytest.LogCaptureFixture) -> None:
+    written: list[str] = []
+
+    def write(text: str) -> None:
+        if "boom" in text:
+            raise RuntimeError("a bug in a writer")
+        written.append(text)
+
+    writer: BatchedWriter[str] = BatchedWriter(str, write, name="test-writer")
+    writer.put("boom\n")
+    wait_for(lambda: "could not write a batch" in caplog.text, "the failure logged", 5)
+    writer.put("after\n")
+    wait_for(lambda: written == ["after\n"], "the next batch written", 5)
+    writer.close()
 
 
 _WORKER_LOGGING = """

@@ -14,6 +14,7 @@ longer, at most ``PIPE_BUF`` bytes: several lines per system call, none cut in t
 from __future__ import annotations
 
 import collections
+import logging
 import select
 import threading
 from collections.abc import Callable
@@ -28,6 +29,8 @@ FLUSH_SECONDS = 0.1
 _ATOMIC_BYTES = select.PIPE_BUF
 
 T = TypeVar("T")
+
+_logger = logging.getLogger(__name__)
 
 
 class BatchedWriter(Generic[T]):
@@ -68,7 +71,10 @@ class BatchedWriter(Generic[T]):
 
     def _run(self) -> None:
         while not self._stop.wait(FLUSH_SECONDS):
-            self.write()
+            try:
+                self.write()
+            except Exception:  # the thread must go on, or the queue only grows
+                _logger.exception("the %s thread could not write a batch", self._name)
 
     def write(self) -> None:
         """Write what is queued now (the thread does, every ``FLUSH_SECONDS``)."""
