@@ -32,7 +32,7 @@ from shanoir_dicomweb_proxy.testing._process import resident_memory
 
 from .support.relay import RecordingRelay
 from .support.settings import ProxyFactory
-from .support.waiting import wait_for
+from .support.waiting import wait_for, whole_lines
 
 STUDY_ROOT, SERIES_ROOT = "1.4.9.12.34.1.8527", "1.4.9.12.34.2.8527"
 LIMIT = 8 * 1024 * 1024  # [server] max_upload_bytes of the limited proxy
@@ -257,8 +257,8 @@ def test_mixed_batch_is_202_and_stores_only_the_allowed(site: dict[str, Any], pr
     assert site["direct"].retrieve_instance(real_study, real_series, mine.SOPInstanceUID)
     audit = site["audit"][proxy]
     uids = [x.SOPInstanceUID for x in (mine, theirs, crossed)]
-    wait_for(lambda: all(u in audit.read_text() for u in uids), "the batch's audit lines")
-    lines = [json.loads(x) for x in audit.read_text().splitlines()]
+    wait_for(lambda: all(u in "".join(whole_lines(audit)) for u in uids), "the audit lines")
+    lines = [json.loads(x) for x in whole_lines(audit)]
     by_instance = {line.get("instance"): line for line in lines if line.get("instance")}
     assert by_instance[mine.SOPInstanceUID]["decision"] == "allow"
     assert by_instance[theirs.SOPInstanceUID]["decision"] == "deny"
