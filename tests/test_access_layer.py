@@ -37,7 +37,7 @@ from shanoir_dicomweb_proxy._store import ImportRow
 from shanoir_dicomweb_proxy._types import ASGIApp
 
 from .support.asgi import CORE, Answer, call
-from .support.waiting import wait_for
+from .support.waiting import wait_for, whole_lines
 
 EXAMS = 1200  # more than FILTER_PAGE and INJECT_MAX: both strategies are exercised
 ROOT = "1.4.1"
@@ -458,6 +458,19 @@ def test_an_audit_log_that_cannot_be_written_says_so(
     log.write({"n": 2})
     log.close()
     assert [orjson.loads(line) for line in path.read_text().splitlines()] == [{"n": 2}]
+
+
+def test_an_audit_log_never_started_still_writes(tmp_path: Path) -> None:
+    """A host that mounts the proxy without running its lifespan never calls start(): the
+    first line starts the writer, rather than lines piling up in memory unwritten."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path))
+    log.write({"n": 1})
+    wait_for(lambda: whole_lines(path) == ['{"n":1}'], "the line written", 5)
+    log.close()
+    log.write({"n": 2})  # a request that ends after close()
+    wait_for(lambda: len(whole_lines(path)) == 2, "the late line written", 5)
+    log.close()
 
 
 def _write_calls() -> int:
