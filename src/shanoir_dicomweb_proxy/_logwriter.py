@@ -60,8 +60,13 @@ class BatchedWriter(Generic[T]):
         if start:
             self.start()
 
+    @property
+    def running(self) -> bool:
+        """Whether the writer thread runs (not before :meth:`start`, nor after :meth:`close`)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
+        if not self.running:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()

@@ -159,7 +159,6 @@ class AuditLog:
             gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
         self._file = _AuditFile(path, group=gid)
         self._writer = BatchedWriter(_line, self._file.write, name="audit-writer", start=False)
-        self._running = False
 
     def start(self) -> None:
         try:
@@ -173,16 +172,14 @@ class AuditLog:
                 mode,
             )
         self._writer.start()
-        self._running = True
 
     def write(self, entry: Mapping[str, Any]) -> None:
         self._writer.put(orjson.dumps(entry))
-        if not self._running:
+        if not self._writer.running:
             # A host that never entered the app (no lifespan), or a request that ends after
             # close(): its lines are written all the same, not left to pile up in memory.
             self.start()
 
     def close(self) -> None:
-        self._running = False
         self._writer.close()  # writes what is queued
         self._file.close()
