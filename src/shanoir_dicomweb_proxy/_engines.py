@@ -26,6 +26,7 @@ from uvicorn.supervisors import Multiprocess
 from ._app import DicomWebProxy, create_app
 from ._config import Settings
 from ._errors import ConfigError
+from ._http1 import FastH11Protocol
 from ._observability import configure_logging
 
 __all__ = [
@@ -318,8 +319,8 @@ def _uvicorn_worker_app() -> DicomWebProxy:
 def fix_hypercorn() -> None:
     """Two fixes to hypercorn 0.18's asyncio server, each of which held connections forever
     or for the whole keep-alive timeout (issue 19), larger reads (:data:`_MAX_RECV`), and
-    less CPU per request (:func:`_lighten_connections`, :func:`_lighten_h11_framing`);
-    applied once per process."""
+    less CPU per request (:func:`_lighten_connections`, :func:`_lighten_h11_framing`,
+    :func:`_parse_with_httptools`); applied once per process."""
     from hypercorn.asyncio import tcp_server
     from hypercorn.asyncio.task_group import TaskGroup
     from hypercorn.asyncio.tcp_server import TCPServer
@@ -330,6 +331,7 @@ def fix_hypercorn() -> None:
     tcp_server.MAX_RECV = _MAX_RECV
     _lighten_connections(TCPServer)
     _lighten_h11_framing()
+    _parse_with_httptools()
     read_data = TCPServer._read_data
     spawn_app = TaskGroup.spawn_app
 
@@ -506,6 +508,17 @@ async def _expire_when_stopping(context: Any, timers: set[_KeepAliveTimer]) -> N
     await context.terminated.wait()
     for timer in list(timers):
         timer.expire()
+
+
+def _parse_with_httptools() -> None:
+    """hypercorn's HTTP/1.1 connections on httptools (:class:`FastH11Protocol`): its
+    ``ProtocolWrapper`` makes them with the ``H11Protocol`` its module names. Left alone
+    unless that is the class :class:`FastH11Protocol` was written for."""
+    import hypercorn.protocol as wrapper
+    from hypercorn.protocol.h11 import H11Protocol
+
+    if getattr(wrapper, "H11Protocol", None) is H11Protocol and FastH11Protocol.fits(H11Protocol):
+        setattr(wrapper, "H11Protocol", FastH11Protocol)  # noqa: B010 (not re-exported)
 
 
 def _lighten_h11_framing() -> None:
