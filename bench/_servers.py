@@ -64,6 +64,12 @@ PROXY_VARIANTS: dict[str, ProxyVariant] = {
         ),
         ProxyVariant("aiohttp", "aiohttp", note="the proxy's aiohttp transport, reads up to 1 MiB"),
         ProxyVariant(
+            "hypercorn-h11",
+            "aiohttp",
+            {"BENCH_HYPERCORN_H11": "1"},
+            "aiohttp, hypercorn parsing HTTP/1.1 with its own h11 instead of httptools",
+        ),
+        ProxyVariant(
             "mapped",
             "aiohttp",
             note="aiohttp, public UIDs translated through the embedded SQLite store",

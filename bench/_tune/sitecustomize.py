@@ -39,3 +39,11 @@ if _trace:
 
     threading.Thread(target=_snapshots, daemon=True, name="bench-tracemalloc").start()
     print(f"bench-tune: BENCH_TRACEMALLOC={_trace}", file=sys.stderr, flush=True)
+
+if os.environ.get("BENCH_HYPERCORN_H11"):
+    # hypercorn's own HTTP/1.1 path (h11) instead of the proxy's httptools one, to compare both
+    # in one run (the `hypercorn-h11` variant).
+    from shanoir_dicomweb_proxy import _engines
+
+    _engines._parse_with_httptools = lambda: None
+    print("bench-tune: BENCH_HYPERCORN_H11=1", file=sys.stderr, flush=True)
