@@ -83,6 +83,8 @@ H2C = (
     b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
 )
 
+SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty HTTP/2 SETTINGS frame
+
 CASES: dict[str, tuple[App, list[bytes]]] = {
     "chunked answer": (frame_app, [GET]),
     "content-length answer": (echo_app, [GET]),
@@ -132,6 +134,7 @@ CASES: dict[str, tuple[App, list[bytes]]] = {
     ),
     "headers too long": (echo_app, [b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 20000]),
     "h2c upgrade": (echo_app, [H2C]),
+    "HTTP/2 preface": (echo_app, [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SETTINGS]),
     "HTTP/1.0 after a request": (echo_app, [GET, b"GET / HTTP/1.0\r\n\r\n"]),
     "malformed after a request": (echo_app, [GET, b"GET / HTTP/1.1\r\nHost: a\r\nBad\r\n\r\n"]),
     "malformed pipelined": (echo_app, [GET + b"GET / HTTP/1.1\r\nHost: a\r\nBad\r\n\r\n"]),
