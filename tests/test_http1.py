@@ -120,6 +120,38 @@ CASES: dict[str, tuple[App, list[bytes]]] = {
         echo_app,
         [b"POST / HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhi\r\n"],
     ),
+    # Requests h11 and llhttp must read alike (or llhttp hand to h11):
+    "bare LF": (echo_app, [b"GET / HTTP/1.1\nHost: a\n\n"]),
+    "obs-fold": (echo_app, [b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n  2\r\n\r\n"]),
+    "NUL in a value": (echo_app, [b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\x002\r\n\r\n"]),
+    "space in the target": (echo_app, [b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n"]),
+    "absolute target": (echo_app, [b"GET http://a/x?y HTTP/1.1\r\nHost: a\r\n\r\n"]),
+    "OPTIONS *": (echo_app, [b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"]),
+    "empty Host": (echo_app, [b"GET / HTTP/1.1\r\nHost:\r\n\r\n"]),
+    "blanks around values": (echo_app, [b"GET / HTTP/1.1\r\nHost: a  \r\nX-A: b \t\r\n\r\n"]),
+    "two equal lengths": (
+        echo_app,
+        [b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc"],
+    ),
+    "negative length": (echo_app, [b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n"]),
+    "chunk extension": (
+        echo_app,
+        [
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3;x=y\r\nabc\r\n0\r\n\r\n"
+        ],
+    ),
+    "gzip, chunked": (
+        echo_app,
+        [b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"],
+    ),
+    "chunked twice": (
+        echo_app,
+        [
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        ],
+    ),
     # Handed to h11:
     "HTTP/1.0": (frame_app, [b"GET /frames/1 HTTP/1.0\r\n\r\n"]),
     "HTTP/1.0 keep-alive": (echo_app, [b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"]),

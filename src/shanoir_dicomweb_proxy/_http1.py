@@ -11,10 +11,11 @@ stream events, and frames the answers itself.
 It handles the requests the proxy serves: HTTP/1.1 with one ``Host``. Anything else is handed,
 bytes and all, to hypercorn's own h11 path for the rest of the connection, so that its answers
 stay exactly hypercorn's: HTTP/1.0, an ``Upgrade`` (h2c, WebSocket) or ``CONNECT``, the HTTP/2
-preface, and every request llhttp cannot parse (a malformed one, a method it does not know,
-headers longer than ``h11_max_incomplete_size``). A pipelined request of that kind, which began
-in the middle of a read after another request, cannot be handed over: it gets a 400 and the
-connection closes, as h11 does for malformed requests.
+preface, a transfer coding other than chunked, and every request llhttp cannot parse (a
+malformed one, a method it does not know, headers longer than ``h11_max_incomplete_size``). A
+pipelined request of that kind, which began in the middle of a read after another request,
+cannot be handed over: it gets a 400 and the connection closes, as h11 does for malformed
+requests.
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ class FastH11Protocol(H11Protocol):
                 keep_alive = keep_alive and b"close" not in tokens
             elif lowered == b"upgrade":
                 raise _HandOver
+            elif lowered == b"transfer-encoding" and value.lower() != b"chunked":
+                raise _HandOver  # llhttp takes "gzip, chunked"; h11 refuses it (501)
             elif lowered == b"expect":
                 expects_continue = value.lower() == b"100-continue"
             headers.append((name if raw else lowered, value))
