@@ -26,7 +26,6 @@ from uvicorn.supervisors import Multiprocess
 from ._app import DicomWebProxy, create_app
 from ._config import Settings
 from ._errors import ConfigError
-from ._http1 import FastH11Protocol
 from ._observability import configure_logging
 
 __all__ = [
@@ -516,6 +515,8 @@ def _parse_with_httptools() -> None:
     unless that is the class :class:`FastH11Protocol` was written for."""
     import hypercorn.protocol as wrapper
     from hypercorn.protocol.h11 import H11Protocol
+
+    from ._http1 import FastH11Protocol  # hypercorn is imported only by the commands that serve
 
     if getattr(wrapper, "H11Protocol", None) is H11Protocol and FastH11Protocol.fits(H11Protocol):
         setattr(wrapper, "H11Protocol", FastH11Protocol)  # noqa: B010 (not re-exported)
