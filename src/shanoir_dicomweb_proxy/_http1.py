@@ -79,7 +79,6 @@ class FastH11Protocol(H11Protocol):
         # The exchange under way.
         self._method = b"GET"
         self._keep_alive = True
-        self._expects_continue = False
         # Requests given to hypercorn, and requests parsed to their end: the one under way is
         # whole when they are equal (its end may be parsed before the app was even started).
         self._exchanges = 0
@@ -231,7 +230,6 @@ class FastH11Protocol(H11Protocol):
                     await self._start(*value)
             elif kind == "body":
                 events.popleft()
-                self._expects_continue = False
                 if self.stream is not None:
                     await self.stream.handle(Body(stream_id=STREAM_ID, data=value))
             elif kind == "end":
@@ -252,7 +250,6 @@ class FastH11Protocol(H11Protocol):
     ) -> None:
         self._method = method
         self._keep_alive = keep_alive
-        self._expects_continue = expects_continue
         self._exchanges += 1
         self._started = self._response_done = False
         self._chunked = self._chunk_open = self._no_body = False
@@ -281,8 +278,7 @@ class FastH11Protocol(H11Protocol):
         )
         self.keep_alive_requests += 1
         await self.context.mark_request()
-        if self._expects_continue and not self._started:
-            self._expects_continue = False
+        if expects_continue and not self._started:  # unless the app has answered already
             await self.send(RawData(data=self._head(100, self.config.response_headers("h11"))))
 
     async def _reject(self, status: int, *, answer: bool) -> None:
@@ -352,7 +348,6 @@ class FastH11Protocol(H11Protocol):
             )
         head = self._head(status, headers)
         self._started = True
-        self._expects_continue = False
         self._keep_alive = self._keep_alive and not closes
         self._no_body = status in (204, 304) or self._method == b"HEAD"
         self._chunked = chunked
