@@ -204,9 +204,7 @@ class FastH11Protocol(H11Protocol):
         if self._raw is None or self._events:
             return False
         raw, self._raw = b"".join(self._raw), None
-        while self.stream is not None and not self._closing:
-            await self.can_read.clear()
-            await self.can_read.wait()
+        await self._exchange_over()
         if self._closing:
             return True
         self._fast = False
@@ -214,15 +212,20 @@ class FastH11Protocol(H11Protocol):
         await self._handle_events()
         return True
 
+    async def _exchange_over(self) -> None:
+        """Wait until the exchange under way is over (its stream closed), or the connection."""
+        while self.stream is not None and not self._closing:
+            await self.can_read.clear()
+            await self.can_read.wait()
+
     async def _deliver(self) -> None:
         events = self._events
         while events and not self._closing:
             kind, value = events[0]
             if kind == "request" or kind == "bad request":
-                if self.stream is not None:  # pipelined: after this exchange, as h11 pauses
-                    await self.can_read.clear()
-                    await self.can_read.wait()
-                    continue
+                await self._exchange_over()  # pipelined: after this exchange, as h11 pauses
+                if self._closing:
+                    break
                 events.popleft()
                 if kind == "bad request":
                     await self._reject(value, answer=True)
