@@ -30,6 +30,12 @@ def test_quoted_and_unquoted_type(value: str) -> None:
     assert media.params["boundary"] == "abc"
 
 
+def test_quoted_pair_in_a_parameter_is_unescaped() -> None:
+    media = parse_media_type(r'multipart/related; type="a\"b\\c"; boundary="x\y"')
+    assert media.related_type == 'a"b\\c'
+    assert media.params["boundary"] == "xy"
+
+
 def test_accept_split_respects_quotes() -> None:
     accept = 'multipart/related; type="application/octet-stream; transfer-syntax=*", image/jpeg'
     first, second = split_accept(accept)
@@ -52,6 +58,18 @@ def test_request_headers_allow_list() -> None:
     kept = dict(request_headers_for_upstream(headers))
     # Accept is named by Connection, so it is hop-by-hop on this request.
     assert kept == {b"if-none-match": b'"x"', b"content-type": b"multipart/related; boundary=x"}
+
+
+def test_the_proxys_request_id_replaces_the_clients() -> None:
+    headers = [(b"X-Request-ID", b"client"), (b"Accept", b"*/*")]
+    assert request_headers_for_upstream(headers, request_id="proxy") == [
+        (b"accept", b"*/*"),
+        (b"x-request-id", b"proxy"),
+    ]
+    assert request_headers_for_upstream(headers) == [
+        (b"x-request-id", b"client"),
+        (b"accept", b"*/*"),
+    ]
 
 
 def test_response_headers_allow_list() -> None:
@@ -128,6 +146,13 @@ def test_forwarded_headers_only_from_allowed_peers(
     scope = _scope(*FORGED, client=client)
     base = public_base_url(scope, public_url="", base_path="/dw", trusted=TrustedProxies(allow))
     assert base == ("https://evil.example/dw" if trusted else "http://gw.example.org:8080/dw")
+
+
+def test_each_list_of_trusted_proxies_decides_for_itself() -> None:
+    # Decisions are remembered per peer address: asked alternately, each list keeps its own.
+    scope = _scope(*FORGED, client=("10.1.2.3", 1))
+    lists = [TrustedProxies(("10.0.0.0/8",)), TrustedProxies(("127.0.0.1",))] * 2
+    assert [trusted.trusts(scope) for trusted in lists] == [True, False, True, False]
 
 
 @pytest.mark.parametrize(

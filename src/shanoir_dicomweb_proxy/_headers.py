@@ -49,6 +49,9 @@ _TO_UPSTREAM = frozenset(
     }
 )
 
+# The client's own X-Request-ID is replaced by the proxy's when it has one.
+_TO_UPSTREAM_BUT_ID = _TO_UPSTREAM - {b"x-request-id"}
+
 # Passed back to the client. Set-Cookie, WWW-Authenticate (the PACS's own challenge), Server and
 # hop-by-hop headers are dropped.
 _TO_CLIENT = frozenset(
@@ -90,13 +93,18 @@ _HOP_BY_HOP = frozenset(
 )
 
 
-def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Header names listed in ``Connection`` are hop-by-hop too (RFC 9110 §7.6.1)."""
-    tokens: set[bytes] = set()
+def _passed(headers: Iterable[tuple[bytes, bytes]], allowed: frozenset[bytes]) -> Headers:
+    """The ``allowed`` headers, names lower-cased, without hop-by-hop ones: those of
+    ``_HOP_BY_HOP`` and those the ``Connection`` header lists (RFC 9110 §7.6.1)."""
+    kept: Headers = []
+    listed: set[bytes] = set()
     for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
+        name = name.lower()
+        if name == b"connection":
+            listed.update(t.strip().lower() for t in value.split(b","))
+        elif name in allowed and name not in _HOP_BY_HOP:
+            kept.append((name, value))
+    return [pair for pair in kept if pair[0] not in listed] if listed else kept
 
 
 def request_headers_for_upstream(
@@ -106,30 +114,16 @@ def request_headers_for_upstream(
 
     ``request_id`` (the proxy's id of the request) replaces the client's ``X-Request-ID``.
     """
-    dropped = _HOP_BY_HOP | _connection_tokens(headers)
-    if request_id is not None:
-        dropped |= _REQUEST_ID
-    result = [
-        (name.lower(), value)
-        for name, value in headers
-        if name.lower() in _TO_UPSTREAM and name.lower() not in dropped
-    ]
-    if request_id is not None:
-        result.append((b"x-request-id", request_id.encode("ascii")))
+    if request_id is None:
+        return _passed(headers, _TO_UPSTREAM)
+    result = _passed(headers, _TO_UPSTREAM_BUT_ID)
+    result.append((b"x-request-id", request_id.encode("ascii")))
     return result
-
-
-_REQUEST_ID = frozenset({b"x-request-id"})
 
 
 def response_headers_for_client(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
     """The upstream's headers that may go back to the client, names lower-cased."""
-    dropped = _HOP_BY_HOP | _connection_tokens(headers)
-    return [
-        (name.lower(), value)
-        for name, value in headers
-        if name.lower() in _TO_CLIENT and name.lower() not in dropped
-    ]
+    return _passed(headers, _TO_CLIENT)
 
 
 class MediaType:
@@ -170,7 +164,9 @@ def parse_media_type(value: str) -> MediaType:
     for match in _PARAM.finditer(";" + rest if rest else ""):
         raw = match.group(2).strip()
         if len(raw) >= 2 and raw[0] == raw[-1] == '"':
-            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+            raw = raw[1:-1]
+            if "\\" in raw:
+                raw = re.sub(r"\\(.)", r"\1", raw)
         params[match.group(1).lower()] = raw
     return MediaType(head.strip().lower(), params)
 
@@ -243,7 +239,12 @@ _FORWARDED_PAIR = re.compile(r'(?i)\b(host|proto)\s*=\s*("[^"]*"|[^;,]*)')
 
 
 def _valid_host(host: str | None) -> TypeGuard[str]:
-    return host is not None and len(host) <= _MAX_HOST and _HOST.fullmatch(host) is not None
+    return host is not None and _is_host(host)
+
+
+@functools.lru_cache(maxsize=1024)  # a few hosts, each checked on every request with links
+def _is_host(host: str) -> bool:
+    return len(host) <= _MAX_HOST and _HOST.fullmatch(host) is not None
 
 
 class TrustedProxies:
@@ -252,12 +253,14 @@ class TrustedProxies:
     every peer. A request from anyone else is taken as it came: its forwarded headers are
     ignored, so a client cannot name the host links point to."""
 
-    __slots__ = ("everyone", "networks")
+    __slots__ = ("everyone", "networks", "_trusts_address")
 
     def __init__(self, allow: Iterable[str] = ("127.0.0.1", "::1")) -> None:
         allow = tuple(allow)
         self.everyone = "*" in allow
         self.networks = tuple(ipaddress.ip_network(a, strict=False) for a in allow if a != "*")
+        # Parsing the peer's address costs 5 us a request; peers are few and come back.
+        self._trusts_address = functools.lru_cache(maxsize=4096)(self._address_trusted)
 
     def __repr__(self) -> str:
         shown = ["*"] if self.everyone else [str(n) for n in self.networks]
@@ -270,8 +273,11 @@ class TrustedProxies:
         client = scope.get("client")
         if not client:
             return False  # a Unix socket or an unknown peer
+        return self._trusts_address(client[0])
+
+    def _address_trusted(self, peer: str) -> bool:
         try:
-            address = ipaddress.ip_address(client[0])
+            address = ipaddress.ip_address(peer)
         except ValueError:
             return False
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
