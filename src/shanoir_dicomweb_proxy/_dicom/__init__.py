@@ -17,6 +17,7 @@ from ._multipart import (
     PassPart,
     WholeBody,
     header_pair,
+    partial_match,
     split_parts,
 )
 from ._part10 import Part10Rewriter
@@ -92,6 +93,7 @@ __all__ = [
     "json_key",
     "json_value",
     "header_pair",
+    "partial_match",
     "split_parts",
     "to_xml",
     "translate_xml",

@@ -163,7 +163,7 @@ class PartEvents:
             elif state == _BODY or state == _PREAMBLE:
                 found = data.find(self._delimiter, at)
                 if found < 0:
-                    keep = _partial_delimiter(data, at, self._delimiter)
+                    keep = partial_match(data, at, self._delimiter)
                     if state == _BODY and len(data) - keep > at:
                         events.append(("data", view[at : len(data) - keep]))
                     self._held = data[len(data) - keep :]
@@ -220,14 +220,16 @@ _MAX_HEADERS = 64
 _MAX_PADDING = 256
 
 
-def _partial_delimiter(data: bytes, start: int, delimiter: bytes) -> int:
-    """How many bytes at the end of ``data[start:]`` may begin ``delimiter``."""
-    first = max(start, len(data) - len(delimiter) + 1)
-    at = data.find(b"\r", first)
+def partial_match(data: bytes, start: int, pattern: bytes) -> int:
+    """How many bytes at the end of ``data[start:]`` may begin ``pattern`` (fewer than all of
+    it): those a stream must hold until the next chunk decides."""
+    first = max(start, len(data) - len(pattern) + 1)
+    lead = pattern[:1]
+    at = data.find(lead, first)
     while at >= 0:
-        if delimiter.startswith(data[at:]):
+        if pattern.startswith(data[at:]):
             return len(data) - at
-        at = data.find(b"\r", at + 1)
+        at = data.find(lead, at + 1)
     return 0
 
 

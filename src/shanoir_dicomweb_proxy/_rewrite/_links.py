@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .._dicom import BodyRewriter, BufferedPart, MultipartRewriter, PassPart
+from .._dicom import BodyRewriter, BufferedPart, MultipartRewriter, PassPart, partial_match
 from .._headers import LINK_HEADERS, TrustedProxies, parse_media_type, public_base_url
 from .._types import ASGIApp, Message, Receive, Scope, Send
 
@@ -76,12 +76,7 @@ class LinkRewriter:
         """The output for ``chunk``: all but the bytes that may start a match."""
         data = self._pending + chunk if self._pending else chunk
         start = data.rfind(self.old)
-        tail_from = start + len(self.old) if start >= 0 else 0
-        keep = 0
-        for size in range(min(len(self.old) - 1, len(data) - tail_from), 0, -1):
-            if data.endswith(self.old[:size]):
-                keep = size
-                break
+        keep = partial_match(data, start + len(self.old) if start >= 0 else 0, self.old)
         if keep:
             self._pending = data[-keep:]
             data = data[:-keep]
