@@ -56,6 +56,31 @@ async def test_a_small_answer_leaves_in_one_system_call() -> None:
     protocol.connection_lost(None)
 
 
+def _app_noting_what_was_sent(sent: list[bytes], noted: list[bytes]) -> Any:
+    """An app answering a small frame, then noting what reached the socket by the time its
+    last ``send`` returned: before the app's own end of request (the proxy's access log,
+    metrics, its upstream connection back to the pool), which does not wait on the loop."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await frame_app(scope, receive, send)
+        noted.append(b"".join(sent))
+
+    return app
+
+
+async def test_a_complete_answer_leaves_before_the_app_returns() -> None:
+    noted: list[bytes] = []
+    calls: list[bytes] = []
+    protocol, transport = _protocol(_app_noting_what_was_sent(calls, noted))
+    transport.calls = calls
+    protocol.data_received(GET)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(noted) == 1 and noted[0].endswith(FRAME_ANSWER_END)
+    assert len(calls) == 1  # still one system call
+    protocol.connection_lost(None)
+
+
 async def test_writes_keep_their_order_and_a_large_one_is_not_held() -> None:
     protocol, transport = _protocol(frame_app)
     coalescing = protocol.transport
@@ -94,6 +119,18 @@ async def test_hypercorn_sends_a_small_answer_in_one_system_call() -> None:
     assert b"\r\ndate: " in answer
     await connection.hang_up()
     assert connection.closed
+
+
+async def test_hypercorn_sends_a_complete_answer_before_the_app_returns() -> None:
+    noted: list[bytes] = []
+    calls: list[bytes] = []
+    connection = HypercornConnection(_app_noting_what_was_sent(calls, noted))
+    connection.calls = calls
+    for _ in range(2):  # the first request of a connection, and one kept alive
+        assert (await connection.request()).endswith(FRAME_ANSWER_END)
+        assert noted[-1].endswith(FRAME_ANSWER_END)
+    assert len(noted) == 2 and len(calls) == 2
+    await connection.hang_up()
 
 
 @contextlib.contextmanager

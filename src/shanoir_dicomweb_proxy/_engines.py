@@ -195,7 +195,8 @@ class _CoalescingTransport(asyncio.Transport):
     uvicorn and hypercorn write an answer's head, each body message and the chunked end
     apart: three writes for a small frame, each of which runs the loopback's TCP receive path
     in this process. Small writes wait for the end of the turn (or for ``_COALESCE_BYTES``),
-    so a frame's answer leaves in one write; what is held never exceeds that bound."""
+    so a frame's answer leaves in one write; what is held never exceeds that bound. The
+    servers' hooks call :meth:`flush` once an answer is complete."""
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
@@ -211,16 +212,17 @@ class _CoalescingTransport(asyncio.Transport):
         self._held.append(bytes(data) if not isinstance(data, bytes) else data)
         self._held_bytes += len(data)
         if self._held_bytes >= _COALESCE_BYTES:
-            self._flush()
+            self.flush()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         for data in list_of_data:
             self.write(data)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write what is held now."""
         self._flush_scheduled = False
         if not self._held:
             return
@@ -232,11 +234,11 @@ class _CoalescingTransport(asyncio.Transport):
         return self._held_bytes + self._transport.get_write_buffer_size()
 
     def close(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.close()
 
     def write_eof(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.write_eof()
 
     def abort(self) -> None:
@@ -287,9 +289,11 @@ class LingeringProtocol(HttpToolsProtocol):
     _lingering = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(_CoalescingTransport(transport, self.loop))
+        self._coalescing = _CoalescingTransport(transport, self.loop)
+        super().connection_made(self._coalescing)
 
     def on_response_complete(self) -> None:
+        self._coalescing.flush()  # the answer is complete: see _KeepAliveTimer.restart
         cycle = self.cycle
         if cycle is None or not cycle.more_body or self.transport.is_closing():
             super().on_response_complete()
@@ -422,7 +426,7 @@ def _lighten_connections(server_class: type[Any]) -> None:
         self.writer = asyncio.StreamWriter(coalescing, transport.get_protocol(), reader, loop)
         # Kept: a StreamWriter let go of while its connection is open closes it (__del__).
         self._shanoir_own_writer = writer
-        self.idle_task = _KeepAliveTimer(self)
+        self.idle_task = _KeepAliveTimer(self, coalescing.flush)
 
     server_class.__init__ = __init__
 
@@ -439,8 +443,9 @@ class _KeepAliveTimer:
     worker watches it for every idle connection).
     """
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: Any, flush: Callable[[], None]) -> None:
         self._server = server
+        self._flush = flush
         self._loop: asyncio.AbstractEventLoop = server.loop
         self._idle = _idle_timers(server.context, self._loop)
         self._handle: asyncio.TimerHandle | None = None
@@ -448,6 +453,10 @@ class _KeepAliveTimer:
         self._task: asyncio.Task[None] | None = None
 
     async def restart(self, task_group: Any, action: Callable[[], Awaitable[None]]) -> None:
+        # The connection turns idle: an answer is complete. It leaves now, not at the end of
+        # the loop's turn, after the app's own end of request (access log, metrics, the
+        # upstream connection back to its pool), which every request at c=1 waited for.
+        self._flush()
         await self.stop()
         if action != self._server._idle_timeout:  # someone else's timeout: as hypercorn does
             self._task = task_group._task_group.create_task(action())
