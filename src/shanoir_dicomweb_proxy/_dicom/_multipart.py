@@ -23,6 +23,7 @@ __all__ = [
     "PassPart",
     "WholeBody",
     "header_pair",
+    "partial_match",
     "split_parts",
 ]
 
