@@ -259,7 +259,7 @@ class TrustedProxies:
         allow = tuple(allow)
         self.everyone = "*" in allow
         self.networks = tuple(ipaddress.ip_network(a, strict=False) for a in allow if a != "*")
-        # Parsing the peer's address costs 5 us a request; peers are few and come back.
+        # Parsing the peer's address costs 5 µs a request; peers are few and come back.
         self._trusts_address = functools.lru_cache(maxsize=4096)(self._address_trusted)
 
     def __repr__(self) -> str:
