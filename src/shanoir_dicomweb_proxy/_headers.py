@@ -29,55 +29,7 @@ __all__ = [
     "wants_dicom_xml",
 ]
 
-# Forwarded upstream: content negotiation, conditional requests and tracing. Everything else
-# (Authorization, Cookie, Host, Forwarded, X-Forwarded-*, hop-by-hop headers) stays here: the
-# PACS sees the proxy as its only client.
-_TO_UPSTREAM = frozenset(
-    {
-        b"accept",
-        b"accept-charset",
-        b"accept-language",
-        b"cache-control",
-        b"content-type",
-        b"if-match",
-        b"if-modified-since",
-        b"if-none-match",
-        b"if-unmodified-since",
-        b"range",
-        b"user-agent",
-        b"x-request-id",
-    }
-)
-
-# The client's own X-Request-ID is replaced by the proxy's when it has one.
-_TO_UPSTREAM_BUT_ID = _TO_UPSTREAM - {b"x-request-id"}
-
-# Passed back to the client. Set-Cookie, WWW-Authenticate (the PACS's own challenge), Server and
-# hop-by-hop headers are dropped.
-_TO_CLIENT = frozenset(
-    {
-        b"accept-ranges",
-        b"cache-control",
-        b"content-disposition",
-        b"content-encoding",
-        b"content-language",
-        b"content-length",
-        b"content-location",
-        b"content-range",
-        b"content-type",
-        b"etag",
-        b"expires",
-        b"last-modified",
-        b"location",
-        b"retry-after",
-        b"vary",
-        b"warning",
-    }
-)
-
-#: Response headers that hold a URL of the upstream, to be rewritten for the client.
-LINK_HEADERS = frozenset({b"content-location", b"location"})
-
+# Never passed on, whichever way (RFC 9110 §7.6.1); taken out of both lists below.
 _HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -92,17 +44,72 @@ _HOP_BY_HOP = frozenset(
     }
 )
 
+# Forwarded upstream: content negotiation, conditional requests and tracing. Everything else
+# (Authorization, Cookie, Host, Forwarded, X-Forwarded-*, hop-by-hop headers) stays here: the
+# PACS sees the proxy as its only client.
+_TO_UPSTREAM = (
+    frozenset(
+        {
+            b"accept",
+            b"accept-charset",
+            b"accept-language",
+            b"cache-control",
+            b"content-type",
+            b"if-match",
+            b"if-modified-since",
+            b"if-none-match",
+            b"if-unmodified-since",
+            b"range",
+            b"user-agent",
+            b"x-request-id",
+        }
+    )
+    - _HOP_BY_HOP
+)
+
+# The client's own X-Request-ID is replaced by the proxy's when it has one.
+_TO_UPSTREAM_BUT_ID = _TO_UPSTREAM - {b"x-request-id"}
+
+# Passed back to the client. Set-Cookie, WWW-Authenticate (the PACS's own challenge), Server and
+# hop-by-hop headers are dropped.
+_TO_CLIENT = (
+    frozenset(
+        {
+            b"accept-ranges",
+            b"cache-control",
+            b"content-disposition",
+            b"content-encoding",
+            b"content-language",
+            b"content-length",
+            b"content-location",
+            b"content-range",
+            b"content-type",
+            b"etag",
+            b"expires",
+            b"last-modified",
+            b"location",
+            b"retry-after",
+            b"vary",
+            b"warning",
+        }
+    )
+    - _HOP_BY_HOP
+)
+
+#: Response headers that hold a URL of the upstream, to be rewritten for the client.
+LINK_HEADERS = frozenset({b"content-location", b"location"})
+
 
 def _passed(headers: Iterable[tuple[bytes, bytes]], allowed: frozenset[bytes]) -> Headers:
-    """The ``allowed`` headers, names lower-cased, without hop-by-hop ones: those of
-    ``_HOP_BY_HOP`` and those the ``Connection`` header lists (RFC 9110 §7.6.1)."""
+    """The ``allowed`` headers (which hold no hop-by-hop name), names lower-cased, without
+    those the ``Connection`` header lists: hop-by-hop too (RFC 9110 §7.6.1)."""
     kept: Headers = []
     listed: set[bytes] = set()
     for name, value in headers:
         name = name.lower()
         if name == b"connection":
             listed.update(t.strip().lower() for t in value.split(b","))
-        elif name in allowed and name not in _HOP_BY_HOP:
+        elif name in allowed:
             kept.append((name, value))
     return [pair for pair in kept if pair[0] not in listed] if listed else kept
 
