@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import h11
 import h11._headers
+import hypercorn.asyncio
 import pytest
 import uvicorn
 from hypercorn.asyncio.worker_context import WorkerContext
 from uvicorn.server import ServerState
 
+from shanoir_dicomweb_proxy import Settings, _engines, create_app
 from shanoir_dicomweb_proxy._engines import _COALESCE_BYTES, LingeringProtocol, fix_hypercorn
 from shanoir_dicomweb_proxy._types import Receive, Scope, Send
 
@@ -271,3 +276,54 @@ def test_h11_still_refuses_a_bad_framing_field() -> None:
     headers = h11._headers.normalize_and_validate([(b"x", b"y")])
     with pytest.raises(h11.LocalProtocolError):
         h11._connection.set_comma_header(headers, b"transfer-encoding", [b"gzip"])  # type: ignore[attr-defined]
+
+
+def test_tune_gc_frees_startup_garbage_freezes_the_rest_and_raises_the_young_threshold() -> None:
+    # In a process of its own: freezing is for good, and the threshold is the process's.
+    script = """
+import gc, weakref
+from shanoir_dicomweb_proxy._engines import tune_gc
+class Node: pass
+cycle = Node(); cycle.self = cycle; dead = weakref.ref(cycle); del cycle
+kept = Node()
+tune_gc()
+print(gc.get_threshold()[0], gc.get_freeze_count(), dead() is None, gc.is_tracked(kept))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    young, frozen, freed, tracked = done.stdout.split()
+    assert int(young) == 10_000
+    assert int(frozen) > 10_000  # what the imports built
+    assert freed == "True"  # a cycle left by startup is collected, not frozen
+    assert tracked == "True"
+
+
+@pytest.mark.parametrize("engine", ["hypercorn", "uvicorn"])
+def test_serve_tunes_the_gc_once_the_app_is_built_and_before_serving(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    monkeypatch.setattr(_engines, "tune_gc", lambda: events.append("tune_gc"))
+    monkeypatch.setattr(_engines, "keep_heap", lambda: None)
+
+    async def fake_serve(app: object, config: object) -> None:
+        events.append("serve")
+
+    monkeypatch.setattr(hypercorn.asyncio, "serve", fake_serve)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: events.append("serve"))
+    settings = Settings.from_dict(
+        {
+            "server": {"engine": engine},
+            "upstream": {"url": "http://pacs.invalid/dicom-web"},
+            "auth": {"enabled": False},
+            "mapping": {"backend": "identity"},
+            "access": {"backend": "allow_all"},
+        }
+    )
+    app = create_app(settings)
+    with contextlib.ExitStack() as stack:
+        for stop in (signal.SIGTERM, signal.SIGINT):  # uvicorn's run_server replaces them
+            stack.callback(signal.signal, stop, signal.getsignal(stop))
+        assert _engines.run_server(app, settings, "unused.toml", workers=1) == 0
+    assert events == ["tune_gc", "serve"]
