@@ -76,6 +76,13 @@ PROXY_VARIANTS: dict[str, ProxyVariant] = {
             mapped=True,
         ),
         ProxyVariant(
+            "mapped-gc-default",
+            "aiohttp",
+            {"BENCH_GC_DEFAULT": "1"},
+            "mapped, with CPython's garbage collector settings instead of serve's",
+            mapped=True,
+        ),
+        ProxyVariant(
             "uvicorn", "aiohttp", note="aiohttp, [server] engine = uvicorn", engine="uvicorn"
         ),
         ProxyVariant(

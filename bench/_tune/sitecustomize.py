@@ -47,3 +47,11 @@ if os.environ.get("BENCH_HYPERCORN_H11"):
 
     _engines._parse_with_httptools = lambda: None
     print("bench-tune: BENCH_HYPERCORN_H11=1", file=sys.stderr, flush=True)
+
+if os.environ.get("BENCH_GC_DEFAULT"):
+    # CPython's collector settings instead of those `serve` sets (`tune_gc`), to compare both
+    # in one run (the `mapped-gc-default` variant).
+    from shanoir_dicomweb_proxy import _engines
+
+    _engines.tune_gc = lambda: None
+    print("bench-tune: BENCH_GC_DEFAULT=1", file=sys.stderr, flush=True)
