@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import replace
 from typing import Any
@@ -400,3 +401,56 @@ async def test_real_uids_under_other_attributes_xml(expose: bool) -> None:
     for path, values in _expected_values(translation).items():
         assert _xml_values(view, path) == values, path
     assert f">{REAL_STUDY}<".encode() not in out and f">{HIDDEN}<".encode() not in out
+
+
+_LINK_SEGMENTS = st.sampled_from(
+    [f"/studies/{uid}" for uid in (REAL_STUDY, OTHER_STUDY, "1.4.9.42")]
+    + [f"/series/{uid}" for uid in (REAL_SERIES, "9.8.7.6")]
+    + ["/instances/1.2.3", "/instances/7.7", "/frames/1,2", "/bulk/7fe00010", "/rendered", "/"]
+)
+
+
+def _link_by_the_rules(url: str, study_known: bool) -> str | None:
+    """Every study and series segment public (None if one is unknown), then the base."""
+    pieces = re.split(r"/(studies|series)/([0-9.]+)", url)
+    out = [pieces[0]]
+    for kind, uid, text in zip(pieces[1::3], pieces[2::3], pieces[3::3], strict=True):
+        if kind == "studies":
+            public = TRANSLATION.studies.get(uid)
+        else:
+            public = TRANSLATION.series.get(uid) or (uid if study_known else None)
+        if public is None:
+            return None
+        out += [f"/{kind}/{public}", text]
+    link = "".join(out)
+    return PUBLIC + link[len(UPSTREAM) :] if link.startswith(UPSTREAM) else link
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    links=st.lists(
+        st.tuples(
+            st.sampled_from([UPSTREAM, "http://elsewhere/dicom-web", ""]),
+            st.lists(_LINK_SEGMENTS, max_size=7),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_links_sharing_a_head_translate_as_each_alone(
+    links: list[tuple[str, list[str], bool]],
+) -> None:
+    # One translation (and one collector) for all, as for the instances of one answer: the part
+    # before "/instances/" is looked at once, and every link still comes out by the rules.
+    translation = replace(TRANSLATION, studies=dict(TRANSLATION.studies))
+    collector = UidCollector()
+    for base, segments, study_known in links * 2:
+        url = base + "".join(segments)
+        assert translation.link(url, study_known=study_known) == _link_by_the_rules(
+            url, study_known
+        )
+        collector.add_link(url)
+    named = [re.findall(r"/(studies|series)/([0-9.]+)", b + "".join(s)) for b, s, _ in links]
+    assert collector.studies == {uid for found in named for kind, uid in found if kind == "studies"}
+    assert collector.series == {uid for found in named for kind, uid in found if kind == "series"}

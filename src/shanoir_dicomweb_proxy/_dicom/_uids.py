@@ -96,8 +96,17 @@ class UidCollector:
     studies: set[str] = field(default_factory=set)
     series: set[str] = field(default_factory=set)
     others: set[str] = field(default_factory=set)
+    #: The parts of links before their instance already looked through (see _link_head).
+    _heads: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def add_link(self, url: str) -> None:
+        head = _link_head(url)
+        if head is not None:
+            if head in self._heads:
+                return
+            if len(self._heads) < _HEADS_KEPT:
+                self._heads.add(head)
+            url = head
         for kind, uid in _LINK_UID.findall(url):
             (self.studies if kind == "studies" else self.series).add(uid)
 
@@ -129,6 +138,10 @@ class Translation:
     unmapped: frozenset[str] = frozenset()
     patients: Mapping[str, str] = field(default_factory=dict)
     copies: Mapping[str, tuple[tuple[str, str | None], ...]] = field(default_factory=dict)
+    #: The swapped heads of the links met (see _link_head), by head and study_known.
+    _heads: dict[tuple[str, bool], str | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def for_copy(self, study: str, public: str, name: str | None) -> Translation:
         """This translation, with ``study`` (a real UID) shown as ``public`` named ``name``."""
@@ -162,6 +175,26 @@ class Translation:
 
     def link(self, url: str, *, study_known: bool) -> str | None:
         """The public form of an upstream link, or None when it names something unknown."""
+        head = _link_head(url)
+        if head is None:
+            rewritten = self._swap_uids(url, study_known)
+        else:
+            key = (head, study_known)
+            try:
+                swapped = self._heads[key]
+            except KeyError:
+                swapped = self._swap_uids(head, study_known)
+                if len(self._heads) < _HEADS_KEPT:  # a long-lived one may meet any number
+                    self._heads[key] = swapped
+            rewritten = None if swapped is None else swapped + url[len(head) :]
+        if rewritten is None:
+            return None
+        if self.upstream_base and rewritten.startswith(self.upstream_base):
+            rewritten = self.public_base + rewritten[len(self.upstream_base) :]
+        return rewritten
+
+    def _swap_uids(self, url: str, study_known: bool) -> str | None:
+        """``url`` with the study and series of its path public, or None if one is unknown."""
         unknown = False
 
         def swap(match: re.Match[str]) -> str:
@@ -177,14 +210,29 @@ class Translation:
             return f"/{kind}/{public}"
 
         rewritten = _LINK_UID.sub(swap, url)
-        if unknown:
-            return None
-        if self.upstream_base and rewritten.startswith(self.upstream_base):
-            rewritten = self.public_base + rewritten[len(self.upstream_base) :]
-        return rewritten
+        return None if unknown else rewritten
 
 
 _LINK_UID = re.compile(r"/(studies|series)/([0-9.]+)")
+#: Link heads a translation remembers: an answer's links name a few series.
+_HEADS_KEPT = 256
+
+
+def _link_head(url: str) -> str | None:
+    """What precedes the instance in a link whose rest names no study or series, else None.
+
+    Every instance of an answer has links (BulkDataURI, RetrieveURL) under the same study and
+    series: looked up and swapped once per answer through this part, not once per link. A
+    study or series segment cannot straddle the cut (its UID ends at the next "/")."""
+    cut = url.find("/instances/")
+    if cut < 0:
+        return None
+    rest = url[cut:]
+    if "/studies/" in rest or "/series/" in rest:
+        return None
+    return url[:cut]
+
+
 #: The root of the UIDs the DICOM standard defines (PS3.6 Annex A): never an archive's.
 _STANDARD_ROOT = "1.2.840.10008."
 #: Tags whose values are not looked up as other UIDs: the study and series UIDs themselves, and
