@@ -124,7 +124,7 @@ def tune_gc() -> None:
     instances: ~10,000), freed by reference counting as soon as it is written. With CPython's
     defaults they set off a young collection every 700 allocations and, every few dozen
     requests, a full one that walked every object the imports made (pydicom's dictionaries
-    among them): 46 ms each, 1.55 ms of collection per metadata request in all. Once the
+    among them): ~47 ms each, 1.55 ms of collection per metadata request in all. Once the
     startup objects are frozen and the young generation holds 10,000, it is 0.01 ms. Call it
     once the app is built."""
     gc.collect()  # what startup left as garbage is freed, not frozen with the rest
