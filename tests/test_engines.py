@@ -287,16 +287,17 @@ class Node: pass
 cycle = Node(); cycle.self = cycle; dead = weakref.ref(cycle); del cycle
 kept = Node()
 tune_gc()
-print(gc.get_threshold()[0], gc.get_freeze_count(), dead() is None, gc.is_tracked(kept))
+walked = any(o is kept for o in gc.get_objects())  # the objects collections look at
+print(gc.get_threshold()[0], gc.get_freeze_count(), dead() is None, walked)
 """
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     )
-    young, frozen, freed, tracked = done.stdout.split()
+    young, frozen, freed, walked = done.stdout.split()
     assert int(young) == 10_000
     assert int(frozen) > 10_000  # what the imports built
     assert freed == "True"  # a cycle left by startup is collected, not frozen
-    assert tracked == "True"
+    assert walked == "False"  # what startup kept is out of every collection
 
 
 @pytest.mark.parametrize("engine", ["hypercorn", "uvicorn"])
