@@ -48,7 +48,8 @@ def run_server(app: DicomWebProxy, settings: Settings, path: str, workers: int) 
     With several workers each process builds its own app from ``path``."""
     server = settings.server
     keep_heap()
-    tune_gc()
+    if workers == 1:
+        tune_gc()  # several: each worker process builds its app and tunes its own collector
     if server.engine == "uvicorn":
         options = uvicorn_options(settings)
         if workers == 1:
