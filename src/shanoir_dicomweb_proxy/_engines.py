@@ -181,10 +181,16 @@ def _hypercorn_worker_app() -> DicomWebProxy:
     # The main process turns SIGTERM into hypercorn's shutdown event, which lets requests in
     # flight finish; it then sends its workers SIGTERM too, which would cut them off at once.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    fix_hypercorn()
+    return _worker_app()
+
+
+def _worker_app() -> DicomWebProxy:
+    """A worker process's app, from the configuration its main process named, in a process
+    tuned as ``run_server`` tunes a single one."""
     settings = Settings.from_toml(os.environ[_CONFIG_ENV])
     configure_logging(settings)
     keep_heap()
-    fix_hypercorn()
     app = create_app(settings)
     tune_gc()
     return app
@@ -338,12 +344,7 @@ class LingeringProtocol(HttpToolsProtocol):
 def _uvicorn_worker_app() -> DicomWebProxy:
     """The app of one uvicorn worker process (``serve --workers N``, ``engine = "uvicorn"``):
     uvicorn's workers stop gracefully on SIGTERM themselves."""
-    settings = Settings.from_toml(os.environ[_CONFIG_ENV])
-    configure_logging(settings)
-    keep_heap()
-    app = create_app(settings)
-    tune_gc()
-    return app
+    return _worker_app()
 
 
 def fix_hypercorn() -> None:
